@@ -1,0 +1,1 @@
+"""Throughput benchmarks (pytest-benchmark): ``pytest bench/``. Figures are recorded in ``bench/RESULTS.md``."""

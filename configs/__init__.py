@@ -1,0 +1,1 @@
+"""Shipped run configurations (YAML), installed as ``gsema_fast.configs``."""

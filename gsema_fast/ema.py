@@ -1,0 +1,180 @@
+"""Teacher updaters over the fused ops: ``GSEMA`` (the paper's gradient-surgery EMA) and a plain ``EMA``.
+
+Both keep their counters on the device, so an update never waits for the GPU; read them (``aligned_fraction``,
+``int(ema.step)``) at logging time. Neither knows anything about models beyond ``parameters()`` and ``buffers()``:
+any trainer can use them.
+
+Typical use::
+
+    gsema = GSEMA(student)                       # teacher = deep copy of the student, no grad
+    ...
+    stats = ops.grad_stats(g_src, g_trg)         # two gradient lists, see ops.grad_stats
+    optimizer.step()
+    gsema.update(stats)                          # conditional EMA of the teacher, decided on the device
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from gsema_fast import ops
+
+RULES = ("dot", "sign")
+
+
+def _check_decay(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value}")
+    return float(value)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _tensors(model: nn.Module, *, buffers: bool = True) -> list[torch.Tensor]:
+    tensors = [p.detach() for p in model.parameters()]
+    if buffers:
+        tensors += [b.detach() for b in model.buffers()]
+    return tensors
+
+
+class GSEMA:
+    """Gradient-surgery EMA: the teacher follows the student only when the source- and target-domain gradients agree.
+
+    ``update(stats)`` after ``optimizer.step()``: ``stats`` from :func:`gsema_fast.ops.grad_stats` of the two DCE
+    gradients; aligned (``rule="dot"``: ``g_src . g_trg > 0``; ``"sign"``: positive cosine of the sign vectors)
+    moves the teacher with ``decay_aligned``, a conflict with ``decay_conflict`` (1.0, the default, = no update).
+    With ``warmup`` the decay is capped at ``1 - 1/(t+1)`` at update ``t`` (the cap applies to both decays).
+    Buffers are averaged (floats) or copied (integers) together with the parameters.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        decay_aligned: float = 0.9,
+        decay_conflict: float = 1.0,
+        rule: str = "dot",
+        warmup: bool = True,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.student = student
+        self.teacher = _frozen_copy(student) if teacher is None else teacher
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.decay_aligned = _check_decay("decay_aligned", decay_aligned)
+        self.decay_conflict = _check_decay("decay_conflict", decay_conflict)
+        self.rule = rule
+        self.warmup = bool(warmup)
+        device = next(self.teacher.parameters()).device
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.num_aligned = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_aligned = torch.zeros((), dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def update(self, stats: torch.Tensor) -> torch.Tensor:
+        """Conditional EMA step from the gradient statistics; returns the 0-dim aligned flag (1.0/0.0)."""
+        aligned = ops.gsema_update_(
+            _tensors(self.teacher),
+            _tensors(self.student),
+            stats,
+            decay_aligned=self.decay_aligned,
+            decay_conflict=self.decay_conflict,
+            rule=self.rule,
+            step=self.step if self.warmup else None,
+        )
+        self.step += 1
+        self.num_aligned += aligned.to(torch.int64)
+        self.last_aligned.copy_(aligned)
+        return aligned
+
+    def aligned_fraction(self) -> float:
+        """Fraction of updates so far with aligned gradients (reads the device: call it at logging time)."""
+        steps = int(self.step)
+        return int(self.num_aligned) / steps if steps else float("nan")
+
+    def state_dict(self) -> dict:
+        return {
+            "teacher": self.teacher.state_dict(),
+            "step": self.step.clone(),
+            "num_aligned": self.num_aligned.clone(),
+            "decay_aligned": self.decay_aligned,
+            "decay_conflict": self.decay_conflict,
+            "rule": self.rule,
+            "warmup": self.warmup,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.step.copy_(state["step"])
+        self.num_aligned.copy_(state["num_aligned"])
+        self.decay_aligned = _check_decay("decay_aligned", state["decay_aligned"])
+        self.decay_conflict = _check_decay("decay_conflict", state["decay_conflict"])
+        if state["rule"] not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {state['rule']!r}")
+        self.rule = state["rule"]
+        self.warmup = bool(state["warmup"])
+
+
+class EMA(nn.Module):
+    """A plain exponential moving average of a model (the paper's "EMA" row; usable by any trainer).
+
+    ``update(model, step=None)``: ``ema = d*ema + (1-d)*model`` with ``d = decay``, capped at ``1 - 1/(t+1)`` with
+    ``warmup`` (``t`` = ``step`` if given, else the number of updates so far, counted on the device). Float buffers
+    are averaged and integer buffers copied; with ``exclude_buffers`` all buffers are copied instead. ``set(model)``
+    copies the weights. Calling the module runs the averaged model.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, decay: float = 0.9999, warmup: bool = True, exclude_buffers: bool = False
+    ) -> None:
+        super().__init__()
+        self.module = _frozen_copy(model)
+        self.decay = _check_decay("decay", decay)
+        self.warmup = bool(warmup)
+        self.exclude_buffers = bool(exclude_buffers)
+        device = next(self.module.parameters()).device
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64, device=device))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | torch.Tensor | None = None) -> None:
+        t = self.num_updates if step is None else step
+        if self.warmup:
+            t = (
+                t.to(torch.float32)
+                if isinstance(t, torch.Tensor)
+                else torch.tensor(float(t), device=self.num_updates.device)
+            )
+            decay = torch.clamp(1.0 - 1.0 / (t + 1.0), max=self.decay)
+            weight = (1.0 - decay).to(self.num_updates.device)
+        else:
+            weight = 1.0 - self.decay
+        ops.fused_ema_(
+            _tensors(self.module, buffers=not self.exclude_buffers),
+            _tensors(model, buffers=not self.exclude_buffers),
+            weight,
+        )
+        if self.exclude_buffers:
+            for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+                ema_buffer.copy_(buffer)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        for ema_tensor, tensor in zip(_tensors(self.module), _tensors(model), strict=True):
+            ema_tensor.copy_(tensor)

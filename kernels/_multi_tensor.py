@@ -1,0 +1,181 @@
+"""Multi-tensor launch tables shared by the GS-EMA kernels.
+
+A list of tensor pairs ``(x_i, y_i)`` is cut into chunks of ``CHUNK`` elements that never straddle two tensors.
+Each chunk is one program of a single launch and is described by one column of an int64 table::
+
+    table[0, c] = address of the chunk's first element in x      (bytes)
+    table[1, c] = address of the chunk's first element in y      (bytes)
+    table[2, c] = number of elements in the chunk                (CHUNK, or fewer for a tensor's last chunk)
+
+Pairs are grouped by their ``(x.dtype, y.dtype)`` so that each group is one launch with the element types known at
+compile time: a model's parameter list is one group, a mixed fp32/bf16 list a few; never one launch per tensor.
+
+Building a table reads every tensor's ``data_ptr()`` and copies a small table to the device, so tables are cached by
+the addresses, shapes and dtypes of the pairs: a training loop whose parameters and gradient buffers stay in place
+builds its tables once, and later calls launch with no host-to-device traffic (and can be captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Under Triton's interpreter (CPU tests) every iteration is a round of numpy calls: shorter chunks keep the tests
+# quick while still running the multi-iteration loop and the masked tail.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+# 16 bytes is the widest global load; aligned chunk addresses let Triton emit it.
+VECTOR_BYTES = 16
+
+
+@triton.jit
+def as_pointer(
+    address,  # int64 byte address of an element
+    CODE: tl.constexpr,  # element type, a DTYPE_CODES value
+    ALIGNED: tl.constexpr,  # every chunk address is a multiple of 16 bytes
+):
+    if CODE == 0:
+        pointer = address.to(tl.pointer_type(tl.float32))
+    elif CODE == 1:
+        pointer = address.to(tl.pointer_type(tl.float16))
+    elif CODE == 2:
+        pointer = address.to(tl.pointer_type(tl.bfloat16))
+    else:
+        pointer = address.to(tl.pointer_type(tl.float64))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@dataclass(frozen=True)
+class Group:
+    """One launch: the chunks of all pairs that share ``(x.dtype, y.dtype)``."""
+
+    x_code: int
+    y_code: int
+    table: torch.Tensor  # int64 [3, num_chunks] on the tensors' device
+    num_chunks: int
+    first_chunk: int  # index of this group's first chunk among all groups (row offset into per-chunk outputs)
+    aligned: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[Group, ...]
+    num_chunks: int  # over all groups
+    other_pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # non-float pairs, handled by the caller
+
+
+_CACHE: OrderedDict[tuple, Plan] = OrderedDict()
+_CACHE_SIZE = 32
+
+
+def _key(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> tuple:
+    return (
+        chunk,
+        xs[0].device,
+        tuple((x.data_ptr(), y.data_ptr(), x.shape, y.shape, x.dtype, y.dtype) for x, y in zip(xs, ys, strict=True)),
+    )
+
+
+def plan_pairs(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> Plan:
+    """The cached launch plan for the pairs ``zip(xs, ys)`` (already validated by the caller)."""
+    key = _key(xs, ys, chunk)
+    plan = _CACHE.get(key)
+    if plan is not None:
+        _CACHE.move_to_end(key)
+        return plan
+    plan = _build(xs, ys, chunk)
+    _CACHE[key] = plan
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return plan
+
+
+def _build(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> Plan:
+    device = xs[0].device
+    by_dtype: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    others = []
+    for x, y in zip(xs, ys, strict=True):
+        if x.dtype in DTYPE_CODES and y.dtype in DTYPE_CODES:
+            if x.numel():
+                by_dtype.setdefault((DTYPE_CODES[x.dtype], DTYPE_CODES[y.dtype]), []).append((x, y))
+        else:
+            others.append((x, y))
+    groups = []
+    first = 0
+    for (x_code, y_code), pairs in sorted(by_dtype.items()):
+        columns: list[tuple[int, int, int]] = []
+        aligned = True
+        for x, y in pairs:
+            x_ptr, y_ptr, n = x.data_ptr(), y.data_ptr(), x.numel()
+            aligned &= x_ptr % VECTOR_BYTES == 0 and y_ptr % VECTOR_BYTES == 0
+            for start in range(0, n, chunk):
+                columns.append(
+                    (x_ptr + start * x.element_size(), y_ptr + start * y.element_size(), min(chunk, n - start))
+                )
+        aligned &= (chunk * min(pairs[0][0].element_size(), pairs[0][1].element_size())) % VECTOR_BYTES == 0
+        host = torch.tensor(columns, dtype=torch.int64).t().contiguous()
+        if device.type == "cuda":
+            # Pinned memory and a non-blocking copy: building a plan never waits for the device.
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host.to(device)
+        groups.append(Group(x_code, y_code, table, len(columns), first, aligned))
+        first += len(columns)
+    return Plan(tuple(groups), first, tuple(others))
+
+
+def clear_cache() -> None:
+    """Forget every cached plan (tests use it; a trainer never needs to)."""
+    _CACHE.clear()
+
+
+def check_pairs(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    x_name: str,
+    y_name: str,
+    *,
+    floating: str = "all",
+) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the argument and value unless ``zip(xs, ys)`` is a valid pair list.
+
+    ``floating``: ``"all"`` (every tensor must be floating point), or ``"x"`` (non-float pairs are allowed and are
+    copied by the caller, but an integer ``x`` paired with a float ``y`` is not).
+    """
+    for name, seq in ((x_name, xs), (y_name, ys)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(xs) != len(ys):
+        raise ValueError(f"{x_name} and {y_name} must have the same length, got {len(xs)} and {len(ys)}")
+    if not xs:
+        raise ValueError(f"{x_name} and {y_name} must not be empty")
+    device = None
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        for name, t in ((x_name, x), (y_name, y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+        if x.shape != y.shape:
+            raise ValueError(f"{x_name}[{i}] and {y_name}[{i}] differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+        device = device or x.device
+        for name, t in ((x_name, x), (y_name, y)):
+            if t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device}, expected {device} like {x_name}[0]")
+        x_float, y_float = x.is_floating_point(), y.is_floating_point()
+        if floating == "all":
+            for name, t, ok in ((x_name, x, x_float), (y_name, y, y_float)):
+                if not ok or t.dtype not in DTYPE_CODES:
+                    raise TypeError(f"{name}[{i}] must be float32/float16/bfloat16/float64, got {t.dtype}")
+        elif x_float != y_float or (x_float and (x.dtype not in DTYPE_CODES or y.dtype not in DTYPE_CODES)):
+            raise TypeError(f"{x_name}[{i}] ({x.dtype}) and {y_name}[{i}] ({y.dtype}) must both be float, or both not")
+        if x.is_floating_point() and x.numel() and not (x.is_contiguous() and y.is_contiguous()):
+            raise ValueError(f"{x_name}[{i}] and {y_name}[{i}] must be contiguous (strides {x.stride()}, {y.stride()})")

@@ -1,0 +1,31 @@
+"""Shared test set-up: fixed seeds, and Triton's interpreter on machines without CUDA.
+
+``TRITON_INTERPRET`` is read when a kernel is decorated, so it is set here before any kernel module is imported.
+"""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
