@@ -37,13 +37,186 @@ def _add_synth(sub) -> None:
 def _run_synth(args) -> int:
     from gsema_fast.data import synthesize
 
-    out = synthesize(args.out, domains=args.domains, cases_per_domain=args.cases_per_domain, size=args.size,
-                     seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+    out = synthesize(
+        args.out,
+        domains=args.domains,
+        cases_per_domain=args.cases_per_domain,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     log.info("dataset written: %s", out / "dataset.json")
     return 0
 
 
 _VERBS: list = [_add_synth]
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint on whole volumes (metrics per case, domain and overall)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by gsema-fast train")
+    p.add_argument("--data", default=None, help="dataset folder (default: the one in the checkpoint's config)")
+    p.add_argument(
+        "--domain",
+        action="append",
+        default=None,
+        help="centre to evaluate (repeatable; default: the checkpoint's unseen centre)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["test", "val", "all"],
+        default="test",
+        help="test: the centre's cases; val: held-out cases of the training centres; all (default test)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["teacher", "student"],
+        default=None,
+        help="network to score (default: the config's eval.weights, the teacher)",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation_<checkpoint name>)")
+    p.add_argument(
+        "--config", default=None, help="YAML whose data and eval sections replace the checkpoint's (model must agree)"
+    )
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--save-predictions", action="store_true", help="also write the label NIfTIs")
+    p.add_argument("--no-hd95", action="store_true", help="skip the (slow on large volumes) surface distance")
+    p.add_argument("--figures", action="store_true", help="MIP overlays per case and a t-SNE of teacher latents")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=(),
+        metavar="CK",
+        help="more checkpoints drawn as extra t-SNE panels (e.g. an EMA run beside a GS-EMA run)",
+    )
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from gsema_fast.config import load_config
+    from gsema_fast.evaluate import evaluate
+
+    config = load_config(args.config) if args.config else None
+    evaluate(
+        args.checkpoint,
+        args.data,
+        domain=args.domain,
+        split=args.split,
+        weights=args.weights,
+        out_dir=args.out,
+        figures=args.figures,
+        compare=args.compare,
+        config=config,
+        device=args.device,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        save_predictions=args.save_predictions,
+        hd95=not args.no_hd95,
+    )
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment NIfTI files with a checkpoint (labels on each input's own grid)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by gsema-fast train")
+    p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s) of them")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
+    p.add_argument("--weights", choices=["teacher", "student"], default=None, help="default: the teacher")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from gsema_fast.evaluate import predict
+
+    result = predict(
+        args.checkpoint,
+        args.input,
+        args.output,
+        probabilities=args.probabilities,
+        weights=args.weights,
+        device=args.device,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+    )
+    return 1 if result["failed"] else 0
+
+
+def _add_lodo(sub) -> None:
+    p = sub.add_parser("lodo", help="leave-one-domain-out training and evaluation; --ablation for the paper's rows")
+    p.add_argument("--config", default=None, help="YAML file or shipped config name (default: demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per centre (default 1)")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="no EMA, EMA, GS-EMA, + BACL-V, + BACL-B, + BACL and the DynUNet baseline",
+    )
+    p.add_argument("--row", action="append", default=None, help="only this ablation row (repeatable)")
+    p.add_argument("--domain", action="append", default=None, help="only this unseen centre (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (default: <train.out_dir>/lodo)")
+    p.add_argument("--use", choices=["final", "best"], default="final", help="checkpoint to evaluate (default final)")
+    p.set_defaults(run=_run_lodo)
+
+
+def _run_lodo(args) -> int:
+    from gsema_fast.evaluate import lodo
+
+    result = lodo(
+        args.config,
+        seeds=args.seeds,
+        ablation=args.ablation,
+        rows=args.row,
+        domains=args.domain,
+        out_dir=args.out,
+        overrides=args.set,
+        checkpoint=args.use,
+    )
+    log.info("results: %s", result["tables"]["markdown"])
+    return 0
+
+
+_VERBS += [_add_evaluate, _add_predict, _add_lodo]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a GS-EMA teacher-student pair (built-in phantoms when given nothing)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML file or shipped config name (default: 'gpu' on a CUDA machine, else 'demo')",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, value parsed as YAML, e.g. --set data.patch_size=[64,64,64] (repeatable)",
+    )
+    p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/latest.pt")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from gsema_fast.config import load_config
+    from gsema_fast.train import train
+
+    name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
+    overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
+    train(load_config(name, overrides), resume=args.resume)
+    return 0
+
+
+_VERBS.insert(0, _add_train)
 
 
 def main(argv: list[str] | None = None) -> int:

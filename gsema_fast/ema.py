@@ -84,8 +84,19 @@ class GSEMA:
         self.last_aligned = torch.zeros((), dtype=torch.float32, device=device)
 
     @torch.no_grad()
-    def update(self, stats: torch.Tensor) -> torch.Tensor:
-        """Conditional EMA step from the gradient statistics; returns the 0-dim aligned flag (1.0/0.0)."""
+    def update(self, stats: torch.Tensor, *, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditional EMA step from the gradient statistics; returns the 0-dim aligned flag (1.0/0.0).
+
+        ``skip`` (0-dim bool device tensor): the optimizer skipped this step (non-finite gradients). The step then
+        counts as a conflict without warm-up (with ``decay_conflict = 1`` the teacher is untouched) and is not
+        counted, all decided on the device.
+        """
+        step = self.step if self.warmup else None
+        if skip is not None:
+            stats = torch.where(skip, torch.full_like(stats, -1.0), stats)
+            if step is not None:
+                # A step count this large lifts the warm-up cap, leaving alpha = decay_conflict.
+                step = torch.where(skip, torch.full_like(step, 1 << 40), step)
         aligned = ops.gsema_update_(
             _tensors(self.teacher),
             _tensors(self.student),
@@ -93,10 +104,11 @@ class GSEMA:
             decay_aligned=self.decay_aligned,
             decay_conflict=self.decay_conflict,
             rule=self.rule,
-            step=self.step if self.warmup else None,
+            step=step,
         )
-        self.step += 1
-        self.num_aligned += aligned.to(torch.int64)
+        counted = torch.ones_like(self.step) if skip is None else (~skip).to(torch.int64)
+        self.step += counted
+        self.num_aligned += aligned.to(torch.int64) * counted
         self.last_aligned.copy_(aligned)
         return aligned
 

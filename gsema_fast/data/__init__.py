@@ -1,0 +1,53 @@
+"""Data: synthetic multi-centre 3DRA phantoms, NIfTI manifests and loaders, and the target-domain simulation T.
+
+Public API (names are imported on first use, so ``synthesize`` needs neither torch nor MONAI):
+
+- :func:`synthesize` (``gsema_fast.data.synth``): write the built-in multi-centre dataset; :data:`CENTRES`;
+  :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use.
+- :func:`load_manifest`, :func:`split_cases`, :func:`build_loaders`, :func:`volume_loader`,
+  :func:`preprocess_transforms` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI transforms.
+- :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
+
+A trainer does::
+
+    data = build_loaders(root, train_domains=[0, 1, 2], test_domain=3, patch_size=(64, 64, 64), batch_size=3)
+    T = TargetTransform(seed=0)
+    for batch in data.train:                     # call data.set_epoch(e) first for exact resumption
+        x_s, y_s = batch["image"].to(dev), batch["label"].to(dev)   # [B,1,D,H,W] float32, int64
+        x_t, y_t = T(x_s, y_s)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "synthesize": "synth",
+    "builtin_dataset": "synth",
+    "CENTRES": "synth",
+    "CentreStyle": "synth",
+    "LABELS": "synth",
+    "Case": "datasets",
+    "Manifest": "datasets",
+    "Split": "datasets",
+    "Loaders": "datasets",
+    "load_manifest": "datasets",
+    "split_cases": "datasets",
+    "build_loaders": "datasets",
+    "volume_loader": "datasets",
+    "preprocess_transforms": "datasets",
+    "TargetTransform": "target",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

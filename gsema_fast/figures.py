@@ -1,0 +1,270 @@
+"""Pictures of segmentations and latents: maximum-intensity projections with overlays, t-SNE of teacher latents.
+
+- :func:`plot_case_mips`: the image's MIP along the three axes (in RAS orientation, at the true aspect ratio), with
+  the reference and the prediction overlaid (vessel and aneurysm in two colours) and a third row that marks false
+  positives and false negatives of each class.
+- :func:`latent_tsne`: teacher latents of patches from every centre of a dataset, one t-SNE panel per checkpoint
+  (e.g. an EMA and a GS-EMA run side by side), coloured by centre; a lower domain silhouette (computed on the latents
+  themselves, not on the embedding) means centres overlap more, i.e. more domain-invariant features.
+
+Figures are drawn on matplotlib's Agg canvas directly, so no display and no global backend switch are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["collect_latents", "latent_tsne", "plot_case_mips", "plot_latent_tsne"]
+
+# Class colours (RGB) by position among the foreground classes: vessel red, aneurysm yellow, then more.
+_CLASS_COLOURS = [(0.9, 0.15, 0.1), (1.0, 0.85, 0.0), (0.2, 0.6, 1.0), (0.6, 0.3, 0.9)]
+# Errors: false positive (predicted, not in the reference) magenta, false negative (missed) cyan; the later classes
+# (aneurysm, the small one that matters) are drawn on top and brighter.
+_FP_COLOUR = np.array([1.0, 0.0, 1.0])
+_FN_COLOUR = np.array([0.0, 1.0, 1.0])
+_AXES = (("sagittal", 0), ("coronal", 1), ("axial", 2))  # projection name and the RAS axis it collapses
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{os.getpid()}.tmp.{path.name}")
+    try:
+        fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _to_ras(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(arr, ornt)
+
+
+def _ras_spacing(affine: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    ornt = nib.orientations.io_orientation(affine)
+    out = np.empty(3)
+    out[ornt[:, 0].astype(int)] = spacing  # voxel axis k becomes RAS axis ornt[k, 0]
+    return out
+
+
+def _window(mip: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(mip, [1.0, 99.8])
+    return np.clip((mip - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def _foreground(labels: Mapping[str, Any]) -> list[tuple[str, int]]:
+    return [(name, int(v)) for name, v in labels.items()
+            if isinstance(v, (int, np.integer)) and int(v) != 0 and name.lower() != "background"]
+
+
+def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine: np.ndarray,
+                   labels: Mapping[str, Any], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Write a 3 x 3 figure: rows reference / prediction / errors, columns sagittal / coronal / axial MIPs.
+
+    ``image``, ``pred``, ``ref``: arrays on the same voxel grid whose affine is ``affine`` (the image's own grid,
+    any storage orientation); they are reoriented to RAS and shown at the voxel spacing's aspect ratio. Overlays
+    are projections too: a pixel shows a class if any voxel along the ray has it (the later class on top).
+    """
+    classes = _foreground(labels)
+    image = _to_ras(np.asarray(image, np.float32), affine)
+    pred = _to_ras(np.asarray(pred), affine)
+    ref = _to_ras(np.asarray(ref), affine)
+    if not image.shape == pred.shape == ref.shape:
+        raise ValueError(f"image {image.shape}, prediction {pred.shape} and reference {ref.shape} differ in shape")
+    spacing = _ras_spacing(affine)
+    fig = Figure(figsize=(12, 12), dpi=100)
+    grid = fig.subplots(3, 3)
+    for col, (view, axis) in enumerate(_AXES):
+        mip = _window(image.max(axis=axis))
+        rest = [a for a in range(3) if a != axis]
+        # Rows of the shown picture run along the second remaining axis, so that up is superior/anterior.
+        aspect = spacing[rest[1]] / spacing[rest[0]]
+        for row, source in enumerate(("reference", "prediction", "errors")):
+            rgb = np.repeat(mip[..., None], 3, axis=-1)
+            for k, (_, value) in enumerate(classes):
+                colour = np.array(_CLASS_COLOURS[k % len(_CLASS_COLOURS)])
+                p_proj = (pred == value).any(axis=axis)
+                r_proj = (ref == value).any(axis=axis)
+                if source == "errors":
+                    p_mask = (pred == value) & (ref != value)
+                    r_mask = (ref == value) & (pred != value)
+                    strength = 0.55 if k == 0 and len(classes) > 1 else 1.0
+                    for mask, err_colour in ((p_mask, _FP_COLOUR), (r_mask, _FN_COLOUR)):
+                        shown = mask.any(axis=axis)
+                        rgb[shown] = (1 - strength) * rgb[shown] + strength * err_colour
+                else:
+                    shown = r_proj if source == "reference" else p_proj
+                    rgb[shown] = 0.35 * rgb[shown] + 0.65 * colour
+            ax = grid[row, col]
+            ax.imshow(np.transpose(rgb, (1, 0, 2)), origin="lower", aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"{view} MIP")
+            if col == 0:
+                ax.set_ylabel(source)
+    handles = [Patch(color=_CLASS_COLOURS[k % len(_CLASS_COLOURS)], label=name) for k, (name, _) in enumerate(classes)]
+    handles += [Patch(color=_FP_COLOUR, label="false positive"), Patch(color=_FN_COLOUR, label="false negative")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------- latents
+def _patch_starts(label: torch.Tensor | None, shape: Sequence[int], roi: Sequence[int], count: int,
+                  rng: np.random.Generator) -> list[tuple[int, ...]]:
+    """Corners of ``count`` windows, centred on random foreground voxels where there are any (the vessels are
+    what the network has to represent; a background-only patch says little about a centre's appearance of them)."""
+    if label is not None and bool((label > 0).any()):
+        points = torch.nonzero(label.reshape(shape) > 0).numpy()
+    else:
+        points = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    chosen = points[rng.choice(len(points), size=count, replace=len(points) < count)]
+    return [tuple(int(min(max(c - r // 2, 0), s - r)) for c, r, s in zip(centre, roi, shape, strict=True))
+            for centre in chosen]
+
+
+def collect_latents(net: torch.nn.Module, volumes: Iterable[tuple[torch.Tensor, torch.Tensor | None, str]], *,
+                    roi_size: Sequence[int], patches_per_case: int = 8, seed: int = 0,
+                    batch_size: int = 4) -> tuple[np.ndarray, list[str]]:
+    """Spatially averaged latents ``[N, C]`` of ``patches_per_case`` windows per volume, and each one's domain.
+
+    ``volumes``: ``(image [1, D, H, W], label [1, D, H, W] or None, domain)`` preprocessed as for the network;
+    volumes smaller than ``roi_size`` are padded with their minimum.
+    """
+    rng = np.random.default_rng(seed)
+    device = next(net.parameters()).device
+    roi = [int(r) for r in roi_size]
+    features: list[np.ndarray] = []
+    domains: list[str] = []
+    was_training = net.training
+    net.eval()
+    try:
+        for image, label, domain in volumes:
+            image = torch.as_tensor(image).as_subclass(torch.Tensor)
+            shape = list(image.shape[1:])
+            pad = [max(r - s, 0) for r, s in zip(roi, shape, strict=True)]
+            if any(pad):
+                spec = [p for axis in reversed(range(3)) for p in (0, pad[axis])]
+                image = torch.nn.functional.pad(image, spec, value=float(image.min()))
+                if label is not None:
+                    label = torch.nn.functional.pad(torch.as_tensor(label).as_subclass(torch.Tensor), spec)
+                shape = list(image.shape[1:])
+            if label is not None:
+                label = torch.as_tensor(label).as_subclass(torch.Tensor)
+            starts = _patch_starts(label, shape, roi, patches_per_case, rng)
+            crops = torch.stack([image[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]]
+                                 for s in starts])
+            with torch.no_grad():
+                for i in range(0, len(crops), batch_size):
+                    _, latent = net(crops[i:i + batch_size].to(device))
+                    features.append(latent.float().mean(dim=(2, 3, 4)).cpu().numpy())
+            domains += [str(domain)] * len(starts)
+    finally:
+        net.train(was_training)
+    return np.concatenate(features) if features else np.zeros((0, 0), np.float32), domains
+
+
+def plot_latent_tsne(panels: Mapping[str, tuple[np.ndarray, Sequence[str]]], path: str | os.PathLike, *,
+                     unseen: Sequence[str] = (), seed: int = 0) -> Path:
+    """One t-SNE panel per entry of ``panels`` (title -> (features [N, C], domain of each row)), coloured by domain;
+    ``unseen`` domains are drawn as triangles. Each title gets the domain silhouette of its standardised features."""
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+    from sklearn.preprocessing import StandardScaler
+
+    unseen = {str(d) for d in unseen}
+    all_domains = sorted({d for _, doms in panels.values() for d in doms}, key=lambda d: (d in unseen, d))
+    colours = ListedColormap(_tab10()).colors
+    fig = Figure(figsize=(5.5 * len(panels), 5.5), dpi=100)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, (feats, doms)) in zip(axes, panels.items(), strict=True):
+        doms = np.asarray([str(d) for d in doms])
+        if len(feats) < 5:
+            raise ValueError(f"t-SNE of {title!r}: {len(feats)} latent vectors; at least 5 are needed")
+        x = StandardScaler().fit_transform(np.asarray(feats, np.float64))
+        perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+        emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        score = silhouette_score(x, doms) if 1 < len(set(doms)) < len(x) else float("nan")
+        for k, d in enumerate(all_domains):
+            sel = doms == d
+            if sel.any():
+                ax.scatter(emb[sel, 0], emb[sel, 1], s=22, color=colours[k % len(colours)], alpha=0.8,
+                           marker="^" if d in unseen else "o", edgecolors="none")
+        ax.set_title(f"{title}\ndomain silhouette {score:.3f} (lower: centres overlap more)", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], linestyle="", marker="^" if d in unseen else "o", color=colours[k % len(colours)],
+                      label=f"centre {d}{' (unseen)' if d in unseen else ''}") for k, d in enumerate(all_domains)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.suptitle("t-SNE of teacher latents (patch means), coloured by centre")
+    return _save(fig, path)
+
+
+def _tab10() -> list:
+    from matplotlib import colormaps
+
+    return list(colormaps["tab10"].colors)
+
+
+def latent_tsne(checkpoints: Sequence[Any], data: Any, path: str | os.PathLike, *, cases_per_domain: int = 3,
+                patches_per_case: int = 8, device: str | torch.device | None = None, config=None,
+                unseen: Sequence[str] | None = None, seed: int = 0) -> Path:
+    """t-SNE figure of the teacher latents of ``checkpoints`` (paths or loaded checkpoints, one panel each) on up to
+    ``cases_per_domain`` cases of every centre of ``data`` (a dataset folder or a loaded manifest).
+
+    ``unseen``: centres drawn as triangles (default: each first checkpoint's test domain).
+    """
+    from gsema_fast.data import Manifest, load_manifest, preprocess_transforms
+    from gsema_fast.evaluate import LoadedCheckpoint, _preprocess, load_checkpoint
+
+    man = data if isinstance(data, Manifest) else load_manifest(data)
+    chosen = [c for d in man.domains for c in man.cases_of(d)[:cases_per_domain]]
+    prepared: dict[tuple, list] = {}
+    panels: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for entry in checkpoints:
+        loaded = entry if isinstance(entry, LoadedCheckpoint) else load_checkpoint(
+            entry, weights="teacher", device=device, config=config)
+        cfg = loaded.config
+        if unseen is None:
+            unseen = [str(cfg.data.test_domain) if cfg.data.test_domain is not None else man.domains[-1]]
+        key = (tuple(cfg.data.spacing or ()), tuple(cfg.data.clip_percentiles or ()), cfg.data.intensity)
+        if key not in prepared:  # checkpoints of one study share their preprocessing: load the volumes once
+            transform = preprocess_transforms(labels=man.labels, spacing=cfg.data.spacing,
+                                              clip_percentiles=cfg.data.clip_percentiles, intensity=cfg.data.intensity)
+            prepared[key] = []
+            for c in chosen:
+                item = _preprocess(transform, {"image": str(c.image), "label": str(c.label), "case": c.name})
+                prepared[key].append((item["image"], item["label"], c.domain))
+        feats, doms = collect_latents(loaded.net, prepared[key], roi_size=cfg.data.patch_size,
+                                      patches_per_case=patches_per_case, seed=seed)
+        title = f"{loaded.path.parent.name}/{loaded.path.name}: ema.mode={cfg.ema.mode}"
+        while title in panels:
+            title += "'"
+        panels[title] = (feats, doms)
+    out = plot_latent_tsne(panels, path, unseen=unseen or (), seed=seed)
+    log.info("wrote %s", out)
+    return out

@@ -1,0 +1,542 @@
+"""The training loop: ``train(cfg)`` reads top to bottom.
+
+Data (built-in phantoms or a NIfTI dataset) -> student and teacher -> optimizer and schedule -> for each epoch:
+batches of source patches, the simulated target domain on the device, one teacher-student step, a log record every
+``train.log_every`` steps (the only host reads), validation of the teacher every ``train.val_every`` epochs,
+checkpoints. At the end the teacher (the domain-generalised model) is evaluated on the unseen centre.
+
+Run folder (``train.out_dir``): ``config.yaml`` (resolved), ``log.jsonl`` (one record per log interval and per
+validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
+from gsema_fast.ema import EMA, GSEMA
+from gsema_fast.losses import BACL, DiceCE
+from gsema_fast.models import build_model, repeated_blocks
+from gsema_fast.step import StepContext, train_step
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def dataset_root(cfg: Config) -> Path:
+    """The dataset folder: ``data.root``, or the built-in phantoms, synthesised on first use."""
+    if cfg.data.root is not None:
+        root = Path(cfg.data.root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: {root} is not a folder")
+        return root
+    from gsema_fast.data import builtin_dataset
+
+    d = cfg.data
+    return builtin_dataset(
+        domains=d.synth_domains,
+        cases_per_domain=d.synth_cases_per_domain,
+        size=d.synth_size,
+        seed=d.synth_seed,
+        folder=d.synth_dir,
+    )
+
+
+def build_data(cfg: Config):
+    """Loaders for training patches, validation volumes (held-out cases of the training centres) and the unseen
+    centre (``data.test_domain``; None: the dataset's last domain)."""
+    from gsema_fast.data import build_loaders, load_manifest
+
+    d = cfg.data
+    root = dataset_root(cfg)
+    test_domain = d.test_domain
+    if test_domain is None:
+        domains = load_manifest(root, d.manifest).domains
+        test_domain = domains[-1] if len(domains) > 1 else None
+    patch = [d.patch_size] * 3 if isinstance(d.patch_size, int) else list(d.patch_size)
+    spacing = [d.spacing] * 3 if isinstance(d.spacing, (int, float)) else d.spacing
+    return build_loaders(
+        root,
+        manifest=d.manifest,
+        train_domains=d.train_domains,
+        test_domain=test_domain,
+        patch_size=patch,
+        spacing=spacing,
+        batch_size=d.batch_size,
+        samples_per_volume=d.samples_per_volume,
+        class_ratios=d.class_ratios,
+        clip_percentiles=d.clip_percentiles,
+        intensity=d.intensity,
+        val_per_domain=d.val_per_domain,
+        steps_per_epoch=cfg.train.steps_per_epoch,
+        cache=d.cache,
+        cache_dir=d.cache_dir,
+        num_workers=d.num_workers,
+        seed=cfg.train.seed,
+    )
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    # Fused optimizers take the step's skip flag (found_inf) on the device: no host sync for NaN handling.
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step: ``step`` (x gamma every step_every_epochs, the paper's schedule), ``cosine``
+    (to min_lr over the run) or ``constant``."""
+    o, t = cfg.optim, cfg.train
+    total = t.epochs * t.steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * t.steps_per_epoch)
+    floor = o.min_lr / o.lr if o.lr else 0.0
+
+    def factor(step: int) -> float:
+        if o.schedule == "step":
+            return o.gamma ** ((step // t.steps_per_epoch) // o.step_every_epochs)
+        if o.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_context(cfg: Config, device: torch.device) -> StepContext:
+    student = build_model(cfg.model).to(device)
+    e = cfg.ema
+    if e.mode == "gsema":
+        updater = GSEMA(
+            student, decay_aligned=e.decay_aligned, decay_conflict=e.decay_conflict, rule=e.rule, warmup=e.warmup
+        )
+        teacher = updater.teacher
+    elif e.mode == "ema":
+        updater = EMA(student, decay=e.decay, warmup=e.warmup)
+        teacher = updater.module
+    else:
+        updater = None
+        teacher = GSEMA(student).teacher  # a frozen copy that mirrors the student
+    teacher.eval()
+    b = cfg.bacl
+    bacl = None
+    if cfg.loss.lambda_con > 0 and (b.volume or b.boundary):
+        bacl = BACL(cutoff=b.cutoff, tau=b.tau, volume=b.volume, boundary=b.boundary, mask=b.mask)
+    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    return StepContext(
+        student=student,
+        teacher=teacher,
+        optimizer=build_optimizer(cfg, [p for p in student.parameters() if p.requires_grad]),
+        mode=e.mode,
+        updater=updater,
+        dce=DiceCE(),
+        bacl=bacl,
+        lambda_sup=cfg.loss.lambda_sup,
+        lambda_con=cfg.loss.lambda_con,
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None,
+        teacher_terms=cfg.loss.teacher_terms,
+    )
+
+
+def compile_blocks(ctx: StepContext) -> int:
+    """Compile each repeated block of student and teacher with static shapes; equal blocks share compiled code, so
+    the first step compiles each distinct block once rather than the whole network."""
+    count = 0
+    for net in (ctx.student, ctx.teacher):
+        for _, block in repeated_blocks(net):
+            block.compile(dynamic=False)
+            count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_teacher(
+    ctx: StepContext, loader, labels: dict, cfg: Config, device: torch.device, what: str, *, hd95: bool = False
+) -> dict:
+    """Mean Dice per foreground class of the teacher on whole volumes (sliding window), and per case."""
+    from gsema_fast.evaluate import case_metrics, predict_volume
+
+    net = ctx.teacher
+    patch = [cfg.data.patch_size] * 3 if isinstance(cfg.data.patch_size, int) else list(cfg.data.patch_size)
+    per_case = []
+    for item in tqdm(loader, desc=what, leave=False, disable=not is_main_process()):
+        image = item["image"].to(device)
+        logits = predict_volume(
+            net,
+            image,
+            roi_size=patch,
+            overlap=cfg.eval.overlap,
+            sw_batch_size=cfg.eval.sw_batch_size,
+            mode=cfg.eval.mode,
+            amp_dtype=ctx.amp_dtype,
+        )
+        pred = logits.argmax(1)[0].cpu()
+        ref = item["label"][0, 0].cpu()
+        metrics = case_metrics(pred, ref, labels, hd95=hd95)
+        per_case.append({"case": item["case"][0], "domain": str(item["domain"][0]), **metrics})
+    return {"cases": per_case, "mean": _mean_dice(per_case)}
+
+
+def _mean_dice(per_case: list[dict]) -> dict[str, float]:
+    classes = [k for k, v in per_case[0].items() if isinstance(v, dict) and "dice" in v] if per_case else []
+    means = {}
+    for name in classes:
+        values = [c[name]["dice"] for c in per_case if not math.isnan(c[name]["dice"])]
+        means[name] = float(np.mean(values)) if values else float("nan")
+    return means
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_state(ctx, scheduler, transform, cfg, *, epoch: int, step: int, extra: dict) -> dict:
+    from gsema_fast.models import unwrap_model
+
+    state = {
+        "config": config_to_dict(cfg),
+        "student": unwrap_model(ctx.student).state_dict(),
+        "teacher": unwrap_model(ctx.teacher).state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        "updater": ctx.updater.state_dict() if ctx.updater is not None else None,
+        "target_transform": transform.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        "epoch": epoch,
+        "step": step,
+    }
+    state.update(extra)
+    return state
+
+
+def restore(state: dict, ctx, scheduler, transform) -> None:
+    from gsema_fast.models import unwrap_model
+
+    unwrap_model(ctx.student).load_state_dict(state["student"])
+    unwrap_model(ctx.teacher).load_state_dict(state["teacher"])
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ctx.scaler is not None and state["scaler"] is not None:
+        ctx.scaler.load_state_dict(state["scaler"])
+    if ctx.updater is not None and state["updater"] is not None:
+        ctx.updater.load_state_dict(state["updater"])
+    transform.load_state_dict(state["target_transform"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class IntervalLog:
+    """Sums the step's device scalars between log records; the host reads them once per interval."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.nonfinite_run = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.float()
+            if k in self.sums:
+                self.sums[k] += v
+            else:
+                self.sums[k] = v.clone()
+        self.steps += 1
+
+    def flush(self, **fields) -> dict:
+        values = {k: float(v) / self.steps for k, v in self.sums.items()}  # the interval's only host read
+        skipped = round(values.get("skipped", 0.0) * self.steps)
+        self.nonfinite_run = self.nonfinite_run + skipped if skipped == self.steps else skipped
+        elapsed = time.perf_counter() - self.started
+        record = {**fields, **values, "step_time_s": elapsed / self.steps, "skipped_steps": skipped}
+        if torch.cuda.is_available():
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.write(record)
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        return record
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def draw_progress(log_path: Path, out_path: Path) -> None:
+    """progress.png: losses, validation Dice, aligned fraction and learning rate against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0, 0]
+    for key in ("total", "dce_student_src", "dce_student_trg", "dce_teacher_trg", "bacl"):
+        if train and key in train[0]:
+            ax.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax.set(title="losses", xlabel="step")
+    ax = axes[0, 1]
+    for key in sorted({k for r in val for k in r.get("dice", {})}):
+        ax.plot([r["step"] for r in val], [r["dice"].get(key, float("nan")) for r in val], marker="o", label=key)
+    ax.set(title="validation Dice (teacher)", xlabel="step", ylim=(0, 1))
+    ax = axes[1, 0]
+    if train and "aligned" in train[0]:
+        ax.plot([r["step"] for r in train], [r["aligned"] for r in train], label="aligned fraction")
+        ax.plot([r["step"] for r in train], [r["grad_cos"] for r in train], label="cos(g_src, g_trg)")
+    ax.set(title="gradient agreement", xlabel="step")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    ax.plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax.set(title="learning rate", xlabel="step", yscale="log")
+    fig.tight_layout()
+    tmp = out_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+def _format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
+    classes = sorted({c for r in rows.values() for c in r})
+    lines = [title, f"{'':28s}" + "".join(f"{c:>12s}" for c in classes)]
+    for name, r in rows.items():
+        lines.append(f"{name:28s}" + "".join(f"{r.get(c, float('nan')):12.3f}" for c in classes))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    """Train a teacher-student pair as ``cfg`` says; returns ``{"run_dir", "final", "best", "test"}``.
+
+    ``resume``: continue from ``out_dir/checkpoints/latest.pt`` (saved after every epoch); with
+    ``train.deterministic`` on the CPU the resumed run reproduces the uninterrupted run's losses.
+    """
+    cfg = resolve_auto(cfg)
+    device = torch.device(cfg.train.device)
+    main = is_main_process()
+    run_dir = Path(cfg.train.out_dir).expanduser()
+    ckpt_dir = run_dir / "checkpoints"
+    latest = ckpt_dir / "latest.pt"
+    if resume and not latest.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if cfg.note:
+        log.info("%s", cfg.note)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+
+    data = build_data(cfg)
+    log.info(
+        "data: train domains %s (%d cases), validation %d cases, unseen domain %s (%d cases)",
+        data.split.train_domains,
+        len(data.split.train),
+        len(data.split.val),
+        data.split.test_domain,
+        len(data.split.test),
+    )
+    labels = dict(data.manifest.labels)
+    from gsema_fast.data import TargetTransform
+
+    transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"]).to(device)
+    ctx = build_context(cfg, device)
+    scheduler = build_scheduler(cfg, ctx.optimizer)
+    log.info(
+        "model %s (%.1fM parameters), ema.mode %s, bacl %s, amp %s, device %s",
+        cfg.model.name,
+        sum(p.numel() for p in ctx.student.parameters()) / 1e6,
+        cfg.ema.mode,
+        "off" if ctx.bacl is None else ctx.bacl.extra_repr(),
+        cfg.train.amp,
+        device,
+    )
+
+    epoch, step, best_score, untrained, last_val = 0, 0, -1.0, None, None
+    if resume:
+        state = torch.load(latest, map_location=device, weights_only=False)
+        restore(state, ctx, scheduler, transform)
+        epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
+        untrained, last_val = state["untrained"], state["last_val"]
+        log.info("resumed from %s at epoch %d, step %d", latest, epoch, step)
+    elif data.test is not None:
+        untrained = evaluate_teacher(ctx, data.test, labels, cfg, device, "untrained teacher, unseen centre")["mean"]
+
+    if cfg.train.compile:
+        started = time.perf_counter()
+        log.info("compiling %d blocks (static shapes); the first step includes compilation", compile_blocks(ctx))
+        compile_started = started
+    else:
+        compile_started = None
+
+    log_path = run_dir / "log.jsonl" if main else None
+    interval = IntervalLog(log_path)
+    total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True)
+    stopped = None
+    while epoch < cfg.train.epochs and step < total_steps and stopped is None:
+        data.set_epoch(epoch)
+        ctx.student.train()
+        for batch in data.train:
+            x_s = batch["image"].to(device, non_blocking=True)
+            y_s = batch["label"].to(device, non_blocking=True)
+            x_t, y_t = transform(x_s, y_s)
+            metrics = train_step(ctx, x_s, y_s, x_t, y_t)
+            scheduler.step()
+            interval.add(metrics)
+            step += 1
+            bar.update(1)
+            if compile_started is not None:
+                log.info("first step (with compilation) took %.1f s", time.perf_counter() - compile_started)
+                compile_started = None
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                record = interval.flush(kind="train", step=step, epoch=epoch, lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{record['total']:.3f}", aligned=f"{record.get('aligned', float('nan')):.2f}")
+                if record["skipped_steps"]:
+                    log.warning(
+                        "step %d: %d step(s) with a non-finite loss or gradient were skipped",
+                        step,
+                        record["skipped_steps"],
+                    )
+                if interval.nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    stopped = (
+                        f"stopped after {interval.nonfinite_run} consecutive steps with a non-finite loss or gradient "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last good checkpoint is "
+                        f"{latest if latest.exists() else 'not written yet'}"
+                    )
+                    break
+            if step >= total_steps:
+                break
+        if stopped is not None:
+            break
+        epoch += 1
+        last = epoch >= cfg.train.epochs or step >= total_steps
+        extra = {"best_score": best_score, "untrained": untrained, "last_val": last_val}
+        if data.val is not None and ((cfg.train.val_every and epoch % cfg.train.val_every == 0) or last):
+            val = evaluate_teacher(ctx, data.val, labels, cfg, device, "validation")
+            last_val = extra["last_val"] = val["mean"]
+            interval.write({"kind": "val", "step": step, "epoch": epoch, "dice": val["mean"]})
+            score = float(np.nanmean(list(val["mean"].values()))) if val["mean"] else float("nan")
+            log.info("epoch %d: validation Dice (teacher) %s", epoch, {k: round(v, 3) for k, v in val["mean"].items()})
+            if main and score > best_score:
+                best_score = extra["best_score"] = score
+                atomic_save(
+                    checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra),
+                    ckpt_dir / "best.pt",
+                )
+        if main:
+            atomic_save(checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra), latest)
+            if log_path is not None and log_path.exists():
+                draw_progress(log_path, run_dir / "progress.png")
+    bar.close()
+    if stopped is not None:
+        raise RuntimeError(stopped)
+
+    final = ckpt_dir / "final.pt"
+    extra = {"best_score": best_score, "untrained": untrained, "last_val": last_val}
+    if main:
+        atomic_save(checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra), final)
+    result = {
+        "run_dir": run_dir,
+        "final": final,
+        "best": ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").exists() else None,
+        "test": None,
+    }
+    if data.test is not None:
+        test = evaluate_teacher(ctx, data.test, labels, cfg, device, "teacher, unseen centre", hd95=True)
+        result["test"] = test
+        rows = {"untrained teacher, unseen centre": untrained or {}, "teacher, unseen centre": test["mean"]}
+        if last_val:
+            rows["teacher, held-out training-centre cases"] = last_val
+        table = _format_table(
+            f"Dice after {step} steps (ema.mode {cfg.ema.mode}); unseen centre {data.split.test_domain}, "
+            f"{len(test['cases'])} cases",
+            rows,
+        )
+        if main:
+            log.info("\n%s", table)
+            (run_dir / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "test_domain": str(data.split.test_domain),
+                        "untrained": untrained,
+                        "test": test,
+                        "steps": step,
+                        "config": config_to_dict(cfg),
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
+    return result
+
+
+def config_with(cfg: Config, **sections) -> Config:
+    """A copy of ``cfg`` with fields of sections replaced: ``config_with(cfg, train={"epochs": 2})``."""
+    return dataclasses.replace(
+        cfg, **{name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    )

@@ -1,0 +1,1049 @@
+r"""Boundary-aware contrastive loss (BACL, paper Sec. 2.3, Eq. 3-5): FFT high-pass, cosine Gram matrix, InfoNCE.
+
+Four latents of one mini-batch, each ``[B, C, D, H, W]``, are indexed
+
+    0 = student on source, 1 = student on target, 2 = teacher on source, 3 = teacher on target.
+
+**Boundary features** (Eq. 3), over the three spatial axes:
+
+.. math::
+
+    b = \big|\mathcal{F}^{-1}\big(\mathcal{F}(z)\cdot M\big)\big|,\qquad
+    M(k) = 1 - \prod_{a \in \{D, H, W\}} \ell_a(k_a)
+
+where :math:`\ell_a` marks the low band of axis :math:`a` of length :math:`n`:
+
+- ``symmetric``: :math:`\ell(k) = [\,|k| < c\,n/2\,]` for the signed frequency :math:`k`. M is even in k, so
+  :math:`\mathcal{F}^{-1}(\mathcal{F}(z) M)` is real and the rfftn/irfftn pair computes it on half the spectrum.
+- ``reference``: the public code's mask: after ``fftshift``, zero the slice ``[lo, hi)`` of every axis with
+  :math:`lo = \lfloor n(1-c)/2 \rfloor`, :math:`hi = \lfloor n(1+c)/2 \rfloor` (``[n//4, 3n//4)`` for c = 0.5,
+  one bin more on the negative side for even n). The filtered spectrum is then complex. Shifting the mask back
+  (``ifftshift``) instead of shifting the spectrum twice gives the same bits: a shift only permutes elements.
+
+**Loss** (Eq. 4-5), per sample and per term (volume: :math:`f_i = z_i`, boundary: :math:`f_i = b_i`), from the
+Gram matrix of the flattened features:
+
+.. math::
+
+    G_{ij} = \langle f_i, f_j\rangle,\quad n_i = \sqrt{\max(G_{ii}, \epsilon^2)},\quad
+    h_{ij} = \frac{G_{ij}}{n_i n_j},\quad s_{ij} = h_{ij}/\tau
+
+    L_b = -\log\frac{\sum_{P} e^{s}}{\sum_{P\cup N} e^{s}}
+        = \mathrm{softplus}\big(\mathrm{LSE}_{N}(s) - \mathrm{LSE}_{P}(s)\big),
+    \qquad L = \frac{1}{B}\sum_b L_b
+
+with positives :math:`P = \{(0,2), (1,3)\}` and negatives :math:`N = \{(0,1), (2,3), (0,3), (1,2)\}`.
+:math:`\max(\lVert f\rVert, \epsilon)` is ``F.cosine_similarity``'s guard (eps = 1e-8). Identical inputs give
+:math:`\log 3` per term.
+
+**Backward.** With :math:`w = \mathrm{softmax}_{P\cup N}(s) - [p \in P]\,\mathrm{softmax}_P(s)`,
+:math:`\partial L/\partial h_p = g_p = w_p/(\tau B)`, and :math:`\partial h_{ij}/\partial f_i = f_j/(n_i n_j) -
+h_{ij} f_i/n_i^2`, every gradient is a combination of the four features of its sample:
+
+.. math::
+
+    \frac{\partial L}{\partial f_i} = \sum_j A_{ij} f_j,\qquad A_{ij} = \frac{g_{ij}}{n_i n_j}\ (i \ne j),\qquad
+    A_{ii} = -[G_{ii} > \epsilon^2]\,\frac{\sum_{j\ne i} g_{ij} h_{ij}}{n_i^2}
+
+So the forward is one read of the four tensors (ten sums per sample; the last program to finish reduces the
+per-program sums in a fixed order, no float atomics, and evaluates the InfoNCE algebra on O(B) scalars), and the
+backward is one more read plus one write per input that needs a gradient. The modulus of the boundary features is
+fused into both reads: the kernels take the filtered spectrum's inverse transform ``x`` (real, symmetric mask) or
+``w`` (complex, reference mask, read as interleaved ``(re, im)``), use :math:`|x|` or :math:`|w|` as the feature,
+and multiply the gradient by :math:`\mathrm{sign}(x)` or :math:`w/|w|`.
+
+**FFTs** stay with torch.fft (cuFFT): the four latents are stacked and filtered by one batched transform each way.
+The high-pass :math:`\mathcal{F}^{-1} M \mathcal{F}` is self-adjoint (M is a real diagonal), so its backward is the
+same three calls on the stacked gradients that are wanted (the real part for the complex path), and the result is
+added to the volume term's gradient inside that term's backward kernel. A fused forward+backward is then two Gram
+launches, two gradient launches, and a stack plus three torch.fft/elementwise calls each way, whatever the number
+of inputs that need a gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from fractions import Fraction
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-8  # F.cosine_similarity's default guard on each norm
+MASKS = ("symmetric", "reference")
+SPATIAL = (-3, -2, -1)
+
+# Feature modes of the kernels: how the stored value turns into the feature f.
+IDENTITY = 0  # f = x (the volume term)
+ABS = 1  # f = |x| of a real tensor (symmetric boundary term)
+COMPLEX_ABS = 2  # f = |w| of a complex tensor stored as interleaved (re, im) (reference boundary term)
+
+NUM_SUMS = tl.constexpr(10)  # 4 squared norms + 6 cross products per sample
+ROW = tl.constexpr(16)  # a row of sums padded to a power of two for 2-D loads
+MAX_BLOCK = 2048  # elements per tile: 8 KiB of fp32 per tensor, 16-byte loads with 8 warps
+MAX_CHUNKS = 1024  # programs per sample, bounds the final reduction
+MAX_ROWS = 256  # partial rows per step of the final reduction
+CPU_PROGRAMS = 2  # programs per launch under the interpreter, where each one costs Python time
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the kernels below are decorated
+_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _feature(
+    ptr,  # pointer to the sample's first element (first float of the (re, im) pairs for COMPLEX_ABS)
+    idx,  # [BLOCK] element indices within the sample
+    end,  # first index past the chunk
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+    ACC: tl.constexpr,  # accumulation dtype
+    MASKED: tl.constexpr,  # the tile crosses the end of the chunk
+):
+    # Returns the feature f and the stored value it came from (needed by the backward's chain rule).
+    if MODE == 2:
+        pair = tl.arange(0, 2)
+        offs = idx[:, None] * 2 + pair[None, :]
+        if MASKED:
+            raw = tl.load(ptr + offs, mask=(idx < end)[:, None], other=0.0).to(ACC)
+        else:
+            raw = tl.load(ptr + offs).to(ACC)
+        f = tl.sqrt(tl.sum(raw * raw, axis=1))
+    else:
+        if MASKED:
+            raw = tl.load(ptr + idx, mask=idx < end, other=0.0).to(ACC)
+        else:
+            raw = tl.load(ptr + idx).to(ACC)
+        if MODE == 1:
+            f = tl.abs(raw)
+        else:
+            f = raw
+    return f, raw
+
+
+@triton.jit
+def _gram_tile(
+    p0,  # sample base pointer of input 0 (student, source)
+    p1,  # sample base pointer of input 1 (student, target)
+    p2,  # sample base pointer of input 2 (teacher, source)
+    p3,  # sample base pointer of input 3 (teacher, target)
+    idx,  # [BLOCK] element indices of this tile
+    end,  # first index past the chunk
+    s00,  # [BLOCK] running sums of f0*f0
+    s11,  # f1*f1
+    s22,  # f2*f2
+    s33,  # f3*f3
+    s02,  # f0*f2 (positive)
+    s13,  # f1*f3 (positive)
+    s01,  # f0*f1 (negative)
+    s23,  # f2*f3 (negative)
+    s03,  # f0*f3 (negative)
+    s12,  # f1*f2 (negative)
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+    ACC: tl.constexpr,  # accumulation dtype
+    MASKED: tl.constexpr,  # the tile crosses the end of the chunk
+):
+    f0, _r0 = _feature(p0, idx, end, MODE, ACC, MASKED)
+    f1, _r1 = _feature(p1, idx, end, MODE, ACC, MASKED)
+    f2, _r2 = _feature(p2, idx, end, MODE, ACC, MASKED)
+    f3, _r3 = _feature(p3, idx, end, MODE, ACC, MASKED)
+    s00 += f0 * f0
+    s11 += f1 * f1
+    s22 += f2 * f2
+    s33 += f3 * f3
+    s02 += f0 * f2
+    s13 += f1 * f3
+    s01 += f0 * f1
+    s23 += f2 * f3
+    s03 += f0 * f3
+    s12 += f1 * f2
+    return s00, s11, s22, s33, s02, s13, s01, s23, s03, s12
+
+
+@triton.jit
+def _pick(
+    row,  # [ROW] one sample's sums
+    cols,  # [ROW] column indices
+    k: tl.constexpr,  # column to extract
+):
+    return tl.sum(tl.where(cols == k, row, 0.0), axis=0)
+
+
+@triton.jit
+def _finalize(
+    partials,  # [B * NUM_CHUNKS, ROW] per-program sums, row = sample * NUM_CHUNKS + chunk
+    coef,  # [B, ROW] out: gradient coefficients A, same column layout as the sums, divided by B
+    sims,  # [B, 6] out: cosine similarities, positives first
+    term,  # [1] out: this term's loss, averaged over the batch
+    total,  # [1] out: the total loss; this term is added to it when ADD_TOTAL
+    B,  # samples
+    NUM_CHUNKS,  # programs per sample
+    inv_tau,  # 1 / tau
+    EPS2: tl.constexpr,  # eps**2, floor of a squared norm
+    ACC: tl.constexpr,  # accumulation dtype
+    ROWS: tl.constexpr,  # partial rows read per step
+    ADD_TOTAL: tl.constexpr,  # total already holds the other term (launched before, same stream)
+):
+    cols = tl.arange(0, ROW)
+    rows = tl.arange(0, ROWS)
+    inv_b = tl.full([], 1.0, ACC) / B
+    total_b = tl.zeros([ROW], dtype=ACC)  # only column 0 is used; a vector keeps the loop-carried type fixed
+    for s in range(0, B):
+        acc = tl.zeros([ROWS, ROW], dtype=ACC)
+        for first in range(0, NUM_CHUNKS, ROWS):
+            r = first + rows
+            offs = (s * NUM_CHUNKS + r)[:, None] * ROW + cols[None, :]
+            # .cg: read through L2, where the other programs' rows landed, never a stale L1 line.
+            acc += tl.load(
+                partials + offs,
+                mask=(r < NUM_CHUNKS)[:, None] & (cols < NUM_SUMS)[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+        g = tl.sum(acc, axis=0)
+        g00 = _pick(g, cols, 0)
+        g11 = _pick(g, cols, 1)
+        g22 = _pick(g, cols, 2)
+        g33 = _pick(g, cols, 3)
+        n0 = tl.sqrt(tl.maximum(g00, EPS2))
+        n1 = tl.sqrt(tl.maximum(g11, EPS2))
+        n2 = tl.sqrt(tl.maximum(g22, EPS2))
+        n3 = tl.sqrt(tl.maximum(g33, EPS2))
+        h02 = _pick(g, cols, 4) / (n0 * n2)
+        h13 = _pick(g, cols, 5) / (n1 * n3)
+        h01 = _pick(g, cols, 6) / (n0 * n1)
+        h23 = _pick(g, cols, 7) / (n2 * n3)
+        h03 = _pick(g, cols, 8) / (n0 * n3)
+        h12 = _pick(g, cols, 9) / (n1 * n2)
+        t02 = h02 * inv_tau
+        t13 = h13 * inv_tau
+        t01 = h01 * inv_tau
+        t23 = h23 * inv_tau
+        t03 = h03 * inv_tau
+        t12 = h12 * inv_tau
+        # L_b = log(1 + sum_N e^t / sum_P e^t) = softplus(lse_neg - lse_pos). Each log-sum-exp has its own maximum
+        # (a small tau cannot underflow the positive sum), and the softplus keeps the loss's relative precision
+        # when it is small: lse_all - lse_pos would cancel.
+        m_pos = tl.maximum(t02, t13)
+        m_neg = tl.maximum(tl.maximum(t01, t23), tl.maximum(t03, t12))
+        lse_pos = m_pos + tl.log(tl.exp(t02 - m_pos) + tl.exp(t13 - m_pos))
+        lse_neg = m_neg + tl.log(tl.exp(t01 - m_neg) + tl.exp(t23 - m_neg) + tl.exp(t03 - m_neg) + tl.exp(t12 - m_neg))
+        gap = lse_neg - lse_pos
+        small = tl.exp(-tl.abs(gap))
+        one_plus = 1.0 + small
+        # log1p(small) to full precision (Goldberg): log(1 + x) * x / ((1 + x) - 1).
+        log1p = tl.where(
+            one_plus == 1.0, small, tl.log(one_plus) * (small / tl.where(one_plus == 1.0, 1.0, one_plus - 1.0))
+        )
+        loss_b = tl.maximum(gap, 0.0) + log1p
+        lse_all = lse_pos + loss_b
+        total_b += tl.where(cols == 0, loss_b, 0.0)
+        # dL/dh for each pair, the batch mean folded in. A positive's softmax difference is written as one product,
+        # -e^(t - lse_pos) * sum_N / sum_all, which does not cancel.
+        scale = inv_tau * inv_b
+        neg_share = tl.exp(lse_neg - lse_all)
+        d02 = -tl.exp(t02 - lse_pos) * neg_share * scale
+        d13 = -tl.exp(t13 - lse_pos) * neg_share * scale
+        d01 = tl.exp(t01 - lse_all) * scale
+        d23 = tl.exp(t23 - lse_all) * scale
+        d03 = tl.exp(t03 - lse_all) * scale
+        d12 = tl.exp(t12 - lse_all) * scale
+        # A clamped norm is a constant: its sample's diagonal term drops out, as in autograd through the clamp.
+        c0 = (g00 > EPS2).to(ACC) / (n0 * n0)
+        c1 = (g11 > EPS2).to(ACC) / (n1 * n1)
+        c2 = (g22 > EPS2).to(ACC) / (n2 * n2)
+        c3 = (g33 > EPS2).to(ACC) / (n3 * n3)
+        a00 = -c0 * (d02 * h02 + d01 * h01 + d03 * h03)
+        a11 = -c1 * (d13 * h13 + d01 * h01 + d12 * h12)
+        a22 = -c2 * (d02 * h02 + d23 * h23 + d12 * h12)
+        a33 = -c3 * (d13 * h13 + d23 * h23 + d03 * h03)
+        a02 = d02 / (n0 * n2)
+        a13 = d13 / (n1 * n3)
+        a01 = d01 / (n0 * n1)
+        a23 = d23 / (n2 * n3)
+        a03 = d03 / (n0 * n3)
+        a12 = d12 / (n1 * n2)
+        out = tl.where(cols == 0, a00, 0.0)
+        out = tl.where(cols == 1, a11, out)
+        out = tl.where(cols == 2, a22, out)
+        out = tl.where(cols == 3, a33, out)
+        out = tl.where(cols == 4, a02, out)
+        out = tl.where(cols == 5, a13, out)
+        out = tl.where(cols == 6, a01, out)
+        out = tl.where(cols == 7, a23, out)
+        out = tl.where(cols == 8, a03, out)
+        out = tl.where(cols == 9, a12, out)
+        tl.store(coef + s * ROW + cols, out)
+        h = tl.where(cols == 0, h02, 0.0)
+        h = tl.where(cols == 1, h13, h)
+        h = tl.where(cols == 2, h01, h)
+        h = tl.where(cols == 3, h23, h)
+        h = tl.where(cols == 4, h03, h)
+        h = tl.where(cols == 5, h12, h)
+        tl.store(sims + s * 6 + cols, h, mask=cols < 6)
+    mean = total_b * inv_b
+    tl.store(term + cols, mean, mask=cols == 0)
+    if ADD_TOTAL:
+        mean += tl.load(total + cols, mask=cols == 0, other=0.0)
+    tl.store(total + cols, mean, mask=cols == 0)
+
+
+@triton.jit
+def _bacl_fwd_kernel(
+    x0,  # input 0 (student, source), [B, N] contiguous ([B, N, 2] floats for COMPLEX_ABS)
+    x1,  # input 1 (student, target)
+    x2,  # input 2 (teacher, source)
+    x3,  # input 3 (teacher, target)
+    partials,  # [B * NUM_CHUNKS, ROW] scratch: this program's ten sums go to row sample * NUM_CHUNKS + chunk
+    ticket,  # int32 [1], zero on entry: programs finished so far; the last one resets it
+    coef,  # [B, ROW] out: gradient coefficients for the backward
+    sims,  # [B, 6] out: cosine similarities, positives first
+    term,  # [1] out: this term's loss, averaged over the batch
+    total,  # [1] out: the total loss (this term, plus the other one with ADD_TOTAL)
+    B,  # samples
+    N,  # features per sample
+    CHUNK,  # features per program, a multiple of BLOCK
+    NUM_CHUNKS,  # programs per sample
+    inv_tau,  # 1 / tau
+    EPS2: tl.constexpr,  # eps**2, floor of a squared norm
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+    ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
+    BLOCK: tl.constexpr,  # elements per tile
+    ROWS: tl.constexpr,  # partial rows read per step of the final reduction
+    ADD_TOTAL: tl.constexpr,  # add this term to the total written by the launch before
+):
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    base = sample.to(tl.int64) * N
+    if MODE == 2:
+        base = base * 2  # a complex feature is two floats
+    p0 = x0 + base
+    p1 = x1 + base
+    p2 = x2 + base
+    p3 = x3 + base
+    start = chunk * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    s00 = tl.zeros([BLOCK], dtype=ACC)
+    s11 = tl.zeros([BLOCK], dtype=ACC)
+    s22 = tl.zeros([BLOCK], dtype=ACC)
+    s33 = tl.zeros([BLOCK], dtype=ACC)
+    s02 = tl.zeros([BLOCK], dtype=ACC)
+    s13 = tl.zeros([BLOCK], dtype=ACC)
+    s01 = tl.zeros([BLOCK], dtype=ACC)
+    s23 = tl.zeros([BLOCK], dtype=ACC)
+    s03 = tl.zeros([BLOCK], dtype=ACC)
+    s12 = tl.zeros([BLOCK], dtype=ACC)
+    lanes = tl.arange(0, BLOCK)
+    full_end = start + (end - start) // BLOCK * BLOCK
+    # Whole tiles go unmasked so that the loads vectorise; at most one masked tile follows.
+    for first in range(start, full_end, BLOCK):
+        s00, s11, s22, s33, s02, s13, s01, s23, s03, s12 = _gram_tile(
+            p0, p1, p2, p3, first + lanes, end, s00, s11, s22, s33, s02, s13, s01, s23, s03, s12, MODE, ACC, False
+        )
+    if full_end < end:
+        s00, s11, s22, s33, s02, s13, s01, s23, s03, s12 = _gram_tile(
+            p0, p1, p2, p3, full_end + lanes, end, s00, s11, s22, s33, s02, s13, s01, s23, s03, s12, MODE, ACC, True
+        )
+    row = partials + (sample * NUM_CHUNKS + chunk) * ROW
+    tl.store(row + 0, tl.sum(s00, axis=0))
+    tl.store(row + 1, tl.sum(s11, axis=0))
+    tl.store(row + 2, tl.sum(s22, axis=0))
+    tl.store(row + 3, tl.sum(s33, axis=0))
+    tl.store(row + 4, tl.sum(s02, axis=0))
+    tl.store(row + 5, tl.sum(s13, axis=0))
+    tl.store(row + 6, tl.sum(s01, axis=0))
+    tl.store(row + 7, tl.sum(s23, axis=0))
+    tl.store(row + 8, tl.sum(s03, axis=0))
+    tl.store(row + 9, tl.sum(s12, axis=0))
+    # Every thread's stores precede the ticket, whose acq_rel atomic publishes them to the last program.
+    tl.debug_barrier()
+    done = tl.atomic_add(ticket, 1, sem="acq_rel")
+    if done == B * NUM_CHUNKS - 1:
+        # The last program to finish adds the rows in a fixed order: same inputs, same bits, one launch.
+        _finalize(partials, coef, sims, term, total, B, NUM_CHUNKS, inv_tau, EPS2, ACC, ROWS, ADD_TOTAL)
+        tl.atomic_xchg(ticket, 0, sem="relaxed")
+
+
+@triton.jit
+def _chain(
+    g,  # [BLOCK] gradient with respect to the feature f
+    raw,  # the stored value f came from ([BLOCK], or [BLOCK, 2] for COMPLEX_ABS)
+    f,  # [BLOCK] the feature
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+):
+    # Gradient with respect to the stored value; where |x| or |w| is 0 it is 0, as torch.abs's backward says.
+    if MODE == 2:
+        safe = tl.where(f > 0, f, 1.0)
+        out = tl.where(f > 0, g / safe, 0.0)[:, None] * raw
+    elif MODE == 1:
+        out = tl.where(raw > 0, g, tl.where(raw < 0, -g, 0.0))
+    else:
+        out = g
+    return out
+
+
+@triton.jit
+def _store_grad(
+    ptr,  # sample base pointer of the gradient
+    idx,  # [BLOCK] element indices of this tile
+    end,  # first index past the chunk
+    value,  # gradient of the stored value
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+    MASKED: tl.constexpr,  # the tile crosses the end of the chunk
+):
+    if MODE == 2:
+        pair = tl.arange(0, 2)
+        offs = idx[:, None] * 2 + pair[None, :]
+        if MASKED:
+            tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=(idx < end)[:, None])
+        else:
+            tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+    else:
+        if MASKED:
+            tl.store(ptr + idx, value.to(ptr.dtype.element_ty), mask=idx < end)
+        else:
+            tl.store(ptr + idx, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _extra(
+    ptr,  # sample base pointer of a gradient to add (EXTRA 1: real; EXTRA 2: interleaved complex, real part used)
+    idx,  # [BLOCK] element indices of this tile
+    end,  # first index past the chunk
+    EXTRA: tl.constexpr,  # 1 or 2
+    ACC: tl.constexpr,  # accumulation dtype
+    MASKED: tl.constexpr,  # the tile crosses the end of the chunk
+):
+    if EXTRA == 2:
+        offs = idx * 2
+    else:
+        offs = idx
+    if MASKED:
+        value = tl.load(ptr + offs, mask=idx < end, other=0.0).to(ACC)
+    else:
+        value = tl.load(ptr + offs).to(ACC)
+    return value
+
+
+@triton.jit
+def _grad_tile(
+    p0,  # sample base pointer of input 0
+    p1,  # input 1
+    p2,  # input 2
+    p3,  # input 3
+    q0,  # sample base pointer of the gradient of input 0 (unused unless NEED0)
+    q1,  # gradient of input 1
+    q2,  # gradient of input 2
+    q3,  # gradient of input 3
+    e0,  # sample base pointer of a gradient to add to that of input 0 (used with EXTRA)
+    e1,  # .. input 1
+    e2,  # .. input 2
+    e3,  # .. input 3
+    idx,  # [BLOCK] element indices of this tile
+    end,  # first index past the chunk
+    a00,  # A coefficients of this sample, scaled by the incoming gradient
+    a11,  # ..
+    a22,  # ..
+    a33,  # ..
+    a02,  # ..
+    a13,  # ..
+    a01,  # ..
+    a23,  # ..
+    a03,  # ..
+    a12,  # ..
+    NEED0: tl.constexpr,  # input 0 wants a gradient
+    NEED1: tl.constexpr,  # input 1 wants a gradient
+    NEED2: tl.constexpr,  # input 2 wants a gradient
+    NEED3: tl.constexpr,  # input 3 wants a gradient
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+    EXTRA: tl.constexpr,  # 0: nothing to add; 1: add e_i (real); 2: add the real part of e_i (complex)
+    ACC: tl.constexpr,  # accumulation dtype
+    MASKED: tl.constexpr,  # the tile crosses the end of the chunk
+):
+    # Every gradient needs all four features, so all four are read whichever gradients are written.
+    f0, r0 = _feature(p0, idx, end, MODE, ACC, MASKED)
+    f1, r1 = _feature(p1, idx, end, MODE, ACC, MASKED)
+    f2, r2 = _feature(p2, idx, end, MODE, ACC, MASKED)
+    f3, r3 = _feature(p3, idx, end, MODE, ACC, MASKED)
+    if NEED0:
+        g0 = _chain(a00 * f0 + a01 * f1 + a02 * f2 + a03 * f3, r0, f0, MODE)
+        if EXTRA != 0:
+            g0 += _extra(e0, idx, end, EXTRA, ACC, MASKED)
+        _store_grad(q0, idx, end, g0, MODE, MASKED)
+    if NEED1:
+        g1 = _chain(a01 * f0 + a11 * f1 + a12 * f2 + a13 * f3, r1, f1, MODE)
+        if EXTRA != 0:
+            g1 += _extra(e1, idx, end, EXTRA, ACC, MASKED)
+        _store_grad(q1, idx, end, g1, MODE, MASKED)
+    if NEED2:
+        g2 = _chain(a02 * f0 + a12 * f1 + a22 * f2 + a23 * f3, r2, f2, MODE)
+        if EXTRA != 0:
+            g2 += _extra(e2, idx, end, EXTRA, ACC, MASKED)
+        _store_grad(q2, idx, end, g2, MODE, MASKED)
+    if NEED3:
+        g3 = _chain(a03 * f0 + a13 * f1 + a23 * f2 + a33 * f3, r3, f3, MODE)
+        if EXTRA != 0:
+            g3 += _extra(e3, idx, end, EXTRA, ACC, MASKED)
+        _store_grad(q3, idx, end, g3, MODE, MASKED)
+
+
+@triton.jit
+def _bacl_bwd_kernel(
+    x0,  # input 0 (student, source), as in the forward
+    x1,  # input 1 (student, target)
+    x2,  # input 2 (teacher, source)
+    x3,  # input 3 (teacher, target)
+    q0,  # out: gradient of input 0, same layout (any tensor when not NEED0: never touched)
+    q1,  # out: gradient of input 1
+    q2,  # out: gradient of input 2
+    q3,  # out: gradient of input 3
+    e0,  # gradient to add to that of input 0, same sample layout (any tensor when EXTRA == 0)
+    e1,  # .. input 1
+    e2,  # .. input 2
+    e3,  # .. input 3
+    coef,  # [B, ROW] gradient coefficients from the forward
+    grad_loss,  # [1] incoming gradient of the loss, read on the device (no host sync)
+    N,  # features per sample
+    CHUNK,  # features per program, a multiple of BLOCK
+    NEED0: tl.constexpr,  # input 0 wants a gradient
+    NEED1: tl.constexpr,  # input 1 wants a gradient
+    NEED2: tl.constexpr,  # input 2 wants a gradient
+    NEED3: tl.constexpr,  # input 3 wants a gradient
+    MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
+    EXTRA: tl.constexpr,  # 0: nothing to add; 1: add e_i (real); 2: add the real part of e_i (complex)
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK: tl.constexpr,  # elements per tile
+):
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    base = sample.to(tl.int64) * N
+    if MODE == 2:
+        base = base * 2  # a complex feature is two floats
+    extra_base = sample.to(tl.int64) * N
+    if EXTRA == 2:
+        extra_base = extra_base * 2
+    up = tl.load(grad_loss).to(ACC)
+    row = coef + sample * ROW
+    a00 = tl.load(row + 0) * up
+    a11 = tl.load(row + 1) * up
+    a22 = tl.load(row + 2) * up
+    a33 = tl.load(row + 3) * up
+    a02 = tl.load(row + 4) * up
+    a13 = tl.load(row + 5) * up
+    a01 = tl.load(row + 6) * up
+    a23 = tl.load(row + 7) * up
+    a03 = tl.load(row + 8) * up
+    a12 = tl.load(row + 9) * up
+    start = chunk * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    lanes = tl.arange(0, BLOCK)
+    full_end = start + (end - start) // BLOCK * BLOCK
+    for first in range(start, full_end, BLOCK):
+        _grad_tile(
+            x0 + base, x1 + base, x2 + base, x3 + base, q0 + base, q1 + base, q2 + base, q3 + base,
+            e0 + extra_base, e1 + extra_base, e2 + extra_base, e3 + extra_base,
+            first + lanes, end, a00, a11, a22, a33, a02, a13, a01, a23, a03, a12,
+            NEED0, NEED1, NEED2, NEED3, MODE, EXTRA, ACC, False,
+        )  # fmt: skip
+    if full_end < end:
+        _grad_tile(
+            x0 + base, x1 + base, x2 + base, x3 + base, q0 + base, q1 + base, q2 + base, q3 + base,
+            e0 + extra_base, e1 + extra_base, e2 + extra_base, e3 + extra_base,
+            full_end + lanes, end, a00, a11, a22, a33, a02, a13, a01, a23, a03, a12,
+            NEED0, NEED1, NEED2, NEED3, MODE, EXTRA, ACC, True,
+        )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------- launchers
+
+
+class _Plan(NamedTuple):
+    block: int  # elements per tile
+    chunk: int  # elements per program, a multiple of block
+    num_chunks: int  # programs per sample
+    rows: int  # partial rows per step of the final reduction
+    num_warps: int
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr-function wrapper: microseconds per call on the host
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _plan(n: int, batch: int, mode: int, device: torch.device) -> _Plan:
+    """Tile and grid for ``batch`` samples of ``n`` features: a function of the shape and device alone.
+
+    About four programs per SM keep enough loads in flight to stream at copy bandwidth; the interpreter gets
+    ``CPU_PROGRAMS``. A complex feature is two floats, so its tile is halved. Cached: the loss is host-bound at
+    the sizes it is used at, so every microsecond of Python before a launch counts.
+    """
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    return _plan_cached(n, batch, mode, device.type, index, MAX_BLOCK, CPU_PROGRAMS, MAX_ROWS)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_cached(n, batch, mode, device_type, index, max_block, cpu_programs, max_rows) -> _Plan:
+    widest = max_block // 2 if mode == COMPLEX_ABS else max_block
+    block = min(widest, max(16, _next_power_of_2(n)))
+    programs = 4 * _num_sms(index) if device_type == "cuda" else cpu_programs
+    num_chunks = max(1, min(_cdiv(n, block), _cdiv(programs, batch), MAX_CHUNKS))
+    chunk = _cdiv(_cdiv(n, num_chunks), block) * block
+    num_chunks = _cdiv(n, chunk)
+    rows = min(max_rows, _next_power_of_2(num_chunks))
+    return _Plan(block, chunk, num_chunks, rows, 8 if block * (2 if mode == COMPLEX_ABS else 1) >= 2048 else 4)
+
+
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 counter per device and stream; each launch leaves it at zero again.
+
+    Launches on one stream run one after another, so they can share it; another stream gets its own.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _check_features(xs: tuple[torch.Tensor, ...], mode: int) -> None:
+    """The launchers' contract: four contiguous floating tensors, one shape, one device that Triton can reach."""
+    if len(xs) != 4:
+        raise ValueError(f"expected 4 feature tensors, got {len(xs)}")
+    if mode not in (IDENTITY, ABS, COMPLEX_ABS):
+        raise ValueError(f"mode must be IDENTITY, ABS or COMPLEX_ABS (0, 1, 2), got {mode!r}")
+    x = xs[0]
+    shape, device = getattr(x, "shape", None), getattr(x, "device", None)
+    for i, xi in enumerate(xs):
+        if not isinstance(xi, torch.Tensor):
+            raise TypeError(f"feature {i} must be a tensor, got {type(xi).__name__}")
+        if xi.dtype not in _FLOATS:
+            raise TypeError(f"feature {i} must be float16/bfloat16/float32/float64, got {xi.dtype}")
+        if xi.shape != shape:
+            raise ValueError(f"feature {i} has shape {tuple(xi.shape)}, feature 0 has {tuple(shape)}")
+        if xi.device != device:
+            raise ValueError(f"feature {i} is on {xi.device}, feature 0 on {device}")
+        if not xi.is_contiguous():
+            raise ValueError(f"feature {i} must be contiguous, got strides {xi.stride()}")
+    if x.dim() < 2 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"features must be [B, ...] with B >= 1 and at least one element, got {tuple(x.shape)}")
+    if mode == COMPLEX_ABS and (x.dim() < 3 or x.shape[-1] != 2):
+        raise ValueError(f"COMPLEX_ABS features are view_as_real tensors [B, ..., 2], got {tuple(x.shape)}")
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+
+
+def _acc_dtype(xs) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _features_per_sample(x: torch.Tensor, mode: int) -> int:
+    return x[0].numel() // (2 if mode == COMPLEX_ABS else 1)
+
+
+def _contrast_forward(xs, tau: float, mode: int, *, sims=None, term=None, total=None, add_total: bool = False):
+    """Launch the Gram pass over four feature tensors: ``(total, sims, coef)``.
+
+    Writes the term's loss to ``term`` and the total to ``total`` (the term itself, or added to what ``total``
+    holds with ``add_total``), the similarities ``[B, 6]`` to ``sims``; missing outputs are allocated. ``coef``
+    ``[B, ROW]`` holds the gradient coefficients for ``_contrast_backward``.
+    """
+    _check_features(xs, mode)
+    x = xs[0]
+    batch, n = x.shape[0], _features_per_sample(x, mode)
+    acc = _acc_dtype(xs)
+    plan = _plan(n, batch, mode, x.device)
+    if sims is None:
+        sims = torch.empty((batch, 6), dtype=acc, device=x.device)
+    if term is None:
+        term = torch.empty((), dtype=acc, device=x.device)
+    if total is None:
+        total = term
+    for name, out, shape in (("sims", sims, (batch, 6)), ("term", term, ()), ("total", total, ())):
+        if out.shape != shape or out.dtype != acc or out.device != x.device or not out.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous {acc} tensor of shape {shape} on {x.device}, "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+    scratch = torch.empty((batch * (plan.num_chunks + 1), ROW.value), dtype=acc, device=x.device)
+    coef, partials = scratch[:batch], scratch[batch:]  # one allocation: the host time matters at these sizes
+    _bacl_fwd_kernel[(batch, plan.num_chunks)](
+        *xs,
+        partials,
+        _ticket(x.device),
+        coef,
+        sims,
+        term,
+        total,
+        batch,
+        n,
+        plan.chunk,
+        plan.num_chunks,
+        1.0 / tau,
+        EPS2=EPS * EPS,
+        MODE=mode,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK=plan.block,
+        ROWS=plan.rows,
+        ADD_TOTAL=bool(add_total),
+        num_warps=plan.num_warps,
+    )
+    return total, sims, coef
+
+
+def _contrast_backward(xs, coef: torch.Tensor, grad_total: torch.Tensor, outs, mode: int, extras=None, extra: int = 0):
+    """Launch the gradient pass: the gradient of input ``i`` into ``outs[i]`` (``None``: not wanted).
+
+    With ``extra`` 1 (2) the real tensor ``extras[i]`` (the real part of the interleaved complex one) is added: the
+    boundary term's gradient, back through the high-pass, joins the volume term's in the same write.
+    """
+    x = xs[0]
+    batch, n = x.shape[0], _features_per_sample(x, mode)
+    if extra not in (0, 1, 2) or (extra and mode != IDENTITY):
+        raise ValueError(f"extra must be 0, 1 or 2, and non-zero only for IDENTITY features, got {extra!r}")
+    if len(outs) != 4 or all(o is None for o in outs):
+        raise ValueError(f"outs must hold 4 entries, at least one a tensor, got {len(outs)} entries")
+    for i, (xi, out) in enumerate(zip(xs, outs, strict=True)):
+        if out is None:
+            continue
+        if out.shape != xi.shape or out.device != xi.device or not out.is_contiguous():
+            raise ValueError(f"outs[{i}] must be contiguous, shaped and placed like input {i}, got {tuple(out.shape)}")
+        e = extras[i] if extra else None
+        if extra and (e is None or e.numel() != xi.numel() * extra or e.device != xi.device or not e.is_contiguous()):
+            raise ValueError(f"extras[{i}] must be contiguous, on {xi.device}, {xi.numel() * extra} elements, got {e}")
+    ptrs = [o if o is not None else xi for o, xi in zip(outs, xs, strict=True)]
+    adds = [e if e is not None else xi for e, xi in zip(extras, xs, strict=True)] if extra else list(xs)
+    plan = _plan(n, batch, mode, x.device)
+    _bacl_bwd_kernel[(batch, plan.num_chunks)](
+        *xs,
+        *ptrs,
+        *adds,
+        coef,
+        grad_total.detach().reshape(1).to(coef.dtype),
+        n,
+        plan.chunk,
+        NEED0=outs[0] is not None,
+        NEED1=outs[1] is not None,
+        NEED2=outs[2] is not None,
+        NEED3=outs[3] is not None,
+        MODE=mode,
+        EXTRA=extra,
+        ACC=tl.float64 if coef.dtype == torch.float64 else tl.float32,
+        BLOCK=plan.block,
+        num_warps=plan.num_warps,
+    )
+    return outs
+
+
+def _boundary_features(filtered: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four kernel inputs of the boundary term: slices of the stacked filtered latents (real views if complex)."""
+    stacked = torch.view_as_real(filtered) if filtered.is_complex() else filtered
+    return tuple(stacked.unbind(0))
+
+
+class _BACLFunction(torch.autograd.Function):
+    """The whole loss with an explicit backward: ``(total, terms [2], sims [2, B, 6])``, differentiable in ``total``.
+
+    The four latents go through the high-pass as one stacked, batched FFT. The high-pass is self-adjoint
+    (``F^-1 M F`` with a real diagonal M), so its backward is the same three calls on the gradient, applied once to
+    the stack of gradients that are wanted; the result is added to the volume term's gradient inside its kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, z0, z1, z2, z3, cutoff: float, tau: float, mask: str, volume: bool, boundary: bool):
+        zs = (z0, z1, z2, z3)
+        acc = _acc_dtype(zs)
+        total = torch.empty((), dtype=acc, device=z0.device)
+        terms = torch.empty(2, dtype=acc, device=z0.device)
+        sims = torch.empty((2, z0.shape[0], 6), dtype=acc, device=z0.device)
+        coef_v = coef_b = filtered = None
+        if volume:
+            _, _, coef_v = _contrast_forward(zs, tau, IDENTITY, sims=sims[0], term=terms[0], total=total)
+        if boundary:
+            filtered = _filtered_stack(zs, cutoff, mask)
+            mode = COMPLEX_ABS if filtered.is_complex() else ABS
+            feats = _boundary_features(filtered)
+            _, _, coef_b = _contrast_forward(
+                feats, tau, mode, sims=sims[1], term=terms[1], total=total, add_total=volume
+            )
+        ctx.save_for_backward(*zs, filtered, coef_v, coef_b)
+        ctx.options = (cutoff, mask, volume, boundary)
+        ctx.mark_non_differentiable(terms, sims)
+        return total, terms, sims
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_terms, _grad_sims):
+        *zs, filtered, coef_v, coef_b = ctx.saved_tensors
+        cutoff, mask, volume, boundary = ctx.options
+        wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
+        if not wanted:
+            return (None,) * 9
+        extras, extra = [None] * 4, 0
+        if boundary:
+            feats = _boundary_features(filtered)
+            stacked = torch.empty((len(wanted), *feats[0].shape), dtype=feats[0].dtype, device=feats[0].device)
+            outs = [stacked[wanted.index(i)] if i in wanted else None for i in range(4)]
+            _contrast_backward(feats, coef_b, grad_total, outs, ABS if mask == "symmetric" else COMPLEX_ABS)
+            if filtered.is_complex():
+                back = torch.view_as_real(_apply_high_pass(torch.view_as_complex(stacked), cutoff, mask, inplace=True))
+                extra = 2
+            else:
+                back = _apply_high_pass(stacked, cutoff, mask, inplace=True)
+                extra = 1
+            extras = [back[wanted.index(i)] if i in wanted else None for i in range(4)]
+        if volume:
+            grads = [torch.empty_like(z) if i in wanted else None for i, z in enumerate(zs)]
+            _contrast_backward(zs, coef_v, grad_total, grads, IDENTITY, extras, extra)
+        else:
+            grads = [
+                None if e is None else (e[..., 0] if extra == 2 else e).to(z.dtype).contiguous()
+                for e, z in zip(extras, zs, strict=True)
+            ]
+        return (*grads, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------------- high-pass (torch.fft)
+
+
+def _low_band(n: int, cutoff: float, mask: str) -> torch.Tensor:
+    """1 on the low band of one axis of length ``n``, in unshifted FFT order, as float64 (exact 0/1)."""
+    # The nearest simple fraction (0.4 -> 2/5): band edges fall where the decimal puts them, not one bin off because
+    # the binary float is a hair above or below; every comparison below is then exact.
+    c = Fraction(cutoff).limit_denominator(1 << 20)
+    if mask == "symmetric":
+        # Bin j holds frequency j or j - n, so |k| = min(j, n - j).
+        band = [float(2 * min(j, n - j) < c * n) for j in range(n)]
+        return torch.tensor(band, dtype=torch.float64)
+    lo = math.floor(n * (1 - c) / 2)
+    hi = math.floor(n * (1 + c) / 2)
+    shifted = torch.zeros(n, dtype=torch.float64)
+    shifted[lo:hi] = 1.0
+    return torch.fft.ifftshift(shifted)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_mask(size: tuple[int, int, int], cutoff: float, mask: str, dtype: torch.dtype, device: torch.device):
+    d, h, w = (_low_band(n, cutoff, mask) for n in size)
+    low = d[:, None, None] * h[None, :, None] * w[None, None, :]
+    full = (1.0 - low).to(dtype)
+    if mask == "symmetric":
+        full = full[..., : size[2] // 2 + 1].contiguous()  # the rfftn half of the last axis
+    return full.to(device)
+
+
+def high_pass_mask(
+    size: tuple[int, int, int],
+    *,
+    cutoff: float = 0.5,
+    mask: str = "symmetric",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """M for spatial ``size = (D, H, W)`` in unshifted FFT order: ``[D, H, W // 2 + 1]`` (the rfftn half) for
+    ``symmetric``, ``[D, H, W]`` for ``reference`` (equal to ``ifftshift`` of the public code's shifted mask)."""
+    _check_cutoff_mask(cutoff, mask)
+    return _cached_mask(tuple(int(n) for n in size), float(cutoff), mask, dtype, torch.device(device))
+
+
+def _apply_high_pass(x: torch.Tensor, cutoff: float, mask: str, *, inplace: bool = False) -> torch.Tensor:
+    """``IFFT(FFT(x) * M)`` over the last three axes; real for ``symmetric`` (real x), complex for ``reference``.
+
+    ``inplace`` masks the spectrum in place (outside autograd only).
+    """
+    m = high_pass_mask(tuple(x.shape[-3:]), cutoff=cutoff, mask=mask, dtype=x.real.dtype, device=x.device)
+    if mask == "symmetric" and not x.is_complex():
+        spectrum = torch.fft.rfftn(x, dim=SPATIAL)
+        spectrum = spectrum.mul_(m) if inplace else spectrum * m
+        return torch.fft.irfftn(spectrum, s=x.shape[-3:], dim=SPATIAL)
+    spectrum = torch.fft.fftn(x, dim=SPATIAL)
+    spectrum = spectrum.mul_(m) if inplace else spectrum * m
+    return torch.fft.ifftn(spectrum, dim=SPATIAL)
+
+
+def _work_dtype(z: torch.Tensor) -> torch.dtype:
+    return z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32  # torch.fft has no bfloat16
+
+
+def _filtered(z: torch.Tensor, cutoff: float, mask: str) -> torch.Tensor:
+    """``IFFT(FFT(z) * M)`` before the modulus, differentiable: real for ``symmetric``, complex for ``reference``."""
+    return _apply_high_pass(z.to(_work_dtype(z)), cutoff, mask)
+
+
+def _filtered_stack(zs, cutoff: float, mask: str) -> torch.Tensor:
+    """The four latents filtered as one stack ``[4, B, C, D, H, W]``: one batched FFT each way (no autograd)."""
+    work = torch.float64 if any(z.dtype == torch.float64 for z in zs) else torch.float32
+    if all(z.dtype == zs[0].dtype for z in zs):
+        stacked = torch.stack(zs).to(work)
+    else:
+        stacked = torch.stack([z.to(work) for z in zs])
+    return _apply_high_pass(stacked, cutoff, mask, inplace=True)
+
+
+def high_pass(z: torch.Tensor, *, cutoff: float = 0.5, mask: str = "symmetric") -> torch.Tensor:
+    """Boundary features ``|IFFT(FFT(z) * M)|`` over the last three axes of ``[B, C, D, H, W]``, in ``z.dtype``.
+
+    torch.fft on every device (cuFFT on CUDA); differentiable. See the module docstring for M.
+    """
+    _check_latent(z, "z")
+    _check_cutoff_mask(cutoff, mask)
+    return _filtered(z, cutoff, mask).abs().to(z.dtype)
+
+
+# ------------------------------------------------------------------------------------------ public functions
+
+
+class BACLResult(NamedTuple):
+    """The loss (the only differentiable field) and its parts for logging, all on the device.
+
+    ``volume``, ``boundary``: each term's loss (0-dim, detached). ``*_sims``: ``[B, 6]`` cosine similarities,
+    detached: (S_s,T_s), (S_t,T_t) (positives), then (S_s,S_t), (T_s,T_t), (S_s,T_t), (S_t,T_s) (negatives).
+    A switched-off term's fields are ``None``.
+    """
+
+    loss: torch.Tensor
+    volume: torch.Tensor | None
+    boundary: torch.Tensor | None
+    volume_sims: torch.Tensor | None
+    boundary_sims: torch.Tensor | None
+
+
+def _check_latent(z, name: str) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {z.dtype}")
+    if z.dim() != 5:
+        raise ValueError(f"{name} must be [B, C, D, H, W] (5 dims), got shape {tuple(z.shape)}")
+    if z.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(z.shape)}")
+
+
+def _check_cutoff_mask(cutoff, mask) -> None:
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0.0 < cutoff < 1.0:
+        raise ValueError(f"cutoff must be a number in (0, 1), got {cutoff!r}")
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+
+
+def check_options(*, cutoff, tau, volume, boundary, mask) -> None:
+    """Validate the options of ``bacl``; ``ValueError`` naming the argument and the bad value."""
+    _check_cutoff_mask(cutoff, mask)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if not (volume or boundary):
+        raise ValueError(
+            f"at least one of volume and boundary must be on, got volume={volume!r}, boundary={boundary!r}"
+        )
+
+
+def check_inputs(zs, *, cutoff, tau, volume, boundary, mask) -> None:
+    """Validate ``bacl``'s latents and options; ``ValueError``/``TypeError`` naming the argument and the bad value."""
+    names = ("z_stu_src", "z_stu_trg", "z_tea_src", "z_tea_trg")
+    for name, z in zip(names, zs, strict=True):
+        _check_latent(z, name)
+    for name, z in zip(names[1:], zs[1:], strict=True):
+        if z.shape != zs[0].shape:
+            raise ValueError(f"{name} has shape {tuple(z.shape)}, z_stu_src has {tuple(zs[0].shape)}")
+        if z.device != zs[0].device:
+            raise ValueError(f"{name} is on {z.device}, z_stu_src on {zs[0].device}")
+    check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
+
+
+def _result(volume, boundary) -> BACLResult:
+    terms = [t[0] for t in (volume, boundary) if t is not None]
+    loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return BACLResult(
+        loss,
+        volume[0].detach() if volume else None,
+        boundary[0].detach() if boundary else None,
+        volume[1] if volume else None,
+        boundary[1] if boundary else None,
+    )
+
+
+def bacl(
+    z_stu_src: torch.Tensor,
+    z_stu_trg: torch.Tensor,
+    z_tea_src: torch.Tensor,
+    z_tea_trg: torch.Tensor,
+    *,
+    cutoff: float = 0.5,
+    tau: float = 1.0,
+    volume: bool = True,
+    boundary: bool = True,
+    mask: str = "symmetric",
+) -> BACLResult:
+    """BACL with the fused Triton Gram/InfoNCE passes (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+
+    Per term one forward launch and one backward launch; no host sync. Only inputs that require grad get one.
+    """
+    zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
+    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
+    contiguous = (z.contiguous() for z in zs)
+    total, terms, sims = _BACLFunction.apply(*contiguous, float(cutoff), float(tau), mask, bool(volume), bool(boundary))
+    return BACLResult(
+        total,
+        terms[0] if volume else None,
+        terms[1] if boundary else None,
+        sims[0] if volume else None,
+        sims[1] if boundary else None,
+    )
+
+
+# ------------------------------------------------------------------------------- torch reference (CPU path)
+
+
+_PAIR_I = (0, 1, 0, 2, 0, 1)  # positives (0,2), (1,3), then negatives (0,1), (2,3), (0,3), (1,2)
+_PAIR_J = (2, 3, 1, 3, 3, 2)
+
+
+def _contrast_reference(features, tau: float):
+    """One term from four feature tensors: Gram matrix by one batched matmul, then Eq. 4-5; autograd backward."""
+    acc = _acc_dtype(features)
+    batch = features[0].shape[0]
+    x = torch.stack([f.reshape(batch, -1).to(acc) for f in features], dim=1)  # [B, 4, N]
+    gram = torch.bmm(x, x.transpose(1, 2))  # [B, 4, 4]
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(EPS * EPS).sqrt()
+    i, j = list(_PAIR_I), list(_PAIR_J)
+    sims = gram[:, i, j] / (norms[:, i] * norms[:, j])  # [B, 6]
+    logits = sims / tau
+    # -log(sum_P / sum_all) = softplus(lse_neg - lse_pos): no cancellation when the loss is small.
+    gap = torch.logsumexp(logits[:, 2:], dim=1) - torch.logsumexp(logits[:, :2], dim=1)
+    loss = torch.nn.functional.softplus(gap).mean()
+    return loss, sims.detach()
+
+
+def bacl_reference(
+    z_stu_src: torch.Tensor,
+    z_stu_trg: torch.Tensor,
+    z_tea_src: torch.Tensor,
+    z_tea_trg: torch.Tensor,
+    *,
+    cutoff: float = 0.5,
+    tau: float = 1.0,
+    volume: bool = True,
+    boundary: bool = True,
+    mask: str = "symmetric",
+) -> BACLResult:
+    """The same maths in plain torch (the tests' reference and the CPU path): rfftn/irfftn or fftn/ifftn, one
+    ``bmm`` for the Gram matrix of each term, autograd for the backward."""
+    zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
+    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
+    vol = _contrast_reference(zs, tau) if volume else None
+    bnd = _contrast_reference([_filtered(z, cutoff, mask).abs() for z in zs], tau) if boundary else None
+    return _result(vol, bnd)

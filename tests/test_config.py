@@ -1,0 +1,252 @@
+"""Config: YAML round trip, overrides, and errors that name the key and the value."""
+
+import dataclasses
+
+import pytest
+
+from gsema_fast.config import (
+    Config,
+    builtin_config_names,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    resolve_auto,
+    save_config,
+)
+
+SHIPPED = ("demo", "gpu", "paper", "reference")
+
+
+def test_shipped_configs_load_and_validate():
+    assert set(SHIPPED) <= set(builtin_config_names())
+    for name in SHIPPED:
+        cfg = load_config(name)
+        assert isinstance(cfg, Config)
+        assert cfg.note, f"{name}.yaml should say what it is"
+
+
+def test_default_is_the_cpu_demo():
+    cfg = load_config()
+    assert cfg == load_config("demo")
+    assert cfg.model.name == "unet"
+    assert cfg.data.root is None
+
+
+def test_gpu_and_method_configs_pin_their_columns():
+    assert load_config("gpu").model.name == "swinunetr"
+    paper, reference = load_config("paper"), load_config("reference")
+    assert (paper.ema.rule, paper.ema.decay_conflict, paper.bacl.mask) == ("dot", 1.0, "symmetric")
+    assert (paper.loss.lambda_sup, paper.loss.lambda_con) == (0.25, 0.5)
+    assert (reference.ema.rule, reference.ema.decay_conflict, reference.bacl.mask) == ("sign", 0.999, "reference")
+    assert (reference.loss.lambda_sup, reference.loss.lambda_con) == pytest.approx((0.8 * 0.25, 0.2))
+    assert (reference.bacl.volume, reference.bacl.boundary) == (False, True)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config("reference", ["data.train_domains=[a, b]", "train.max_steps=7", "note=round trip"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(path) == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert not list(path.parent.glob("*.tmp")), "the temp file of the atomic write must be gone"
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(
+        "gpu",
+        [
+            "data.patch_size=[64,64,128]",
+            "optim.lr=1e-4",  # YAML 1.1 would read this as a string
+            "ema.mode=none",
+            "train.compile=false",
+            "target_transform.gin.enabled=false",
+            "data.root=",  # empty value is null
+            "bacl={tau: 0.5}",  # a mapping merges into the section
+        ],
+    )
+    assert cfg.data.patch_size == [64, 64, 128]
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.ema.mode == "none"
+    assert cfg.train.compile is False
+    assert cfg.target_transform.gin.enabled is False
+    assert cfg.data.root is None
+    assert cfg.bacl.tau == 0.5 and cfg.bacl.boundary is True
+
+
+def test_int_widens_to_float_and_cube_shorthand():
+    cfg = load_config("demo", ["bacl.tau=2", "data.patch_size=32", "data.spacing=0.5"])
+    assert cfg.bacl.tau == 2.0 and isinstance(cfg.bacl.tau, float)
+    assert cfg.data.patch_size == [32, 32, 32]
+    assert cfg.data.spacing == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("data.patchsize=[64,64,64]", ["data.patchsize", "did you mean 'data.patch_size'"]),
+        ("target_transform.gin.kernel=3", ["'target_transform.gin.kernel'", "'target_transform.gin.kernels'?"]),
+        ("nonsense.key=1", ["nonsense"]),
+    ],
+)
+def test_unknown_key_is_named(override, fragments):
+    with pytest.raises(ValueError, match="unknown key") as err:
+        load_config("demo", [override])
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_unknown_key_in_a_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: unet\n  feature_sise: 16\n")
+    with pytest.raises(ValueError, match=r"model\.feature_sise") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("train.epochs=abc", ["train.epochs", "'abc'", "int"]),
+        ("train.epochs=true", ["train.epochs", "True"]),  # a bool is not an int
+        ("train.epochs=2.5", ["train.epochs", "2.5"]),
+        ("bacl.volume=1", ["bacl.volume", "bool"]),
+        ("data.patch_size=[64,x,64]", ["data.patch_size", "'x'"]),
+        ("model=unet", ["model", "section"]),
+        ("model.name.sub=1", ["model.name", "not a section"]),
+    ],
+)
+def test_wrong_type_names_key_and_value(override, fragments):
+    with pytest.raises(ValueError) as err:
+        load_config("demo", [override])
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("ema.mode=gs-ema", "ema.mode", "'gs-ema'"),
+        ("ema.rule=cosine", "ema.rule", "'cosine'"),
+        ("bacl.mask=square", "bacl.mask", "'square'"),
+        ("model.name=resnet", "model.name", "'resnet'"),
+        ("train.amp=bf32", "train.amp", "'bf32'"),
+        ("train.compile=maybe", "train.compile", "'maybe'"),
+    ],
+)
+def test_enum_error(override, key, value):
+    with pytest.raises(ValueError, match="one of") as err:
+        load_config("demo", [override])
+    assert key in str(err.value) and value in str(err.value)
+
+
+@pytest.mark.parametrize("patch", ["[48,48,48]", "[96,96,80]", "32"])
+def test_swinunetr_patch_size_error(patch):
+    with pytest.raises(ValueError, match=r"data\.patch_size") as err:
+        load_config("gpu", [f"data.patch_size={patch}"])
+    assert "32" in str(err.value)
+
+
+def test_patch_size_rule_follows_the_network():
+    # 48 is fine for a 4-level UNet (multiples of 8), not for SwinUNETR.
+    assert load_config("demo", ["data.patch_size=48"]).data.patch_size == [48, 48, 48]
+    with pytest.raises(ValueError, match=r"data\.patch_size"):
+        load_config("demo", ["data.patch_size=[64,64,60]"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("ema.decay_aligned=1.5", "ema.decay_aligned"),
+        ("ema.decay_conflict=-0.1", "ema.decay_conflict"),
+        ("ema.decay=2", "ema.decay"),
+        ("bacl.tau=0", "bacl.tau"),
+        ("bacl.cutoff=1.0", "bacl.cutoff"),
+        ("bacl.cutoff=0", "bacl.cutoff"),
+        ("target_transform.noise.p=1.5", "target_transform.noise.p"),
+        ("target_transform.geometric.scale=[1.2,0.8]", "target_transform.geometric.scale"),
+        ("target_transform.gin.kernels=[2]", "target_transform.gin.kernels"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.val_per_domain=-1", "data.val_per_domain"),
+        ("data.samples_per_volume=3", "data.samples_per_volume"),  # must divide the batch
+        ("data.class_ratios=[1,1]", "data.class_ratios"),  # one per class
+        ("data.train_domains=[a,b]", None),  # fine on its own
+        ("model.feature_size=16", None),  # fine for the demo's UNet, not for SwinUNETR (below)
+        ("model.checkpointing=true", "model.checkpointing"),  # SwinUNETR only
+        ("optim.lr=0", "optim.lr"),
+        ("train.max_steps=0", "train.max_steps"),
+    ],
+)
+def test_value_ranges(override, key):
+    if key is None:
+        load_config("demo", [override])
+        return
+    with pytest.raises(ValueError) as err:
+        load_config("demo", [override])
+    assert key in str(err.value)
+
+
+def test_cross_checks():
+    with pytest.raises(ValueError, match=r"model\.feature_size"):
+        load_config("gpu", ["model.feature_size=16"])
+    with pytest.raises(ValueError, match=r"data\.train_domains"):
+        load_config("demo", ["data.train_domains=[a,b]", "data.test_domain=a"])
+    with pytest.raises(ValueError, match=r"data\.train_domains"):
+        load_config("demo", ["data.train_domains=[0,'1',2]", "data.test_domain='2'"])
+    cfg = load_config("demo", ["data.train_domains=[0,1,2]", "data.test_domain=3"])
+    assert (cfg.data.train_domains, cfg.data.test_domain) == ([0, 1, 2], 3)
+
+
+def test_configs_built_in_code_are_validated_too():
+    with pytest.raises(ValueError, match=r"ema\.mode"):
+        dataclasses.replace(Config(), ema=dataclasses.replace(Config().ema, mode="sometimes"))
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_config("demo", ["train.epochs"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_config("demo", ["train..epochs=1"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="shipped config"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolve_auto(monkeypatch):
+    import torch
+
+    cpu = resolve_auto(load_config("gpu"), "cpu").train
+    assert (cpu.device, cpu.amp, cpu.compile) == ("cpu", "fp32", False)
+    pinned = resolve_auto(load_config("demo", ["train.amp=fp32", "train.compile=true"]), "cpu").train
+    assert (pinned.amp, pinned.compile) == ("fp32", True)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = resolve_auto(load_config("gpu")).train
+    assert (cuda.device, cuda.amp, cuda.compile) == ("cuda", "bf16", True)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_auto(load_config("gpu")).train.device == "cpu"
+    with pytest.raises(ValueError, match=r"train\.device"):
+        resolve_auto(load_config("gpu", ["train.device=cuda"]))
+
+
+def test_target_transform_section_mirrors_the_transform_defaults():
+    from gsema_fast.data.target import DEFAULTS
+
+    configured = config_to_dict(Config())["target_transform"]
+    assert list(configured) == list(DEFAULTS), "same components, in the order they are applied"
+    for name, defaults in DEFAULTS.items():
+        expected = {key: list(value) if isinstance(value, tuple) else value for key, value in defaults.items()}
+        assert configured[name] == expected, name
+
+
+def test_config_from_dict_leaves_the_callers_dict_alone():
+    from gsema_fast.config import Config, config_from_dict, config_to_dict
+
+    raw = config_to_dict(Config())
+    cfg = config_from_dict(raw, ["loss.lambda_con=0", "ema.mode=none"])
+    assert cfg.loss.lambda_con == 0 and cfg.ema.mode == "none"
+    assert raw["loss"]["lambda_con"] == 0.5 and raw["ema"]["mode"] == "gsema"

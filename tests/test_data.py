@@ -1,0 +1,518 @@
+"""gsema_fast.data: synthetic multi-centre phantoms, manifests and loaders, and the target-domain transform T."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import decollate_batch
+from monai.transforms import Invertd
+from scipy.stats import wasserstein_distance
+
+from gsema_fast.cli import main as cli_main
+from gsema_fast.data import (
+    CENTRES,
+    LABELS,
+    TargetTransform,
+    build_loaders,
+    load_manifest,
+    split_cases,
+    synthesize,
+    volume_loader,
+)
+from gsema_fast.data import synth as synth_mod
+from gsema_fast.data.target import ORDER
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    """Four centres, three cases each, small enough for a few seconds."""
+    return synthesize(tmp_path_factory.mktemp("synth") / "ds", domains=4, cases_per_domain=3, size=48, seed=0,
+                      workers=1)
+
+
+# ---------------------------------------------------------------------------------------------------- synth
+
+
+def test_synth_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    a = synthesize(tmp_path / "a", domains=4, cases_per_domain=1, size=32, seed=5, workers=1)
+    b = synthesize(tmp_path / "b", domains=4, cases_per_domain=1, size=32, seed=5, workers=2)
+    c = synthesize(tmp_path / "c", domains=4, cases_per_domain=1, size=32, seed=6, workers=1)
+    da, db, dc = _digests(a), _digests(b), _digests(c)
+    assert len(da) == 4 * 2 + 1
+    assert da == db
+    images = [k for k in da if k.startswith("imagesTr")]
+    assert all(da[k] != dc[k] for k in images)
+    assert not [p for p in a.rglob(".*")], "temporary files left behind"
+
+
+def test_synth_files_load_with_the_right_grid(synth_root):
+    manifest = json.loads((synth_root / "dataset.json").read_text())
+    assert manifest["labels"] == {"background": 0, "vessel": 1, "aneurysm": 2}
+    assert manifest["file_ending"] == ".nii.gz" and manifest["numTraining"] == 12
+    assert set(manifest["channel_names"]) == {"0"}
+    for e in manifest["training"]:
+        style = CENTRES[e["domain"]]
+        assert e["case"].startswith(style.name)
+        image, label = nib.load(synth_root / e["image"]), nib.load(synth_root / e["label"])
+        assert image.shape == label.shape == tuple(e["shape"])
+        np.testing.assert_allclose(image.header.get_zooms(), e["spacing"], rtol=1e-5)
+        np.testing.assert_allclose(image.affine, label.affine)
+        np.testing.assert_allclose(np.abs(np.diag(image.affine)[:3]), e["spacing"], rtol=1e-5)
+        assert "".join(nib.aff2axcodes(image.affine)) == ("LPS" if style.axcodes == "LPS" else "RAS")
+        assert image.get_data_dtype() == np.dtype(style.dtype)
+        assert label.get_data_dtype() == np.uint8
+        assert image.header.get_xyzt_units()[0] == "mm"
+        # the field of view is shared by the centres whatever their matrix: about 48 * 0.4 mm
+        fov = np.asarray(e["shape"]) * np.asarray(e["spacing"])
+        assert np.all((fov > 48 * 0.4 * 0.89) & (fov < 48 * 0.4 * 1.11))
+    shapes = {e["domain"]: tuple(e["shape"]) for e in manifest["training"]}
+    assert len(set(shapes.values())) >= 3, "centres should differ in matrix size"
+
+
+def test_synth_all_classes_present(synth_root):
+    manifest = json.loads((synth_root / "dataset.json").read_text())
+    seen = set()
+    n_aneurysm_cases = 0
+    for e in manifest["training"]:
+        lab = np.asarray(nib.load(synth_root / e["label"]).dataobj)
+        values = set(np.unique(lab).tolist())
+        assert values <= {0, 1, 2}
+        assert 1 in values, f"{e['case']} has no vessel"
+        assert (lab == 2).sum() == e["aneurysm_voxels"]
+        n_aneurysm_cases += 2 in values
+        seen |= values
+    assert seen == {0, 1, 2}
+    assert n_aneurysm_cases >= 6
+
+
+def test_synth_aneurysm_sizes_include_small_ones():
+    rng = np.random.default_rng(0)
+    radii = []
+    for _ in range(20):
+        tree = synth_mod._grow_tree(rng, np.full(3, 51.2))
+        radii += [a.axes.min() for a in synth_mod._place_aneurysms(rng, tree, np.full(3, 51.2), (0.7, 4.0), 2)]
+    radii = np.asarray(radii)
+    assert len(radii) >= 30
+    # at 0.4 mm voxels: sacs a few voxels across as well as large ones
+    assert radii.min() < 1.0 and radii.max() > 3.0
+
+
+def test_centres_differ_measurably(synth_root):
+    """After the loader's normalisation (percentile clip + z-score) the intensity distributions of different
+    centres are further apart (Wasserstein distance) than those of cases of one centre."""
+    manifest = json.loads((synth_root / "dataset.json").read_text())
+    values = []
+    for e in manifest["training"]:
+        a = np.asarray(nib.load(synth_root / e["image"]).dataobj, dtype=np.float64).ravel()
+        lo, hi = np.percentile(a, [0.5, 99.5])
+        a = np.clip(a, lo, hi)
+        values.append((e["domain"], ((a - a.mean()) / a.std())[::7]))
+    K = 4
+    total, count = np.zeros((K, K)), np.zeros((K, K))
+    for (d1, a1), (d2, a2) in itertools.combinations(values, 2):
+        w = wasserstein_distance(a1, a2)
+        total[d1, d2] += w
+        total[d2, d1] += w
+        count[d1, d2] += 1
+        count[d2, d1] += 1
+    D = total / count
+    within = np.diag(D)
+    for i, j in itertools.combinations(range(K), 2):
+        assert D[i, j] > max(within[i], within[j]), f"centres {i} and {j} overlap:\n{np.round(D, 3)}"
+    between = D[~np.eye(K, dtype=bool)].mean()
+    assert between > 2.5 * within.mean(), np.round(D, 3)
+
+
+def test_centre_acquisition_styles_differ_measurably(synth_root):
+    """Per case, from the stored image and its label: vessel contrast over background noise, fine-scale noise and
+    coarse background structure (both relative to the vessel contrast). Every pair of centres is separated by more
+    than three pooled within-centre standard deviations in at least one of them."""
+    from scipy import ndimage
+
+    manifest = json.loads((synth_root / "dataset.json").read_text())
+    features: dict[int, list] = {}
+    for e in manifest["training"]:
+        a = np.asarray(nib.load(synth_root / e["image"]).dataobj, dtype=np.float64)
+        lab = np.asarray(nib.load(synth_root / e["label"]).dataobj)
+        far = ~ndimage.binary_dilation(lab > 0, iterations=3)
+        background = np.median(a[far])
+        contrast = np.median(a[ndimage.binary_erosion(lab == 1)]) - background
+        fine = (a - ndimage.uniform_filter(a, 3))[far].std() / contrast
+        coarse = ndimage.uniform_filter(a, 5)[far].std() / contrast
+        features.setdefault(e["domain"], []).append((contrast / a[far].std(), fine, coarse))
+    f = {d: np.asarray(v) for d, v in features.items()}
+    for i, j in itertools.combinations(sorted(f), 2):
+        pooled = np.sqrt((f[i].var(0, ddof=1) + f[j].var(0, ddof=1)) / 2)
+        separation = np.abs(f[i].mean(0) - f[j].mean(0)) / pooled
+        assert separation.max() > 3, f"centres {i} and {j}: separations {np.round(separation, 2)}"
+
+
+def test_synth_reuses_a_complete_folder_and_redoes_an_interrupted_one(tmp_path, caplog):
+    root = synthesize(tmp_path / "ds", domains=2, cases_per_domain=1, size=24, seed=1, workers=1)
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}
+    with caplog.at_level(logging.INFO, logger="gsema_fast.data.synth"):
+        synthesize(root, domains=2, cases_per_domain=1, size=24, seed=1)
+    assert "nothing to do" in caplog.text
+    assert stamp == {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}
+    # an interruption before the manifest was written: the folder is not taken as complete
+    before = _digests(root)
+    (root / "dataset.json").unlink()
+    synthesize(root, domains=2, cases_per_domain=1, size=24, seed=1)
+    assert _digests(root) == before
+    # other settings regenerate
+    synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2)
+    assert json.loads((root / "dataset.json").read_text())["synth"]["seed"] == 2
+
+
+def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "x.nii.gz"
+
+    def broken_save(img, path):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth_mod.nib, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        synth_mod._atomic_save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="domains"):
+        synthesize(tmp_path, domains=len(CENTRES) + 1)
+    with pytest.raises(ValueError, match="size"):
+        synthesize(tmp_path, size=8)
+    with pytest.raises(ValueError, match="cases_per_domain"):
+        synthesize(tmp_path, cases_per_domain=0)
+
+
+def test_cli_synth(tmp_path):
+    assert cli_main(["synth", "--out", str(tmp_path / "ds"), "--domains", "2", "--cases-per-domain", "1",
+                     "--size", "24"]) == 0
+    assert len(load_manifest(tmp_path / "ds").cases) == 2
+    assert cli_main(["synth", "--out", str(tmp_path / "bad"), "--size", "4"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+
+
+def test_loaders_shapes_balance_and_splits(synth_root):
+    data = build_loaders(synth_root, train_domains=[0, 1, 2], test_domain=3, patch_size=(64, 64, 64),
+                         batch_size=3, steps_per_epoch=3, seed=0)
+    assert data.domains == ["0", "1", "2"] and data.num_classes == 3
+    assert {c.domain for c in data.split.val} == {"0", "1", "2"} and len(data.split.val) == 3
+    assert {c.domain for c in data.split.test} == {"3"} and len(data.split.test) == 3
+    assert not {c.name for c in data.split.train} & {c.name for c in data.split.val}
+    batches = list(data.train)
+    assert len(batches) == 3
+    for b in batches:
+        # the 48^3 volumes are padded up to the 64^3 patch
+        assert type(b["image"]) is torch.Tensor and type(b["label"]) is torch.Tensor
+        assert b["image"].shape == (3, 1, 64, 64, 64) and b["image"].dtype == torch.float32
+        assert b["label"].shape == (3, 1, 64, 64, 64) and b["label"].dtype == torch.int64
+        assert sorted(b["domain"].tolist()) == [0, 1, 2], "each batch of K patches holds one per domain"
+        assert set(b["label"].unique().tolist()) <= {0, 1, 2}
+        assert torch.isfinite(b["image"]).all()
+    vol = next(iter(data.val))
+    assert vol["image"].shape[:2] == (1, 1) and vol["label"].dtype == torch.uint8
+    assert vol["image"].affine.shape == (1, 4, 4)
+    assert abs(float(vol["image"].mean())) < 0.05 and abs(float(vol["image"].std()) - 1) < 0.05  # z-scored
+    assert vol["domain"][0] in {"0", "1", "2"}
+    test_vol = next(iter(data.test))
+    # orientation is normalised to RAS (centre D stores LPS)
+    assert "".join(nib.aff2axcodes(test_vol["image"].affine[0].numpy())) == "RAS"
+
+
+def test_loaders_reproducible_per_epoch(synth_root):
+    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(32, 32, 32), batch_size=3, steps_per_epoch=2,
+              seed=4)
+    a = build_loaders(synth_root, **kw)
+    b = build_loaders(synth_root, **kw)
+    a.set_epoch(2)
+    b.set_epoch(1)
+    list(b.train)  # another epoch in between must not matter
+    b.set_epoch(2)
+    for x, y in zip(a.train, b.train, strict=True):
+        assert x["case"] == y["case"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+    a.set_epoch(3)
+    b.set_epoch(4)
+    assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(a.train, b.train, strict=True))
+
+
+def test_resampling_to_a_spacing_and_back(synth_root):
+    """Volumes resampled to a common spacing (RAS); Invertd maps a prediction back to the file's own grid."""
+    man = load_manifest(synth_root)
+    case = man.cases_of(3)[0]  # centre D: stored LPS on a coarser grid
+    loader = volume_loader([case], labels=man.labels, spacing=(0.3, 0.3, 0.3))
+    item = next(iter(loader))
+    np.testing.assert_allclose(item["image"].affine[0].diag()[:3].numpy(), [0.3, 0.3, 0.3])
+    assert item["label"].dtype == torch.uint8 and set(item["label"].unique().tolist()) <= {0, 1, 2}
+    original = nib.load(case.label)
+    assert item["image"].shape[2:] != original.shape
+    invert = Invertd(keys="pred", transform=loader.dataset.transform, orig_keys="image", nearest_interp=True)
+    one = decollate_batch(item)[0]
+    one["pred"] = one["label"].clone()
+    back = invert(one)["pred"]
+    assert back.shape[1:] == original.shape
+    np.testing.assert_allclose(back.affine.numpy(), original.affine, atol=1e-4)
+    assert (back[0].numpy() == np.asarray(original.dataobj)).mean() > 0.98
+
+
+def test_class_ratios_oversample_aneurysms(synth_root):
+    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(16, 16, 16), batch_size=3, steps_per_epoch=4)
+    has_aneurysm = {c.name: e["aneurysms"] > 0 for c, e in zip(
+        load_manifest(synth_root).cases, json.loads((synth_root / "dataset.json").read_text())["training"],
+        strict=True)}
+    for b in build_loaders(synth_root, class_ratios=(0, 0, 1), **kw).train:
+        for case, label in zip(b["case"], b["label"], strict=True):
+            # cases without an aneurysm fall back to the classes they have instead of failing
+            assert (label == 2).any() == has_aneurysm[case]
+    for b in build_loaders(synth_root, class_ratios=(0, 1, 0), **kw).train:
+        assert all((label == 1).any() for label in b["label"])
+
+
+def test_disk_cache_is_written_atomically_and_survives_corruption(synth_root, tmp_path, caplog):
+    kw = dict(train_domains=[0, 1], test_domain=None, patch_size=(32, 32, 32), batch_size=2, steps_per_epoch=2,
+              cache_dir=tmp_path / "cache", seed=0)
+    first = [b["image"] for b in build_loaders(synth_root, **kw).train]
+    files = sorted((tmp_path / "cache").iterdir())
+    assert files and all(f.suffix == ".pt" and not f.name.startswith(".") for f in files)
+    files[0].write_bytes(files[0].read_bytes()[:100])  # a half-written file, as a copy interrupted would leave
+    with caplog.at_level(logging.WARNING):
+        again = [b["image"] for b in build_loaders(synth_root, **kw).train]
+    assert "unreadable" in caplog.text
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert torch.load(files[0], weights_only=True)  # rewritten whole
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _raw_dataset(root: Path, cases: dict[str, str], *, label_value: int = 1, size: int = 20) -> Path:
+    """An nnU-Net v2 raw dataset (no domains in dataset.json) with a bright cube labelled ``label_value``."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for name in cases:
+        img = np.zeros((size,) * 3, np.float32)
+        lab = np.zeros((size,) * 3, np.uint8)
+        img[5:12, 5:12, 5:12] = 1.0
+        lab[5:12, 5:12, 5:12] = label_value
+        affine = np.diag([0.5, 0.5, 0.5, 1.0])
+        nib.save(nib.Nifti1Image(img, affine), root / "imagesTr" / f"{name}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), root / "labelsTr" / f"{name}.nii.gz")
+    meta = {"channel_names": {"0": "3DRA"}, "labels": dict(LABELS), "numTraining": len(cases),
+            "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+CASES = {"p1": "north", "p2": "north", "p3": "south", "p4": "south"}
+
+
+def test_nnunet_raw_with_csv_or_json_domain_map(tmp_path):
+    root = _raw_dataset(tmp_path / "raw", CASES)
+    (tmp_path / "map.csv").write_text("case,domain\n" + "".join(f"{c},{d}\n" for c, d in CASES.items()))
+    (tmp_path / "map.json").write_text(json.dumps(CASES))
+    for m in ("map.csv", "map.json"):
+        man = load_manifest(root, tmp_path / m)
+        assert man.domains == ["north", "south"] and len(man.cases) == 4
+    data = build_loaders(root, manifest=tmp_path / "map.csv", train_domains=["north"], test_domain="south",
+                         patch_size=(32, 32, 32), batch_size=1, val_per_domain=1)
+    b = next(iter(data.train))
+    assert b["image"].shape == (1, 1, 32, 32, 32)  # 20^3 volume padded
+    with pytest.raises(ValueError, match="gives no 'domain'"):
+        load_manifest(root)
+    (tmp_path / "short.json").write_text(json.dumps({"p1": "north"}))
+    with pytest.raises(ValueError, match="case p2: no domain in the domain map"):
+        load_manifest(root, tmp_path / "short.json")
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    root = _raw_dataset(tmp_path / "raw", CASES)
+    (tmp_path / "map.json").write_text(json.dumps(CASES))
+    (root / "labelsTr" / "p2.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"case p2: label file .*p2\.nii\.gz does not exist"):
+        load_manifest(root, tmp_path / "map.json")
+    root = _raw_dataset(tmp_path / "raw2", CASES)
+    (root / "imagesTr" / "p3_0000.nii.gz").write_bytes(b"not a nifti file")
+    with pytest.raises(ValueError, match=r"case p3: cannot read image file .*p3_0000\.nii\.gz"):
+        load_manifest(root, tmp_path / "map.json")
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        load_manifest(tmp_path / "nowhere")
+
+
+def test_shape_and_affine_mismatch(tmp_path):
+    (tmp_path / "map.json").write_text(json.dumps(CASES))
+    root = _raw_dataset(tmp_path / "a", CASES)
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 19), np.uint8), np.diag([0.5, 0.5, 0.5, 1])),
+             root / "labelsTr" / "p1.nii.gz")
+    with pytest.raises(ValueError, match=r"case p1: label .*p1\.nii\.gz has shape \(20, 20, 19\)"):
+        load_manifest(root, tmp_path / "map.json")
+    root = _raw_dataset(tmp_path / "b", CASES)
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.diag([0.6, 0.5, 0.5, 1])),
+             root / "labelsTr" / "p4.nii.gz")
+    with pytest.raises(ValueError, match="case p4: label .* different affines"):
+        load_manifest(root, tmp_path / "map.json")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bad_voxels_name_the_case(tmp_path, cache):
+    (tmp_path / "map.json").write_text(json.dumps(CASES))
+    root = _raw_dataset(tmp_path / "a", CASES)
+    nib.save(nib.Nifti1Image(np.full((20, 20, 20), 5, np.uint8), np.diag([0.5, 0.5, 0.5, 1])),
+             root / "labelsTr" / "p3.nii.gz")
+    kw = dict(manifest=tmp_path / "map.json", patch_size=(16, 16, 16), batch_size=1, val_per_domain=0,
+              cache=cache)
+    with pytest.raises(ValueError, match=r"case p3: label .*p3\.nii\.gz holds values \[5\] outside the label map"):
+        list(build_loaders(root, **kw).train)
+    root = _raw_dataset(tmp_path / "b", CASES)
+    img = np.zeros((20, 20, 20), np.float32)
+    img[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(img, np.diag([0.5, 0.5, 0.5, 1])), root / "imagesTr" / "p2_0000.nii.gz")
+    with pytest.raises(ValueError, match=r"case p2: image .*p2_0000\.nii\.gz has 1 non-finite voxels"):
+        list(build_loaders(root, **kw).train)
+
+
+def test_domain_errors(synth_root):
+    man = load_manifest(synth_root)
+    assert man.domains == ["0", "1", "2", "3"]
+    with pytest.raises(ValueError, match="domain '7' has no cases"):
+        split_cases(man, train_domains=[0, 7])
+    with pytest.raises(ValueError, match="test_domain '1' is also a training domain"):
+        split_cases(man, train_domains=[0, 1], test_domain=1)
+    with pytest.raises(ValueError, match="too few to hold out"):
+        split_cases(man, train_domains=[0], val_per_domain=3)
+    with pytest.raises(ValueError, match="class_ratios"):
+        build_loaders(synth_root, class_ratios=(1, 1))
+    with pytest.raises(ValueError, match="samples_per_volume"):
+        build_loaders(synth_root, batch_size=3, samples_per_volume=2)
+    split = split_cases(man, test_domain=3, val_per_domain=1, seed=0)
+    assert split.train_domains == ("0", "1", "2") and len(split.train) == 6
+
+
+# ------------------------------------------------------------------------------------------ target transform
+
+
+def _only(name: str, **settings) -> dict:
+    return {n: ({"p": 1.0, **settings} if n == name else False) for n in ORDER}
+
+
+def _phantom_label(shape=(2, 1, 40, 48, 32)) -> torch.Tensor:
+    y = torch.zeros(shape, dtype=torch.int64)
+    y[:, :, 8:30, 10:40, 6:24] = 1
+    y[:, :, 15:22, 18:26, 10:16] = 2
+    y[1, :, 2:6, 2:6, 2:6] = 1
+    return y
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_geometric_keeps_image_and_label_aligned(device):
+    y = _phantom_label().to(device)
+    T = TargetTransform(seed=3, **_only("geometric", rotate_deg=30.0, scale=(0.8, 1.2), image_mode="nearest"))
+    x_t, y_t = T(y.float(), y)
+    assert torch.equal(x_t.round().long(), y_t)  # the same sampling grid for both
+    assert (y_t != y).float().mean() > 0.01  # and it did move
+    T = TargetTransform(seed=3, **_only("geometric", rotate_deg=30.0, scale=(0.8, 1.2)))
+    x_t, y_t = T(y.float(), y)
+    assert (x_t.round().long() == y_t).float().mean() > 0.98  # bilinear image: only the edges may differ
+    assert set(y_t.unique().tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("name", [n for n in ORDER if n != "geometric"])
+def test_intensity_components_change_the_image_only(name):
+    y = _phantom_label()
+    x = y.float() + 0.1 * torch.randn(y.shape)
+    x_t, y_t = TargetTransform(seed=1, **_only(name))(x, y)
+    assert torch.equal(y_t, y)
+    assert torch.isfinite(x_t).all() and x_t.shape == x.shape and x_t.dtype == torch.float32
+    assert not torch.allclose(x_t, x)
+
+
+@pytest.mark.parametrize("name", ["geometric", "gin", "noise"])
+def test_probability_selects_samples(name):
+    y = _phantom_label((8, 1, 24, 24, 24))
+    x = y.float() + 0.1 * torch.randn(y.shape)
+    x_t, y_t = TargetTransform(seed=0, **{n: ({"p": 0.5} if n == name else False) for n in ORDER})(x, y)
+    changed = [not torch.equal(x_t[i], x[i]) for i in range(8)]
+    assert 0 < sum(changed) < 8
+    for i in range(8):
+        if not changed[i]:
+            assert torch.equal(y_t[i], y[i])
+
+
+def test_gin_preserves_the_norm():
+    x = torch.randn(3, 1, 24, 24, 24) * torch.tensor([0.5, 1.0, 3.0]).view(3, 1, 1, 1, 1) + 0.3
+    for seed in range(4):
+        x_t, _ = TargetTransform(seed=seed, **_only("gin"))(x, torch.zeros_like(x, dtype=torch.long))
+        torch.testing.assert_close(x_t.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1), rtol=1e-4, atol=0)
+        assert not torch.allclose(x_t, x)
+
+
+def test_disabled_transform_is_the_identity_and_labels_may_be_4d():
+    y = _phantom_label()[:, 0]
+    x = torch.randn(2, 1, *y.shape[1:])
+    x_t, y_t = TargetTransform(**dict.fromkeys(ORDER, False))(x, y)
+    assert torch.equal(x_t, x) and torch.equal(y_t, y)
+    x_t, y_t = TargetTransform(**{n: {"p": 0.0} for n in ORDER})(x, y)
+    assert torch.equal(x_t, x)
+    x_t, y_t = TargetTransform(seed=0)(x, y)
+    assert y_t.shape == y.shape
+
+
+def test_target_transform_reproducible_and_resumable():
+    y = _phantom_label()
+    x = y.float() + 0.1 * torch.randn(y.shape)
+    every = {n: {"p": 1.0} for n in ORDER}
+    a = TargetTransform(seed=7, **every)
+    b = TargetTransform(seed=7, **every)
+    xa, ya = a(x, y)
+    xb, yb = b(x, y)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    xc, _ = TargetTransform(seed=8, **every)(x, y)
+    assert not torch.allclose(xa, xc)
+    state = a.state_dict()
+    x1, y1 = a(x, y)
+    c = TargetTransform(seed=0, **every)
+    c.load_state_dict(state)
+    x2, y2 = c(x, y)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, xa)  # the stream moved on
+
+
+@pytest.mark.gpu
+def test_target_transform_on_cuda_reproducible():
+    y = _phantom_label().cuda()
+    x = y.float() + 0.1 * torch.randn(y.shape, device="cuda")
+    every = {n: {"p": 1.0} for n in ORDER}
+    xa, ya = TargetTransform(seed=2, **every)(x, y)
+    xb, yb = TargetTransform(seed=2, **every)(x, y)
+    assert xa.device.type == "cuda" and torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_target_transform_config_errors():
+    with pytest.raises(ValueError, match=r"unknown component\(s\) \['blur'\]"):
+        TargetTransform(blur={"p": 1})
+    with pytest.raises(ValueError, match=r"target_transform.noise.sdt: unknown setting"):
+        TargetTransform(noise={"sdt": (0, 1)})
+    with pytest.raises(ValueError, match=r"target_transform.intensity.gamma=\(2, 1\)"):
+        TargetTransform(intensity={"gamma": (2, 1)})
+    with pytest.raises(ValueError, match=r"target_transform.gin.p=1.5"):
+        TargetTransform(gin={"p": 1.5})
+    with pytest.raises(ValueError, match="label shape"):
+        TargetTransform()(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 4, dtype=torch.long))

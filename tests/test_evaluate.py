@@ -1,0 +1,435 @@
+"""Evaluation: metrics against MONAI and hand counts, sliding-window inference, checkpoints, predict, evaluate, lodo."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU, compute_hausdorff_distance
+
+from gsema_fast.evaluate import case_metrics, predict_volume
+from gsema_fast.models import build_model
+
+LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
+TINY_UNET = {"name": "unet", "channels": [4, 8, 16], "num_res_units": 0, "latent": "encoder3"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The volumes here are tiny: extra threads only add synchronisation on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _onehot(arr: np.ndarray, classes: int = 3) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(arr).long(), classes).permute(3, 0, 1, 2)[None].float()
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecated internal argument
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_agree_with_monai_on_random_masks(seed):
+    rng = np.random.default_rng(seed)
+    ref = rng.choice(3, size=(12, 10, 9), p=[0.6, 0.3, 0.1])
+    # A prediction that agrees with the reference at most voxels, so every count is non-trivial.
+    pred = np.where(rng.random(ref.shape) < 0.7, ref, rng.choice(3, size=ref.shape))
+    spacing = (0.5, 0.7, 1.2)
+    got = case_metrics(pred, ref, LABELS, spacing=spacing)
+
+    yp, y = _onehot(pred), _onehot(ref)
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(yp, y)[0]
+    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=False)(yp, y)[0]
+    sens_metric = ConfusionMatrixMetric(include_background=False, metric_name="sensitivity", reduction="none",
+                                        compute_sample=True)
+    sens_metric(yp, y)
+    sens = sens_metric.aggregate()[0][0]
+    hd = compute_hausdorff_distance(yp, y, include_background=False, percentile=95, spacing=list(spacing))[0]
+    for k, name in enumerate(("vessel", "aneurysm")):
+        assert got[name]["dice"] == pytest.approx(float(dice[k]), abs=1e-6)
+        assert got[name]["jaccard"] == pytest.approx(float(iou[k]), abs=1e-6)
+        assert got[name]["sensitivity"] == pytest.approx(float(sens[k]), abs=1e-6)
+        assert got[name]["hd95"] == pytest.approx(float(hd[k]), abs=1e-5)
+        tp, fp, fn = got[name]["tp"], got[name]["fp"], got[name]["fn"]
+        assert got[name]["volume_similarity"] == pytest.approx(1 - abs(fn - fp) / (2 * tp + fp + fn))
+
+
+def test_metrics_hand_computed():
+    ref = np.zeros((4, 4, 4), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[0, 0, :4] = 1  # 4 vessel voxels
+    pred[0, 0, 1:4] = 1  # 3 of them found
+    pred[1, 1, 1] = 1  # 1 false positive
+    m = case_metrics(pred, ref, {"background": 0, "vessel": 1}, spacing=(2.0, 1.0, 1.0))["vessel"]
+    assert (m["tp"], m["fp"], m["fn"]) == (3, 1, 1)
+    assert m["dice"] == pytest.approx(6 / 8)
+    assert m["jaccard"] == pytest.approx(3 / 5)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["volume_similarity"] == pytest.approx(1.0)  # FN == FP: same volume
+    assert m["ref_ml"] == pytest.approx(4 * 2.0 / 1000)
+    # Hand-computed surface distances: the missed voxel (0,0,0) is 1 mm from the prediction, the stray one
+    # (1,1,1) is sqrt(2^2 + 1^2) mm from the reference; the 95th percentiles of the two directions are taken
+    # over [1, 0, 0, 0] and [0, 0, 0, sqrt(5)] with numpy's linear interpolation.
+    expected = max(np.percentile([1, 0, 0, 0], 95), np.percentile([0, 0, 0, math.sqrt(5)], 95))
+    assert m["hd95"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_metrics_empty_masks():
+    empty = np.zeros((5, 5, 5), np.int64)
+    some = empty.copy()
+    some[2, 2, 2:4] = 2
+    labels = {"background": 0, "aneurysm": 2}
+
+    both = case_metrics(empty, empty, labels)["aneurysm"]
+    assert all(math.isnan(both[k]) for k in ("dice", "jaccard", "sensitivity", "volume_similarity", "hd95"))
+
+    false_pos = case_metrics(some, empty, labels)["aneurysm"]  # nothing there, something predicted
+    assert false_pos["dice"] == 0.0 and false_pos["jaccard"] == 0.0 and false_pos["volume_similarity"] == 0.0
+    assert math.isnan(false_pos["sensitivity"]) and math.isnan(false_pos["hd95"])
+
+    missed = case_metrics(empty, some, labels)["aneurysm"]  # an aneurysm, none predicted
+    assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and missed["volume_similarity"] == 0.0
+    assert math.isnan(missed["hd95"])
+
+    # MONAI agrees wherever the reference is non-empty, and with ignore_empty=False gives the same 0.0 for a
+    # false positive on an empty reference; only the both-empty case differs (MONAI 1.0, here NaN by design).
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    assert float(dice(_onehot(empty), _onehot(some))[0, 1]) == missed["dice"]
+    assert float(dice(_onehot(some), _onehot(empty))[0, 1]) == false_pos["dice"]
+    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=False)
+    assert float(iou(_onehot(some), _onehot(empty))[0, 1]) == false_pos["jaccard"]
+
+
+def test_metrics_regions_and_inputs():
+    rng = np.random.default_rng(3)
+    ref = rng.integers(0, 3, (6, 6, 6))
+    pred = rng.integers(0, 3, (6, 6, 6))
+    m = case_metrics(torch.from_numpy(pred)[None, None], ref, {"vessel": 1, "any": [1, 2]}, hd95=False)
+    union_p, union_r = pred > 0, ref > 0
+    assert m["any"]["tp"] == int((union_p & union_r).sum())
+    assert math.isnan(m["vessel"]["hd95"])
+    with pytest.raises(ValueError, match="shape"):
+        case_metrics(pred, ref[:5], LABELS)
+    with pytest.raises(ValueError, match="integer labels"):
+        case_metrics(pred + 0.5, ref, LABELS)
+    with pytest.raises(ValueError, match="no foreground"):
+        case_metrics(pred, ref, {"background": 0})
+
+
+# ----------------------------------------------------------------------------------------------- sliding window
+class _Probe(torch.nn.Module):
+    """A network whose logits are a known function of the input, returning (logits, latent) like the real ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -2.0]).view(2, 1, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.5, 0.0]))
+
+    def forward(self, x):
+        return self.conv(x), x[:, :, ::4, ::4, ::4]
+
+
+def test_sliding_window_any_size_matches_pointwise_net():
+    net = _Probe()
+    # Neither a multiple of the window, nor of its step, and one axis smaller than the window.
+    image = torch.randn(2, 1, 23, 17, 9)
+    logits = predict_volume(net, image, roi_size=(8, 8, 16), overlap=0.5, sw_batch_size=3)
+    assert logits.shape == (2, 2, 23, 17, 9) and logits.dtype == torch.float32
+    assert type(logits) is torch.Tensor
+    torch.testing.assert_close(logits, net.conv(image).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_unet_restores_mode_and_checks_channels():
+    net = build_model(TINY_UNET).train()
+    image = torch.randn(1, 1, 19, 13, 21)
+    logits = predict_volume(net, image, roi_size=16, overlap=0.25, mode="constant")
+    assert logits.shape == (1, 3, 19, 13, 21) and torch.isfinite(logits).all()
+    assert net.training  # put back as it was
+    with pytest.raises(ValueError, match="2 channel"):
+        predict_volume(net, torch.randn(1, 2, 16, 16, 16), roi_size=16)
+    with pytest.raises(ValueError, match="batch"):
+        predict_volume(net, torch.randn(1, 16, 16, 16), roi_size=16)
+
+
+# --------------------------------------------------------------------------------------- checkpoints and files
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from gsema_fast.data import synthesize
+
+    # Two centres of different storage orientation (A: RAS, B: LPS) and voxel grids.
+    return synthesize(tmp_path_factory.mktemp("synth") / "ds", domains=2, cases_per_domain=2, size=20, seed=0)
+
+
+def _config(root, **extra):
+    from gsema_fast.config import load_config
+
+    sets = [f"data.root={root}", "model.channels=[4,8,16]", "model.num_res_units=0", "data.patch_size=[16,16,16]",
+            "data.spacing=0.6", "eval.overlap=0.25"]
+    return load_config("demo", sets + [f"{k}={v}" for k, v in extra.items()])
+
+
+def _save_checkpoint(path, cfg, net=None):
+    from gsema_fast.config import config_to_dict
+
+    net = net or build_model(cfg.model)
+    teacher = {k: v + 0.01 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save({"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": teacher, "step": 7,
+                "epoch": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory):
+    return _save_checkpoint(tmp_path_factory.mktemp("ck") / "final.pt", _config(dataset))
+
+
+def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
+    from gsema_fast.evaluate import load_checkpoint
+
+    teacher = load_checkpoint(checkpoint, device="cpu")
+    student = load_checkpoint(checkpoint, weights="student", device="cpu")
+    assert teacher.weights == "teacher" and teacher.step == 7 and not teacher.net.training
+    first = next(iter(teacher.net.state_dict()))
+    torch.testing.assert_close(teacher.net.state_dict()[first], student.net.state_dict()[first] + 0.01)
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"student": {}}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="no 'config'"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+    # Weights of one network stored with the config of another.
+    other = build_model(_config(dataset).model, channels=[8, 16, 32])
+    _save_checkpoint(tmp_path / "mixed.pt", _config(dataset), net=other)
+    with pytest.raises(ValueError, match="do not fit the model its config describes"):
+        load_checkpoint(tmp_path / "mixed.pt")
+    # A --config whose model differs from the checkpoint's.
+    with pytest.raises(ValueError, match=r"model\.channels"):
+        load_checkpoint(checkpoint, config=_config(dataset, **{"model.channels": "[8,16,32]"}))
+    with pytest.raises(ValueError, match=r"data\.spacing"):
+        load_checkpoint(checkpoint, config=_config(dataset, **{"data.spacing": "1.0"}))
+    # Data and eval settings of a --config are taken.
+    assert load_checkpoint(checkpoint, config=_config(dataset, **{"eval.overlap": 0.5})).config.eval.overlap == 0.5
+
+
+# Finer than the images (about 0.4-0.5 mm): up and back down loses nothing; coarser: detail is lost, the place is not.
+@pytest.mark.parametrize(("spacing", "min_dice"), [(None, 1.0), ((0.3, 0.3, 0.3), 0.99), ((0.6, 0.6, 0.6), 0.7)])
+def test_preprocessing_inverts_onto_the_original_grid(dataset, spacing, min_dice):
+    import nibabel as nib
+
+    from gsema_fast.data import load_manifest, preprocess_transforms
+    from gsema_fast.evaluate import _to_original_grid
+
+    man = load_manifest(dataset)
+    case = man.cases_of("1")[0]  # centre B: stored LPS, so orientation is undone too
+    assert nib.aff2axcodes(nib.load(case.label).affine) == ("L", "P", "S")
+    transform = preprocess_transforms(labels=man.labels, spacing=spacing)
+    item = transform({"image": str(case.image), "label": str(case.label), "case": case.name})
+    onehot = _onehot(item["label"][0].numpy().astype(np.int64))[0]
+    back = _to_original_grid(transform, onehot, item["image"]).argmax(0).numpy()
+    orig = np.asarray(nib.load(case.label).dataobj)
+    assert back.shape == orig.shape
+    if spacing is None:
+        np.testing.assert_array_equal(back, orig)
+    dice = case_metrics(back, orig, {"fg": [1, 2]}, hd95=False)["fg"]["dice"]
+    mirrored = case_metrics(back[::-1], orig, {"fg": [1, 2]}, hd95=False)["fg"]["dice"]
+    assert dice >= min_dice and mirrored < 0.5
+
+
+def _nifti(path, data, affine, dtype=np.int16):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data.astype(dtype), affine)
+    img.header.set_slope_inter(0.5, 10.0)  # stored intensities scaled, as scanners write them
+    img.header.set_qform(affine, code=1)
+    nib.save(img, path)
+    return path
+
+
+def test_predict_round_trips_affine_shape_and_reports_bad_files(checkpoint, tmp_path):
+    import nibabel as nib
+
+    from gsema_fast.evaluate import predict
+
+    rng = np.random.default_rng(0)
+    # Oblique, anisotropic, flipped, and a size that is no multiple of the 16^3 window.
+    rot = np.array([[0.0, -1.0, 0.0], [0.96, 0.0, 0.28], [-0.28, 0.0, 0.96]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.5, 0.7, 0.9])
+    affine[:3, 3] = [12.0, -30.5, 7.25]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = _nifti(inputs / "case1_0000.nii.gz", rng.integers(0, 800, (19, 23, 11)), affine)
+    _nifti(inputs / "case2.nii", rng.integers(0, 800, (9, 7, 30)), np.diag([1.1, 0.4, 0.6, 1.0]))
+    _nifti(inputs / "twochan.nii.gz", rng.integers(0, 800, (10, 10, 10, 2)), np.eye(4))
+    (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+
+    result = predict(checkpoint, inputs, tmp_path / "out", probabilities=True, device="cpu")
+    assert set(result["failed"]) == {str(inputs / "twochan.nii.gz"), str(inputs / "broken.nii.gz")}
+    assert "channels" in result["failed"][str(inputs / "twochan.nii.gz")]
+    assert "cannot read" in result["failed"][str(inputs / "broken.nii.gz")]
+
+    for name, src in (("case1", good), ("case2", inputs / "case2.nii")):
+        original = nib.load(src)
+        labels = nib.load(tmp_path / "out" / f"{name}.nii.gz")
+        assert labels.shape == original.shape
+        np.testing.assert_allclose(labels.affine, original.affine, atol=1e-6)
+        assert labels.header.get_qform(coded=True)[1] == 1
+        values = np.asarray(labels.dataobj)
+        assert values.dtype == np.uint8 and set(np.unique(values)) <= {0, 1, 2}
+        probs = nib.load(tmp_path / "out" / f"{name}_probabilities.nii.gz")
+        assert probs.shape == (*original.shape, 3)
+        p = np.asarray(probs.dataobj)
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+        np.testing.assert_array_equal(p.argmax(-1), values)
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        predict(checkpoint, tmp_path / "missing.nii.gz", tmp_path / "out2")
+
+
+def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
+    import csv
+    import json
+
+    import nibabel as nib
+
+    from gsema_fast.evaluate import evaluate
+
+    out = tmp_path / "eval"
+    summary = evaluate(checkpoint, out_dir=out, save_predictions=True, figures=True, compare=[checkpoint],
+                       device="cpu", tsne_cases_per_domain=2, tsne_patches_per_case=3)
+    assert summary["domains"] == ["1"] and summary["split"] == "test" and summary["weights"] == "teacher"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert [c["case"] for c in on_disk["metric_per_case"]] == ["B_000", "B_001"]
+    assert set(on_disk["mean"]) == {"vessel", "aneurysm"} and "1" in on_disk["per_domain"]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 4 and rows[0]["class"] == "vessel"
+    for case in on_disk["metric_per_case"]:
+        pred = nib.load(case["prediction"])
+        ref = nib.load(case["reference"])
+        assert pred.shape == ref.shape
+        np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
+        m = case_metrics(np.asarray(pred.dataobj), np.asarray(ref.dataobj), LABELS, case["spacing"])
+        assert m["vessel"]["dice"] == pytest.approx(case["metrics"]["vessel"]["dice"])
+    assert (out / "figures" / "B_000.png").stat().st_size > 10_000
+    assert (out / "figures" / "tsne.png").stat().st_size > 10_000
+
+    held_out = evaluate(checkpoint, split="val", out_dir=tmp_path / "val", device="cpu", hd95=False)
+    assert held_out["domains"] == ["0"] and len(held_out["metric_per_case"]) == 1
+    with pytest.raises(ValueError, match="no cases"):
+        evaluate(checkpoint, domain="7", out_dir=tmp_path / "x", device="cpu")
+    # A checkpoint of a run on the built-in phantoms names no folder: evaluation finds the same built-in dataset
+    # (here the fixture's, whose settings match), or takes the one given.
+    builtin = {"data.root": "null", "data.synth_dir": str(dataset), "data.synth_domains": 2,
+               "data.synth_cases_per_domain": 2, "data.synth_size": 20, "data.synth_seed": 0}
+    no_root = _save_checkpoint(tmp_path / "noroot.pt", _config(dataset, **builtin))
+    found = evaluate(no_root, out_dir=tmp_path / "z", device="cpu", hd95=False)
+    assert found["domains"] == ["1"] and [c["case"] for c in found["metric_per_case"]] == ["B_000", "B_001"]
+    assert evaluate(no_root, dataset, out_dir=tmp_path / "y", device="cpu", hd95=False)["domains"] == ["1"]
+
+
+def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
+    from gsema_fast.cli import main
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e"), "--device", "cpu",
+                 "--domain", "0", "--no-hd95"]) == 0
+    assert (tmp_path / "e" / "summary.json").is_file()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    image = next((dataset / "imagesTr").glob("A_*"))
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output",
+                 str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert (tmp_path / "p" / image.name.replace("_0000", "")).is_file()
+
+
+# ------------------------------------------------------------------------------------------------------- lodo
+def _fake_run(row, centre, seed, dice):
+    metrics = {"dice": dice, "sensitivity": dice + 0.05, "jaccard": dice / (2 - dice),
+               "volume_similarity": 0.9, "hd95": 3.0}
+    return {"row": row, "test_domain": centre, "seed": seed, "train_seconds": 10.0,
+            "unseen": {"vessel": dict(metrics), "aneurysm": dict(metrics, dice=dice / 2, hd95=math.nan)},
+            "held_out": {"vessel": dict(metrics, dice=0.9), "aneurysm": dict(metrics, dice=0.6)}}
+
+
+def test_lodo_table_from_fabricated_runs(tmp_path):
+    import csv
+
+    from gsema_fast.evaluate import write_lodo_table
+
+    records = [_fake_run(row, c, s, d) for row, base in (("GS-EMA", 0.6), ("no EMA", 0.4), ("my variant", 0.5))
+               for c, s, d in (("0", 0, base), ("0", 1, base + 0.1), ("1", 0, base + 0.2), ("1", 1, base + 0.3))]
+    paths = write_lodo_table(records, tmp_path, meta={"device": "test"})
+    text = paths["markdown"].read_text()
+    lines = text.splitlines()
+    # Paper order first, then rows it does not know.
+    order = [ln.split("|")[1].strip() for ln in lines if ln.startswith("| ") and "±" in ln]
+    assert order[:3] == ["no EMA", "GS-EMA", "my variant"]
+    no_ema = next(ln for ln in lines if ln.startswith("| no EMA |"))
+    values = [0.4, 0.5, 0.6, 0.7]
+    # mean ± sample sd over the 2 seeds x 2 centres, in percent; held-out source Dice 90 ± 0; 4 runs.
+    assert no_ema.split("|")[2].strip() == f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"
+    assert no_ema.split("|")[-3].strip() == "90.00 ± 0.00" and no_ema.split("|")[-2].strip() == "4"
+    per_centre = [ln for ln in lines if ln.startswith("| no EMA |")][1]
+    assert per_centre.split("|")[2].strip() == f"{100 * 0.45:.2f} ± {100 * np.std([0.4, 0.5], ddof=1):.2f}"
+    assert "61.52" in text  # the paper's row beside ours
+    aneurysm_no_ema = [ln for ln in lines if ln.startswith("| no EMA |")][2]
+    assert aneurysm_no_ema.split("|")[6].strip() == "n/a"  # its HD95 was NaN in every run
+
+    rows = list(csv.DictReader(paths["csv"].open()))
+    cell = next(r for r in rows if r["row"] == "no EMA" and r["class"] == "vessel" and r["metric"] == "dice"
+                and r["scope"] == "unseen")
+    assert float(cell["mean"]) == pytest.approx(np.mean(values)) and cell["n"] == "4"
+    nan_cell = next(r for r in rows if r["class"] == "aneurysm" and r["metric"] == "hd95" and r["scope"] == "unseen")
+    assert nan_cell["mean"] == "" and nan_cell["n"] == "0"
+    assert len(list(csv.DictReader(paths["runs"].open()))) == len(records) * 2 * 2
+    with pytest.raises(ValueError, match="no runs"):
+        write_lodo_table([], tmp_path)
+
+
+def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from gsema_fast.config import config_from_dict, config_to_dict, load_config
+    from gsema_fast.evaluate import _row_overrides, lodo
+
+    calls = []
+
+    def fake_train(cfg, *, resume=False):
+        # Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint.
+        calls.append(cfg)
+        out = __import__("pathlib").Path(cfg.train.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return {"run_dir": out, "final": _save_checkpoint(out / "final.pt", cfg), "best": None}
+
+    monkeypatch.setitem(sys.modules, "gsema_fast.train", types.SimpleNamespace(train=fake_train))
+    cfg = load_config("demo", ["model.channels=[4,8,16]", "model.num_res_units=0", "data.patch_size=[16,16,16]",
+                               "data.synth_domains=2", "data.synth_cases_per_domain=2", "data.synth_size=20",
+                               "loss.lambda_con=0.3"])
+    result = lodo(cfg, seeds=2, rows=["no EMA", "gs-ema-bacl"], out_dir=tmp_path / "lodo")
+    assert len(calls) == 2 * 2 * 2 and len(result["records"]) == 8
+    seen = {(c.ema.mode, str(c.data.test_domain), c.train.seed) for c in calls}
+    assert seen == {(m, d, s) for m in ("none", "gsema") for d in ("0", "1") for s in (0, 1)}
+    bacl = [c for c in calls if c.ema.mode == "gsema"]
+    # The no-EMA row turns BACL off; that must not leak into the rows after it.
+    assert all(c.loss.lambda_con == 0.3 and c.bacl.volume and c.bacl.boundary for c in bacl)
+    assert all(c.loss.lambda_con == 0 for c in calls if c.ema.mode == "none")
+    assert _row_overrides("GS-EMA + BACL-B", cfg) == ("ema.mode=gsema", "bacl.volume=false", "bacl.boundary=true")
+    no_bacl = config_from_dict(config_to_dict(cfg), ["loss.lambda_con=0"])
+    assert _row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
+    assert all(c.data.root == str(tmp_path / "lodo" / "synth") and c.data.train_domains is None for c in calls)
+    assert all(config_to_dict(c)["train"]["out_dir"].startswith(str(tmp_path / "lodo")) for c in calls)
+    record = result["records"][0]
+    assert set(record["unseen"]) == {"vessel", "aneurysm"} and set(record["held_out"]) == {"vessel", "aneurysm"}
+    assert "| no EMA |" in result["tables"]["markdown"].read_text()
+
+    # Runs evaluated before are read back, not trained again.
+    again = lodo(cfg, seeds=2, rows=["no EMA", "GS-EMA + BACL"], out_dir=tmp_path / "lodo")
+    assert len(calls) == 8 and again["records"][3]["unseen"] == result["records"][3]["unseen"]
+    with pytest.raises(ValueError, match="not an ablation row"):
+        lodo(cfg, rows=["EMAA"], out_dir=tmp_path / "lodo")

@@ -1,0 +1,249 @@
+"""The teacher-student step and the training loop, on a tiny UNet and tiny phantoms (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from gsema_fast import ops
+from gsema_fast.config import load_config
+from gsema_fast.ema import EMA, GSEMA
+from gsema_fast.losses import BACL, DiceCE
+from gsema_fast.models import build_model
+from gsema_fast.step import StepContext, forward_all, train_step
+from gsema_fast.train import train
+
+TINY_MODEL = {"name": "unet", "channels": [4, 8, 16], "num_res_units": 1}
+
+
+def tiny_batch(size: int = 16, batch: int = 2):
+    x_s = torch.randn(batch, 1, size, size, size)
+    x_t = x_s + 0.3 * torch.randn_like(x_s)
+    y = (x_s > 0.5).long() + (x_s > 1.5).long()
+    return x_s, y, x_t, y.clone()
+
+
+def make_ctx(mode: str = "gsema", *, rule: str = "dot", lr: float = 0.05, bacl: bool = True, decay: float = 0.5):
+    torch.manual_seed(1)
+    student = build_model(**TINY_MODEL)
+    if mode == "gsema":
+        updater = GSEMA(student, decay_aligned=decay, decay_conflict=1.0, rule=rule, warmup=False)
+        teacher = updater.teacher
+    elif mode == "ema":
+        updater = EMA(student, decay=decay, warmup=False)
+        teacher = updater.module
+    else:
+        updater, teacher = None, copy.deepcopy(student)
+    # Perturb the teacher so that an update is visible in every tensor.
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return StepContext(
+        student=student,
+        teacher=teacher,
+        optimizer=torch.optim.SGD(student.parameters(), lr=lr, fused=True),
+        mode=mode,
+        updater=updater,
+        dce=DiceCE(),
+        bacl=BACL() if bacl else None,
+        lambda_sup=0.25,
+        lambda_con=0.5,
+    )
+
+
+def params_of(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+def test_three_passes_equal_one_backward_of_the_total():
+    ctx = make_ctx("gsema")
+    twin, twin_teacher = copy.deepcopy(ctx.student), copy.deepcopy(ctx.teacher)
+    batch = tiny_batch()
+    out = train_step(ctx, *batch)
+
+    # Reference: one backward of the total loss, on an identical pair, with the same SGD step.
+    ref_ctx = copy.copy(ctx)
+    ref_ctx.student, ref_ctx.teacher = twin, twin_teacher
+    ref = forward_all(ref_ctx, *batch)
+    total = 0.25 * (ref["dce_student_src"] + ref["dce_student_trg"]) + 0.5 * ref["bacl"]
+    grads = torch.autograd.grad(total, list(twin.parameters()))
+    with torch.no_grad():
+        for p, g in zip(twin.parameters(), grads, strict=True):
+            p.sub_(0.05 * g)
+    for got, want in zip(ctx.student.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        out["total"], (total + 0.25 * (ref["dce_teacher_src"] + ref["dce_teacher_trg"])).detach()
+    )
+
+
+def test_step_statistics_equal_separate_autograd_gradients():
+    ctx = make_ctx("gsema")
+    twin, twin_teacher = copy.deepcopy(ctx.student), copy.deepcopy(ctx.teacher)
+    batch = tiny_batch()
+    seen = {}
+    grad_stats = ops.grad_stats
+
+    def spy(a, b, **kwargs):
+        seen["stats"] = grad_stats(a, b, **kwargs)
+        return seen["stats"]
+
+    ops.grad_stats = spy
+    try:
+        train_step(ctx, *batch)
+    finally:
+        ops.grad_stats = grad_stats
+    ref_ctx = copy.copy(ctx)
+    ref_ctx.student, ref_ctx.teacher = twin, twin_teacher
+    ref = forward_all(ref_ctx, *batch)
+    params = list(twin.parameters())
+    g_src = torch.autograd.grad(0.25 * ref["dce_student_src"], params, retain_graph=True)
+    g_trg = torch.autograd.grad(0.25 * ref["dce_student_trg"], params)
+    a = torch.cat([g.reshape(-1) for g in g_src]).double()
+    b = torch.cat([g.reshape(-1) for g in g_trg]).double()
+    want = torch.stack([a @ b, a @ a, b @ b, (a.sign() * b.sign()).sum(), (a != 0).sum(), (b != 0).sum()])
+    torch.testing.assert_close(seen["stats"].double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["dot", "sign"])
+def test_teacher_moves_iff_aligned(rule):
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ctx = make_ctx("gsema", rule=rule)
+        before = params_of(ctx.teacher)
+        out = train_step(ctx, *tiny_batch())
+        after = params_of(ctx.teacher)
+        if out["aligned"].item() == 1.0:
+            for t0, t1, s in zip(before, after, ctx.student.parameters(), strict=True):
+                torch.testing.assert_close(t1, 0.5 * t0 + 0.5 * s.detach())
+        else:
+            assert all(torch.equal(t0, t1) for t0, t1 in zip(before, after, strict=True))
+        assert out["grad_cos"].abs() <= 1.0
+
+
+def test_ema_and_none_modes():
+    ctx = make_ctx("ema", decay=0.75)
+    before = params_of(ctx.teacher)
+    out = train_step(ctx, *tiny_batch())
+    assert "aligned" not in out
+    for t0, t1, s in zip(before, ctx.teacher.parameters(), ctx.student.parameters(), strict=True):
+        torch.testing.assert_close(t1.detach(), 0.75 * t0 + 0.25 * s.detach())
+    ctx = make_ctx("none")
+    train_step(ctx, *tiny_batch())
+    assert all(torch.equal(t, s) for t, s in zip(ctx.teacher.parameters(), ctx.student.parameters(), strict=True))
+
+
+def test_nonfinite_step_is_skipped_on_the_device():
+    ctx = make_ctx("gsema")
+    student, teacher = params_of(ctx.student), params_of(ctx.teacher)
+    x_s, y_s, x_t, y_t = tiny_batch()
+    x_s[0, 0, 0, 0, 0] = float("nan")
+    out = train_step(ctx, x_s, y_s, x_t, y_t)
+    assert out["skipped"].item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(student, ctx.student.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(teacher, ctx.teacher.parameters(), strict=True))
+    assert int(ctx.updater.step) == 0
+    out = train_step(ctx, *tiny_batch())
+    assert out["skipped"].item() == 0.0 and int(ctx.updater.step) == 1
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from gsema_fast.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
+
+
+def tiny_config(phantoms, out_dir, *extra):
+    return load_config(
+        "demo",
+        [
+            f"data.root={phantoms}",
+            "data.patch_size=[16,16,16]",
+            "data.batch_size=2",
+            "data.val_per_domain=1",
+            "model.name=unet",
+            "model.channels=[4,8,16]",
+            "train.epochs=2",
+            "train.steps_per_epoch=2",
+            "train.log_every=1",
+            "train.val_every=1",
+            "train.deterministic=true",
+            f"train.out_dir={out_dir}",
+            "eval.overlap=0",
+            *extra,
+        ],
+    )
+
+
+def train_records(run_dir):
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeypatch):
+    full = train(tiny_config(phantoms, tmp_path / "full"))
+    run = full["run_dir"]
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "progress.png",
+        "summary.json",
+        "checkpoints/latest.pt",
+        "checkpoints/final.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run / name).is_file(), name
+    records = train_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"dce_student_src", "dce_student_trg", "bacl", "grad_cos", "aligned", "lr", "step_time_s"} <= set(records[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["test"]["mean"]) == {"vessel", "aneurysm"}
+
+    # Interrupt a run with the same config right after its first epoch's checkpoint, then resume it.
+    import gsema_fast.train as train_module
+
+    def interrupt(*_args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "draw_progress", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(phantoms, tmp_path / "resumed"))
+    resumed = train(tiny_config(phantoms, tmp_path / "resumed"), resume=True)
+    again = train_records(resumed["run_dir"])
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for want, got in zip(records, again, strict=True):
+        for key in ("total", "dce_student_src", "dce_student_trg", "bacl", "grad_cos"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (key, want["step"])
+    ck_full = torch.load(full["final"], weights_only=False)
+    ck_resumed = torch.load(resumed["final"], weights_only=False)
+    for name, value in ck_full["teacher"].items():
+        torch.testing.assert_close(ck_resumed["teacher"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_train_stops_on_repeated_nonfinite_losses(phantoms, tmp_path, monkeypatch):
+    monkeypatch.setattr(DiceCE, "forward", lambda self, logits, labels: logits.sum() * float("nan"))
+    cfg = tiny_config(
+        phantoms, tmp_path / "nan", "train.max_nonfinite_steps=2", "train.epochs=1", "train.steps_per_epoch=3"
+    )
+    with pytest.raises(RuntimeError, match="2 consecutive steps with a non-finite loss"):
+        train(cfg)
+
+
+def test_train_config_and_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        train(load_config("demo", [f"data.root={tmp_path / 'missing'}"]))
+    with pytest.raises(ValueError, match="data.patch_size"):
+        load_config("demo", ["model.name=swinunetr", "data.patch_size=[48,48,48]"])
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train(load_config("demo", [f"train.out_dir={tmp_path / 'fresh'}"]), resume=True)
