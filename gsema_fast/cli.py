@@ -219,6 +219,46 @@ def _run_train(args) -> int:
 _VERBS.insert(0, _add_train)
 
 
+def _add_bench_step(sub) -> None:
+    p = sub.add_parser("bench-step", help="time a plain step, the reference GS-EMA step and ours; prints JSON")
+    p.add_argument(
+        "--config", default=None, help="YAML file or shipped config name (default: 'gpu' on CUDA, else 'demo')"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument(
+        "--mode",
+        choices=["plain", "reference", "gsema", "all"],
+        default="all",
+        help="which step to time; all: every mode in one process, with ratios to plain (default)",
+    )
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default 2)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.set_defaults(run=_run_bench_step)
+
+
+def _run_bench_step(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from gsema_fast.benchstep import MODES, bench_step
+    from gsema_fast.config import load_config
+
+    cfg = load_config(args.config or ("gpu" if torch.cuda.is_available() else "demo"), args.set)
+    modes = MODES if args.mode == "all" else (args.mode,)
+    text = json.dumps(bench_step(cfg, modes, steps=args.steps, warmup=args.warmup), indent=1)
+    sys.stdout.write(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+_VERBS.append(_add_bench_step)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(

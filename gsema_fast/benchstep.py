@@ -1,0 +1,200 @@
+"""Whole-step throughput: a plain supervised step, the public code's GS-EMA step structure, and ours.
+
+``bench_step(cfg, modes)`` builds the configured student/teacher pair on the configured device, draws one batch of
+``data.batch_size`` random patches of ``data.patch_size`` (labels from thresholds of the image, so every class is
+present) and its simulated target, then times each mode's step in the same process:
+
+- ``plain``: the student alone on the source batch: forward, Dice + CE, backward, optimizer step (same AMP and
+  compile settings as ``gsema``);
+- ``reference``: the public code's structure: fp32 eager, four separate forwards, a full backward of the total loss
+  plus two more full backward passes for g_src and g_trg, the decision by ``torch.cat`` + sign + cosine read on the
+  host, a Python-loop EMA;
+- ``gsema``: this project's step (:func:`gsema_fast.step.gsema_step`).
+
+Step times are medians over ``steps`` timed steps after ``warmup`` untimed ones (the first of which, compilation
+included, is reported on its own), synchronised on CUDA. The target transform's time per batch is reported next to
+them: data must never be what limits a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gsema_fast.config import Config, config_to_dict, resolve_auto
+
+log = logging.getLogger(__name__)
+
+MODES = ("plain", "reference", "gsema")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(cfg: Config, device: torch.device):
+    from gsema_fast.data import TargetTransform
+
+    d = cfg.data
+    patch = [d.patch_size] * 3 if isinstance(d.patch_size, int) else list(d.patch_size)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    x_s = torch.randn(d.batch_size, cfg.model.in_channels, *patch, generator=generator).to(device)
+    # Thresholds give every class a share of voxels, so the losses and gradients are those of a real batch.
+    y_s = ((x_s[:, :1] > 0.5).long() + (x_s[:, :1] > 1.5).long()).clamp_max(cfg.model.out_channels - 1)
+    transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"]).to(device)
+    x_t, y_t = transform(x_s, y_s)
+    return x_s, y_s, x_t, y_t, transform
+
+
+def _plain_step(ctx, x_s, y_s):
+    with ctx.autocast():
+        logits, _ = ctx.student(x_s)
+        loss = ctx.dce(logits, y_s)
+    ctx.optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    ctx.optimizer.step()
+
+
+def _reference_step_fn(cfg: Config, ctx):
+    """The public code's step on copies of the pair, fp32 eager, with its own (non-fused) Adam."""
+    from gsema_fast.kernels.bacl import bacl_reference
+    from gsema_fast.models import build_model, unwrap_model
+
+    # Fresh modules with the same weights: a copy of a compiled block would call the original's compiled code.
+    device = next(ctx.student.parameters()).device
+    student = build_model(cfg.model).to(device)
+    student.load_state_dict(unwrap_model(ctx.student).state_dict())
+    teacher = build_model(cfg.model).to(device)
+    teacher.load_state_dict(unwrap_model(ctx.teacher).state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.optim.lr)
+    params, teacher_params = list(student.parameters()), list(teacher.parameters())
+    dce = ctx.dce
+
+    def step(x_s, y_s, x_t, y_t):
+        logits_ss, z_ss = student(x_s)
+        logits_st, z_st = student(x_t)
+        with torch.no_grad():
+            logits_tt, z_tt = teacher(x_t)
+            logits_ts, z_ts = teacher(x_s)
+        l_ss, l_st = dce(logits_ss, y_s), dce(logits_st, y_t)
+        sup = 0.25 * (l_ss + l_st + dce(logits_tt, y_t) + dce(logits_ts, y_s))
+        con = bacl_reference(z_ss, z_st, z_ts, z_tt, mask="reference").loss
+        loss = 0.8 * sup + 0.2 * con
+        optimizer.zero_grad()
+        l_ss.backward(retain_graph=True)
+        g_src = torch.cat([p.grad.view(-1) for p in params if p.grad is not None])
+        optimizer.zero_grad()
+        l_st.backward(retain_graph=True)
+        g_trg = torch.cat([p.grad.view(-1) for p in params if p.grad is not None])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        alpha = 0.9 if F.cosine_similarity(torch.sign(g_src), torch.sign(g_trg), dim=0) > 0 else 0.999
+        with torch.no_grad():
+            for t, s in zip(teacher_params, params, strict=True):
+                t.mul_(alpha).add_(s, alpha=1 - alpha)
+
+    return step
+
+
+def step_function(mode: str, cfg: Config, ctx, x_s, y_s, x_t, y_t):
+    """A no-argument callable running one step of ``mode`` on the given batch (benchmarks call it too)."""
+    from gsema_fast.step import gsema_step
+
+    if mode == "plain":
+        return lambda: _plain_step(ctx, x_s, y_s)
+    if mode == "gsema":
+        return lambda: gsema_step(ctx, x_s, y_s, x_t, y_t)
+    reference = _reference_step_fn(cfg, ctx)
+    return lambda: reference(x_s.float(), y_s, x_t.float(), y_t)
+
+
+def _time(fn, device: torch.device, *, steps: int, warmup: int) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - started
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    times.sort()
+    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    result = {
+        "median_ms": round(statistics.median(times) * 1e3, 2),
+        "p20_ms": round(quantiles[0] * 1e3, 2),
+        "p80_ms": round(quantiles[-1] * 1e3, 2),
+        "first_step_s": round(first, 2),
+        "steps": steps,
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def prepare(cfg: Config):
+    """``(resolved cfg, StepContext, (x_s, y_s, x_t, y_t), target transform)`` for timing steps of ``cfg``."""
+    from gsema_fast.train import build_context, compile_blocks, seed_everything
+
+    cfg = resolve_auto(dataclasses.replace(cfg, ema=dataclasses.replace(cfg.ema, mode="gsema")))
+    device = torch.device(cfg.train.device)
+    seed_everything(cfg.train.seed, False)
+    x_s, y_s, x_t, y_t, transform = _batch(cfg, device)
+    ctx = build_context(cfg, device)
+    if cfg.train.compile:
+        compile_blocks(ctx)
+    return cfg, ctx, (x_s, y_s, x_t, y_t), transform
+
+
+def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> dict:
+    """Time the given modes' steps on the configured model, patch and device; JSON-ready dict with ratios."""
+
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"mode: expected some of {MODES}, got {unknown}")
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps={steps}, warmup={warmup}: both must be at least 1")
+    cfg, ctx, (x_s, y_s, x_t, y_t), transform = prepare(cfg)
+    device = torch.device(cfg.train.device)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "model": cfg.model.name,
+        "feature_size": cfg.model.feature_size,
+        "patch_size": cfg.data.patch_size,
+        "batch_size": cfg.data.batch_size,
+        "amp": cfg.train.amp,
+        "compile": cfg.train.compile,
+        "threads": torch.get_num_threads(),
+        "modes": {},
+    }
+    report["target_transform_ms"] = _time(lambda: transform(x_s, y_s), device, steps=steps, warmup=1)["median_ms"]
+    for mode in modes:
+        log.info("bench-step: timing %s (%d warm-up + %d timed steps)", mode, warmup, steps)
+        report["modes"][mode] = _time(
+            step_function(mode, cfg, ctx, x_s, y_s, x_t, y_t), device, steps=steps, warmup=warmup
+        )
+    if "plain" in report["modes"]:
+        plain = report["modes"]["plain"]["median_ms"]
+        for result in report["modes"].values():
+            result["x_plain"] = round(result["median_ms"] / plain, 2)
+    if "reference" in report["modes"] and "gsema" in report["modes"]:
+        report["gsema_speedup_vs_reference"] = round(
+            report["modes"]["reference"]["median_ms"] / report["modes"]["gsema"]["median_ms"], 2
+        )
+    return report
