@@ -1,0 +1,36 @@
+"""The distribution installs ``kernels/`` as ``gsema_fast.kernels`` and the YAML configs, never a top-level
+``kernels`` package (the editable install the test suite runs from covers the editable case)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import gsema_fast.kernels.grad_stats as grad_stats_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_import_as_a_subpackage():
+    assert Path(grad_stats_module.__file__).resolve() == ROOT / "kernels" / "grad_stats.py"
+
+
+def test_wheel_layout(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("gsema_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for expected in (
+        "gsema_fast/kernels/grad_stats.py",
+        "gsema_fast/kernels/bacl.py",
+        "gsema_fast/configs/demo.yaml",
+        "gsema_fast/configs/gpu.yaml",
+        "gsema_fast/data/synth.py",
+    ):
+        assert expected in names, expected
+    assert not [n for n in names if n.startswith(("kernels/", "configs/", "tests/", "bench/"))]
