@@ -9,7 +9,8 @@ present) and its simulated target, then times each mode's step in the same proce
 - ``reference``: the public code's structure: fp32 eager, four separate forwards, a full backward of the total loss
   plus two more full backward passes for g_src and g_trg, the decision by ``torch.cat`` + sign + cosine read on the
   host, a Python-loop EMA;
-- ``gsema``: this project's step (:func:`gsema_fast.step.gsema_step`).
+- ``gsema``: this project's step (:func:`gsema_fast.step.gsema_step`), as on the steps that do not log (the teacher
+  runs only up to its latent; the loop computes the teacher's logged DCE terms once per ``train.log_every`` steps).
 
 Step times are medians over ``steps`` timed steps after ``warmup`` untimed ones (the first of which, compilation
 included, is reported on its own), synchronised on CUDA. The target transform's time per batch is reported next to
@@ -112,7 +113,8 @@ def step_function(mode: str, cfg: Config, ctx, x_s, y_s, x_t, y_t):
     if mode == "plain":
         return lambda: _plain_step(ctx, x_s, y_s)
     if mode == "gsema":
-        return lambda: gsema_step(ctx, x_s, y_s, x_t, y_t)
+        # A step that does not log: the teacher runs only to its latent (the loop logs 1 step in train.log_every).
+        return lambda: gsema_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=False)
     reference = _reference_step_fn(cfg, ctx)
     return lambda: reference(x_s.float(), y_s, x_t.float(), y_t)
 

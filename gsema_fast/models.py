@@ -134,8 +134,40 @@ class LatentSwinUNETR(SwinUNETR):
         }
         return logits, taps[self.latent_name]
 
+    def forward_latent(self, x_in: torch.Tensor) -> torch.Tensor:
+        """The latent alone, computing only the blocks it depends on (a teacher whose logits are not needed).
 
-class LatentDynUNet(DynUNet):
+        For ``encoder3`` that is the patch embedding, the first Swin stage and ``encoder3``: a fraction of a forward.
+        Decoder taps need the whole network and fall back to :meth:`forward`.
+        """
+        name = self.latent_name
+        if name == "encoder1":
+            return self.encoder1(x_in)
+        depth = {"hidden0": 0, "hidden1": 1, "hidden2": 2, "hidden3": 3, "hidden4": 4}.get(name)
+        depth = {"encoder2": 0, "encoder3": 1, "encoder4": 2}.get(name, depth)
+        if depth is None:
+            return self.forward(x_in)[1]
+        vit = self.swinViT
+        x = vit.pos_drop(vit.patch_embed(x_in))
+        # The same stages, in the same order, as MONAI's SwinTransformer.forward up to the needed hidden state.
+        for stage in range(1, depth + 1):
+            if vit.use_v2:
+                x = getattr(vit, f"layers{stage}c")[0](x.contiguous())
+            x = getattr(vit, f"layers{stage}")[0](x.contiguous())
+        hidden = vit.proj_out(x, self.normalize)
+        if name.startswith("hidden"):
+            return hidden
+        return getattr(self, name)(hidden)
+
+
+class _FullForwardLatent:
+    """``forward_latent`` for networks whose latent needs (nearly) the whole forward."""
+
+    def forward_latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[1]
+
+
+class LatentDynUNet(_FullForwardLatent, DynUNet):
     """MONAI DynUNet (nnU-Net-style, no deep supervision) whose forward returns ``(logits, latent)``.
 
     ``encoder1`` is the input block, ``encoderK`` the output of downsampling stage ``K - 1``, then ``bottleneck``.
@@ -162,7 +194,7 @@ class LatentDynUNet(DynUNet):
         return self.output_block(h), taps[self._latent_index]
 
 
-class LatentUNet(UNet):
+class LatentUNet(_FullForwardLatent, UNet):
     """MONAI UNet whose forward returns ``(logits, latent)``: ``encoder2`` .. ``encoderN`` then ``bottleneck``."""
 
     def __init__(self, *, latent: str = "encoder3", **kwargs: Any) -> None:

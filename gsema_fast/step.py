@@ -48,7 +48,7 @@ class StepContext:
     lambda_con: float
     amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
     scaler: torch.amp.GradScaler | None = None  # fp16 only
-    teacher_terms: bool = True
+    teacher_terms: bool = True  # default for forward_all's teacher_logits
     # Persistent gradient buffers (A holds the optimizer's gradient); fixed addresses keep the fused ops' launch
     # tables cached and let the step be captured.
     grads_a: list[torch.Tensor] = field(default_factory=list)
@@ -80,22 +80,29 @@ class StepContext:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
 
 
-def forward_all(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torch.Tensor]:
+def forward_all(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None) -> dict[str, torch.Tensor]:
     """Student on source and target (two graphs, so each DCE backward walks only its own), teacher on both at once
-    under ``no_grad``, the four DCE terms and BACL."""
+    under ``no_grad``, the DCE terms and BACL.
+
+    The teacher's DCE terms are logged, never trained: with ``teacher_logits`` False (default: ``ctx.teacher_terms``)
+    the teacher runs only up to its latent, BACL's one input from it, which skips most of its forward.
+    """
     out: dict[str, torch.Tensor] = {}
+    teacher_logits = ctx.teacher_terms if teacher_logits is None else teacher_logits
     with ctx.autocast():
         logits_ss, z_ss = ctx.student(x_s)
         logits_st, z_st = ctx.student(x_t)
         out["dce_student_src"] = ctx.dce(logits_ss, y_s)
         out["dce_student_trg"] = ctx.dce(logits_st, y_t)
         with torch.no_grad():
-            logits_t, z_t = ctx.teacher(torch.cat((x_s, x_t)))
-            logits_ts, logits_tt = logits_t.chunk(2)
-            z_ts, z_tt = z_t.chunk(2)
-            if ctx.teacher_terms:
+            if teacher_logits:
+                logits_t, z_t = ctx.teacher(torch.cat((x_s, x_t)))
+                logits_ts, logits_tt = logits_t.chunk(2)
                 out["dce_teacher_src"] = ctx.dce(logits_ts, y_s)
                 out["dce_teacher_trg"] = ctx.dce(logits_tt, y_t)
+            else:
+                z_t = ctx.teacher.forward_latent(torch.cat((x_s, x_t)))
+            z_ts, z_tt = z_t.chunk(2)
     if ctx.bacl is not None:
         # BACL runs outside autocast: its fused passes accumulate in fp32 and take bf16 latents as they come.
         out["bacl"], parts = ctx.bacl(z_ss, z_st, z_ts, z_tt)
@@ -104,8 +111,8 @@ def forward_all(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torch.Tensor]
 
 
 def _total(ctx: StepContext, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    sup = sum(v for k, v in out.items() if k.startswith("dce_"))
-    total = ctx.lambda_sup * sup
+    """The loss that is trained (student terms and BACL); the teacher's terms are logged on their own."""
+    total = ctx.lambda_sup * (out["dce_student_src"] + out["dce_student_trg"])
     if "bacl" in out:
         total = total + ctx.lambda_con * out["bacl"]
     return total.detach()
@@ -129,9 +136,9 @@ def _optimizer_step(ctx: StepContext, nonfinite: torch.Tensor) -> torch.Tensor:
     return nonfinite
 
 
-def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torch.Tensor]:
+def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None) -> dict[str, torch.Tensor]:
     """One GS-EMA step (``ema.mode: gsema``); returns 0-dim device tensors for logging."""
-    out = forward_all(ctx, x_s, y_s, x_t, y_t)
+    out = forward_all(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
     has_con = "bacl" in out and ctx.lambda_con > 0
     torch._foreach_zero_(ctx.grads_a)
     torch._foreach_zero_(ctx.grads_b)
@@ -149,9 +156,11 @@ def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in out.items()}
 
 
-def single_backward_step(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torch.Tensor]:
+def single_backward_step(
+    ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None
+) -> dict[str, torch.Tensor]:
     """One step of the ``none`` and ``ema`` modes: one backward of the total loss, then the teacher follows."""
-    out = forward_all(ctx, x_s, y_s, x_t, y_t)
+    out = forward_all(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
     torch._foreach_zero_(ctx.grads_a)
     loss = ctx.lambda_sup * (out["dce_student_src"] + out["dce_student_trg"])
     if "bacl" in out and ctx.lambda_con > 0:
@@ -170,8 +179,8 @@ def single_backward_step(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torc
     return {k: v.detach() for k, v in out.items()}
 
 
-def train_step(ctx: StepContext, x_s, y_s, x_t, y_t) -> dict[str, torch.Tensor]:
-    """The step of ``ctx.mode``."""
+def train_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None) -> dict[str, torch.Tensor]:
+    """The step of ``ctx.mode``. ``teacher_logits``: compute the teacher's (logged) DCE terms this step."""
     if ctx.mode == "gsema":
-        return gsema_step(ctx, x_s, y_s, x_t, y_t)
-    return single_backward_step(ctx, x_s, y_s, x_t, y_t)
+        return gsema_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
+    return single_backward_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)

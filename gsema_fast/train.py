@@ -288,6 +288,7 @@ class IntervalLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # some terms (the teacher's) are computed on some steps only
         self.steps = 0
         self.started = time.perf_counter()
         self.nonfinite_run = 0
@@ -299,10 +300,11 @@ class IntervalLog:
                 self.sums[k] += v
             else:
                 self.sums[k] = v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
 
     def flush(self, **fields) -> dict:
-        values = {k: float(v) / self.steps for k, v in self.sums.items()}  # the interval's only host read
+        values = {k: float(v) / self.counts[k] for k, v in self.sums.items()}  # the interval's only host read
         skipped = round(values.get("skipped", 0.0) * self.steps)
         self.nonfinite_run = self.nonfinite_run + skipped if skipped == self.steps else skipped
         elapsed = time.perf_counter() - self.started
@@ -310,7 +312,7 @@ class IntervalLog:
         if torch.cuda.is_available():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.write(record)
-        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        self.sums, self.counts, self.steps, self.started = {}, {}, 0, time.perf_counter()
         return record
 
     def write(self, record: dict) -> None:
@@ -445,7 +447,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             x_s = batch["image"].to(device, non_blocking=True)
             y_s = batch["label"].to(device, non_blocking=True)
             x_t, y_t = transform(x_s, y_s)
-            metrics = train_step(ctx, x_s, y_s, x_t, y_t)
+            # The teacher's DCE terms are only logged: compute them on the last step of each log interval.
+            logging_step = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps
+            metrics = train_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=cfg.loss.teacher_terms and logging_step)
             scheduler.step()
             interval.add(metrics)
             step += 1

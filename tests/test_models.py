@@ -103,6 +103,11 @@ def test_swinunetr_latent_and_logits():
     assert torch.equal(latent, hooked)
     with torch.no_grad():
         assert torch.equal(logits, SwinUNETR.forward(model, x))
+        # The teacher's latent-only forward computes exactly the tapped block, for encoder and Swin taps alike.
+        assert torch.equal(model.forward_latent(x), latent)
+        for name in ("hidden0", "encoder4", "decoder3"):
+            model.latent_name = name
+            assert torch.equal(model.forward_latent(x), model(x)[1]), name
 
 
 def test_swinunetr_blocks_and_checkpointing():
