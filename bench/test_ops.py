@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._util import DEVICE, ON_GPU, copy_gbps, sync, timed
+from bench._util import DEVICE, ON_GPU, copy_gbps, record, sync, timed
 from gsema_fast import ops
 
 FEATURE_SIZES = [48, 24]
@@ -52,17 +52,6 @@ def run_synced(benchmark, fn):
     return benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
 
 
-def describe(benchmark, *, nbytes: int, ms: float, **extra) -> None:
-    """GB/s, the copy bandwidth for the same bytes measured now, and its fraction, into ``extra_info``."""
-    info = benchmark.extra_info
-    info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
-    info["ms"] = round(ms, 4)
-    info["GBps"] = round(nbytes / ms / 1e6, 1)
-    info["copy_GBps_same_bytes"] = round(copy_gbps(nbytes), 1)
-    info["fraction_of_copy"] = round(info["GBps"] / info["copy_GBps_same_bytes"], 3)
-    info.update(extra)
-
-
 # ------------------------------------------------------------------------------------------------ EMA
 
 
@@ -86,7 +75,7 @@ def test_ema(benchmark, feature_size, impl):
     n = numel(lists["student"])
     run_synced(benchmark, fn)
     if not benchmark.disabled:
-        describe(benchmark, nbytes=12 * n, ms=timed(fn, iters=ITERS), params=n, tensors=len(lists["student"]))
+        record(benchmark, nbytes=12 * n, ms=timed(fn, iters=ITERS), params=n, tensors=len(lists["student"]))
 
 
 # ------------------------------------------------------------------------------------------------ grad_stats
@@ -129,7 +118,7 @@ def test_grad_stats(benchmark, feature_size, impl):
     n = numel(g_src)
     run_synced(benchmark, fn)
     if not benchmark.disabled:
-        describe(benchmark, nbytes=8 * n, ms=timed(fn, iters=ITERS), params=n)
+        record(benchmark, nbytes=8 * n, ms=timed(fn, iters=ITERS), params=n)
 
 
 # ------------------------------------------------------------------------------------------------ the tail
@@ -176,4 +165,4 @@ def test_gsema_tail(benchmark, feature_size, impl):
     extra = {"floor_ms": round(floor_ms, 4), "x_floor": round(ms / floor_ms, 2)}
     if impl != "reference":
         extra["speedup_vs_reference"] = round(timed(impls["reference"], iters=ITERS) / ms, 2)
-    describe(benchmark, nbytes=20 * n, ms=ms, params=n, **extra)
+    record(benchmark, nbytes=20 * n, ms=ms, params=n, **extra)

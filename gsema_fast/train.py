@@ -11,7 +11,6 @@ validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -538,9 +537,3 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
             )
     return result
 
-
-def config_with(cfg: Config, **sections) -> Config:
-    """A copy of ``cfg`` with fields of sections replaced: ``config_with(cfg, train={"epochs": 2})``."""
-    return dataclasses.replace(
-        cfg, **{name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
-    )
