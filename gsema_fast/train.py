@@ -360,9 +360,10 @@ def draw_progress(log_path: Path, out_path: Path) -> None:
 
 def _format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
     classes = sorted({c for r in rows.values() for c in r})
-    lines = [title, f"{'':28s}" + "".join(f"{c:>12s}" for c in classes)]
+    width = max(len(name) for name in rows) + 2
+    lines = [title, " " * width + "".join(f"{c:>12s}" for c in classes)]
     for name, r in rows.items():
-        lines.append(f"{name:28s}" + "".join(f"{r.get(c, float('nan')):12.3f}" for c in classes))
+        lines.append(f"{name:{width}s}" + "".join(f"{r.get(c, float('nan')):12.3f}" for c in classes))
     return "\n".join(lines)
 
 
