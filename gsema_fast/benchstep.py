@@ -43,7 +43,7 @@ def _batch(cfg: Config, device: torch.device):
     from gsema_fast.data import TargetTransform
 
     d = cfg.data
-    patch = [d.patch_size] * 3 if isinstance(d.patch_size, int) else list(d.patch_size)
+    patch = list(d.patch_size)  # the config stores three sizes
     generator = torch.Generator().manual_seed(cfg.train.seed)
     x_s = torch.randn(d.batch_size, cfg.model.in_channels, *patch, generator=generator).to(device)
     # Thresholds give every class a share of voxels, so the losses and gradients are those of a real batch.

@@ -514,14 +514,9 @@ def _save_nifti_like(data: np.ndarray, like, path: Path) -> None:
 def _dataset_root(cfg, data: str | os.PathLike | None) -> tuple[Path, str | None]:
     if data is not None:
         return Path(data), None
-    if cfg.data.root is not None:
-        return Path(cfg.data.root), cfg.data.manifest
-    from gsema_fast.data import builtin_dataset
+    from gsema_fast.data import dataset_folder
 
-    d = cfg.data
-    folder = builtin_dataset(domains=d.synth_domains, cases_per_domain=d.synth_cases_per_domain, size=d.synth_size,
-                             seed=d.synth_seed, folder=d.synth_dir)
-    return folder, None
+    return dataset_folder(cfg.data), cfg.data.manifest if cfg.data.root is not None else None
 
 
 def _select_cases(man, cfg, *, split: str, domain) -> tuple[list, list[str]]:

@@ -52,45 +52,24 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def dataset_root(cfg: Config) -> Path:
-    """The dataset folder: ``data.root``, or the built-in phantoms, synthesised on first use."""
-    if cfg.data.root is not None:
-        root = Path(cfg.data.root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.root: {root} is not a folder")
-        return root
-    from gsema_fast.data import builtin_dataset
-
-    d = cfg.data
-    return builtin_dataset(
-        domains=d.synth_domains,
-        cases_per_domain=d.synth_cases_per_domain,
-        size=d.synth_size,
-        seed=d.synth_seed,
-        folder=d.synth_dir,
-    )
-
-
 def build_data(cfg: Config):
     """Loaders for training patches, validation volumes (held-out cases of the training centres) and the unseen
     centre (``data.test_domain``; None: the dataset's last domain)."""
-    from gsema_fast.data import build_loaders, load_manifest
+    from gsema_fast.data import build_loaders, dataset_folder, load_manifest
 
     d = cfg.data
-    root = dataset_root(cfg)
+    root = dataset_folder(d)
     test_domain = d.test_domain
     if test_domain is None:
-        domains = load_manifest(root, d.manifest).domains
+        domains = load_manifest(root, d.manifest, check=False).domains  # build_loaders checks the cases next
         test_domain = domains[-1] if len(domains) > 1 else None
-    patch = [d.patch_size] * 3 if isinstance(d.patch_size, int) else list(d.patch_size)
-    spacing = [d.spacing] * 3 if isinstance(d.spacing, (int, float)) else d.spacing
     return build_loaders(
         root,
         manifest=d.manifest,
         train_domains=d.train_domains,
         test_domain=test_domain,
-        patch_size=patch,
-        spacing=spacing,
+        patch_size=d.patch_size,
+        spacing=d.spacing,
         batch_size=d.batch_size,
         samples_per_volume=d.samples_per_volume,
         class_ratios=d.class_ratios,
@@ -189,14 +168,13 @@ def evaluate_teacher(
     from gsema_fast.evaluate import case_metrics, predict_volume
 
     net = ctx.teacher
-    patch = [cfg.data.patch_size] * 3 if isinstance(cfg.data.patch_size, int) else list(cfg.data.patch_size)
     per_case = []
     for item in tqdm(loader, desc=what, leave=False, disable=not is_main_process()):
         image = item["image"].to(device)
         logits = predict_volume(
             net,
             image,
-            roi_size=patch,
+            roi_size=cfg.data.patch_size,
             overlap=cfg.eval.overlap,
             sw_batch_size=cfg.eval.sw_batch_size,
             mode=cfg.eval.mode,

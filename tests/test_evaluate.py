@@ -14,13 +14,7 @@ LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
 TINY_UNET = {"name": "unet", "channels": [4, 8, 16], "num_res_units": 0, "latent": "encoder3"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The volumes here are tiny: extra threads only add synchronisation on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _onehot(arr: np.ndarray, classes: int = 3) -> torch.Tensor:

@@ -15,14 +15,7 @@ from gsema_fast.models import (
     repeated_blocks,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These inputs are tiny: extra threads only add synchronisation, which costs seconds on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_UNET = {"name": "unet", "channels": [8, 16, 32, 64], "num_res_units": 1}

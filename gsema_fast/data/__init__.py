@@ -3,7 +3,8 @@
 Public API (names are imported on first use, so ``synthesize`` needs neither torch nor MONAI):
 
 - :func:`synthesize` (``gsema_fast.data.synth``): write the built-in multi-centre dataset; :data:`CENTRES`;
-  :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use.
+  :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use;
+  :func:`dataset_folder`: a run's dataset folder from its ``data`` settings.
 - :func:`load_manifest`, :func:`split_cases`, :func:`build_loaders`, :func:`volume_loader`,
   :func:`preprocess_transforms` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI transforms.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
@@ -24,6 +25,7 @@ import importlib
 _EXPORTS = {
     "synthesize": "synth",
     "builtin_dataset": "synth",
+    "dataset_folder": "synth",
     "CENTRES": "synth",
     "CentreStyle": "synth",
     "LABELS": "synth",

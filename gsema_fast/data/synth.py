@@ -602,3 +602,15 @@ def builtin_dataset(*, domains: int = 4, cases_per_domain: int = 6, size: int = 
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         folder = os.path.join(cache, "gsema-fast", f"phantoms-d{domains}-n{cases_per_domain}-s{size}-seed{seed}")
     return synthesize(folder, domains=domains, cases_per_domain=cases_per_domain, size=size, seed=seed)
+
+
+def dataset_folder(data) -> Path:
+    """The dataset a run's ``data`` settings name: ``data.root``, or the built-in phantoms of its ``synth_*``
+    settings (synthesised on first use). ``data``: any object with those attributes (the config's data section)."""
+    if data.root is not None:
+        root = Path(data.root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: {root} is not a folder")
+        return root
+    return builtin_dataset(domains=data.synth_domains, cases_per_domain=data.synth_cases_per_domain,
+                           size=data.synth_size, seed=data.synth_seed, folder=data.synth_dir)
