@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("gsema_fast")
@@ -201,15 +202,29 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/latest.pt")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train in N processes on this machine (one per GPU; gloo on CPUs), as torchrun --standalone "
+        "--nproc_per_node N -m gsema_fast train ... would; data.batch_size is then per process",
+    )
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
     import torch
 
+    from gsema_fast import distributed
     from gsema_fast.config import load_config
     from gsema_fast.train import train
 
+    if args.nproc is not None and not distributed.launched():
+        argv = [*(["-v"] if args.verbose else []), "train", *(["--config", args.config] if args.config else [])]
+        argv += [a for kv in args.set for a in ("--set", kv)]
+        argv += [*(["--out", args.out] if args.out else []), *(["--resume"] if args.resume else [])]
+        return distributed.launch(args.nproc, argv)
     name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
     overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
     train(load_config(name, overrides), resume=args.resume)
@@ -261,9 +276,12 @@ _VERBS.append(_add_bench_step)
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun: only rank 0 reports progress, the others problems
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s "
+        + (f"[rank {rank}] " if "RANK" in os.environ else "")
+        + "%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:

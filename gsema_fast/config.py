@@ -299,6 +299,8 @@ class TrainConfig:
     # Consecutive steps with a non-finite loss or gradient after which the run stops.
     max_nonfinite_steps: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Multi-process runs (torchrun): seconds any collective may wait for the other ranks before the job fails.
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -740,6 +742,7 @@ def _validate_optim_train_eval(cfg: Config) -> None:
         _check_min(f"train.{key}", getattr(train, key), 1)
     _check_min("train.max_steps", train.max_steps, 1)
     _check_min("train.val_every", train.val_every, 0)
+    _check_min("train.dist_timeout_s", train.dist_timeout_s, 1)
     if not train.out_dir:
         _fail("train.out_dir", train.out_dir, "expected a folder")
     if not 0.0 <= evaluation.overlap < 1.0:

@@ -16,6 +16,12 @@ then the optimizer step on A and the conditional EMA of the teacher, decided on 
 disjoint parts of the graph (source forward, target forward, encoder), so together they cost one backward of the
 total. Nothing in the step reads a value on the host: losses and counters stay on the device until logging time, and
 a step with a non-finite loss or gradient is skipped on the device (the fused optimizer's ``found_inf``).
+
+Gradient buffers live in one flat tensor per dtype, copy after copy (A, B, and in a multi-process run C for BACL),
+each parameter's slice 256-byte aligned: zeroing is one kernel, and averaging across ranks is one all-reduce per
+range. Across ranks the step becomes: pass 1 into A, pass 2 into B, all-reduce A|B (asynchronously, while) pass 4
+runs into C, all-reduce C, then ``grad_stats`` on the averaged A and B and A += C. The decision is therefore the
+one a single process would make with the global batch, and every rank updates its teacher with the same bits.
 """
 
 from __future__ import annotations
@@ -49,17 +55,27 @@ class StepContext:
     amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     teacher_terms: bool = True  # default for forward_all's teacher_logits
-    # Persistent gradient buffers (A holds the optimizer's gradient); fixed addresses keep the fused ops' launch
-    # tables cached and let the step be captured.
+    # Ranks whose gradients are averaged (torch.distributed's default group); 1: a single process.
+    world_size: int = 1
+    # Persistent gradient buffers (A holds the optimizer's gradient, B the target pass's, C BACL's across ranks);
+    # fixed addresses keep the fused ops' launch tables cached and let the step be captured.
     grads_a: list[torch.Tensor] = field(default_factory=list)
     grads_b: list[torch.Tensor] = field(default_factory=list)
+    grads_c: list[torch.Tensor] = field(default_factory=list)
+    storage: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (flat tensor, elements per copy)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"ema.mode must be one of {MODES}, got {self.mode!r}")
-        params = self.params
-        self.grads_a = [torch.zeros_like(p) for p in params]
-        self.grads_b = [torch.zeros_like(p) for p in params] if self.mode == "gsema" else []
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be at least 1, got {self.world_size}")
+        copies = 1
+        if self.mode == "gsema":
+            copies = 3 if self.world_size > 1 and self.bacl is not None and self.lambda_con > 0 else 2
+        buffers, self.storage = flat_gradient_buffers(self.params, copies)
+        self.grads_a = buffers[0]
+        self.grads_b = buffers[1] if copies > 1 else []
+        self.grads_c = buffers[2] if copies > 2 else []
         self.point_grads_at(self.grads_a)
 
     @property
@@ -70,6 +86,21 @@ class StepContext:
         for p, g in zip(self.params, buffers, strict=True):
             p.grad = g
 
+    def zero_grads(self) -> None:
+        for flat, _ in self.storage:
+            flat.zero_()
+
+    def reduce_grads(self, first: int, last: int) -> list:
+        """Start summing gradient copies ``first:last`` across ranks (one all-reduce per dtype); returns the
+        pending works. The sum becomes a mean in :meth:`finish_reduce`."""
+        return [torch.distributed.all_reduce(flat[first * n : last * n], async_op=True) for flat, n in self.storage]
+
+    def finish_reduce(self, pending: list) -> None:
+        for work in pending:
+            work.wait()
+        for flat, _ in self.storage:
+            flat.mul_(1.0 / self.world_size)
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -78,6 +109,36 @@ class StepContext:
 
     def backward(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
+
+
+ALIGN_BYTES = 256
+
+
+def flat_gradient_buffers(
+    params: list[torch.Tensor], copies: int
+) -> tuple[list[list[torch.Tensor]], list[tuple[torch.Tensor, int]]]:
+    """``copies`` zeroed sets of buffers shaped like ``params``, as views of one flat tensor per (dtype, device)
+    laid out copy after copy; each view starts ``ALIGN_BYTES``-aligned from the flat tensor's start (CUDA
+    allocations themselves are 512-byte aligned). Returns the sets and the flat
+    tensors with their per-copy length, so that copy k of a group is ``flat[k * n : (k + 1) * n]``."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.dtype, p.device), []).append(i)
+    buffers: list[list[torch.Tensor | None]] = [[None] * len(params) for _ in range(copies)]
+    storage = []
+    for (dtype, device), members in groups.items():
+        step = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        offsets, n = [], 0
+        for i in members:
+            offsets.append(n)
+            n += -(-params[i].numel() // step) * step
+        flat = torch.zeros(copies * n, dtype=dtype, device=device)
+        for k in range(copies):
+            for i, off in zip(members, offsets, strict=True):
+                start = k * n + off
+                buffers[k][i] = flat[start : start + params[i].numel()].view(params[i].shape)
+        storage.append((flat, n))
+    return buffers, storage
 
 
 def forward_all(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None) -> dict[str, torch.Tensor]:
@@ -118,6 +179,14 @@ def _total(ctx: StepContext, out: dict[str, torch.Tensor]) -> torch.Tensor:
     return total.detach()
 
 
+def _count_on_all_ranks(flag: torch.Tensor, pending: list) -> torch.Tensor:
+    """The number of ranks where ``flag`` is set, summed along with the pending gradient all-reduces (read it after
+    they finish), so that every rank skips a step together."""
+    count = flag.float().reshape(())
+    pending.append(torch.distributed.all_reduce(count, async_op=True))
+    return count
+
+
 def _optimizer_step(ctx: StepContext, nonfinite: torch.Tensor) -> torch.Tensor:
     """Step the optimizer unless a loss or gradient is non-finite, decided on the device; returns the skip flag."""
     if ctx.scaler is not None:
@@ -140,17 +209,32 @@ def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | N
     """One GS-EMA step (``ema.mode: gsema``); returns 0-dim device tensors for logging."""
     out = forward_all(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
     has_con = "bacl" in out and ctx.lambda_con > 0
-    torch._foreach_zero_(ctx.grads_a)
-    torch._foreach_zero_(ctx.grads_b)
+    total = _total(ctx, out)
+    nonfinite = ~torch.isfinite(total)
+    ctx.zero_grads()
     ctx.backward(ctx.lambda_sup * out["dce_student_src"], retain_graph=has_con)
     ctx.point_grads_at(ctx.grads_b)
     ctx.backward(ctx.lambda_sup * out["dce_student_trg"], retain_graph=has_con)
-    ctx.point_grads_at(ctx.grads_a)
-    stats = ops.grad_stats(ctx.grads_a, ctx.grads_b, accumulate_into_a=True)
-    if has_con:
-        ctx.backward(ctx.lambda_con * out["bacl"])
-    total = _total(ctx, out)
-    skip = _optimizer_step(ctx, ~torch.isfinite(total) | ~torch.isfinite(stats[:3]).all())
+    if ctx.world_size > 1:
+        pending = ctx.reduce_grads(0, 2)  # in flight while BACL's pass runs
+        if has_con:
+            ctx.point_grads_at(ctx.grads_c)
+            ctx.backward(ctx.lambda_con * out["bacl"])
+            pending += ctx.reduce_grads(2, 3)
+        nonfinite_ranks = _count_on_all_ranks(nonfinite, pending)
+        ctx.finish_reduce(pending)
+        nonfinite = nonfinite_ranks > 0
+        ctx.point_grads_at(ctx.grads_a)
+        stats = ops.grad_stats(ctx.grads_a, ctx.grads_b, accumulate_into_a=True)
+        if has_con:
+            for flat, n in ctx.storage:
+                flat[:n].add_(flat[2 * n : 3 * n])
+    else:
+        ctx.point_grads_at(ctx.grads_a)
+        stats = ops.grad_stats(ctx.grads_a, ctx.grads_b, accumulate_into_a=True)
+        if has_con:
+            ctx.backward(ctx.lambda_con * out["bacl"])
+    skip = _optimizer_step(ctx, nonfinite | ~torch.isfinite(stats[:3]).all())
     aligned = ctx.updater.update(stats, skip=skip)
     out.update(total=total, skipped=skip.float(), aligned=aligned, grad_cos=stats[0] / (stats[1] * stats[2]).sqrt())
     return {k: v.detach() for k, v in out.items()}
@@ -161,13 +245,19 @@ def single_backward_step(
 ) -> dict[str, torch.Tensor]:
     """One step of the ``none`` and ``ema`` modes: one backward of the total loss, then the teacher follows."""
     out = forward_all(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
-    torch._foreach_zero_(ctx.grads_a)
+    ctx.zero_grads()
     loss = ctx.lambda_sup * (out["dce_student_src"] + out["dce_student_trg"])
     if "bacl" in out and ctx.lambda_con > 0:
         loss = loss + ctx.lambda_con * out["bacl"]
     ctx.backward(loss)
     total = _total(ctx, out)
-    skip = _optimizer_step(ctx, ~torch.isfinite(total))
+    nonfinite = ~torch.isfinite(total)
+    if ctx.world_size > 1:
+        pending = ctx.reduce_grads(0, 1)
+        nonfinite_ranks = _count_on_all_ranks(nonfinite, pending)
+        ctx.finish_reduce(pending)
+        nonfinite = nonfinite_ranks > 0
+    skip = _optimizer_step(ctx, nonfinite)
     with torch.no_grad():
         if ctx.mode == "ema":
             ctx.updater.update(ctx.student)

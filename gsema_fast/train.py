@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gsema_fast import distributed
 from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.losses import BACL, DiceCE
@@ -52,13 +53,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_data(cfg: Config):
+def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1):
     """Loaders for training patches, validation volumes (held-out cases of the training centres) and the unseen
-    centre (``data.test_domain``; None: the dataset's last domain)."""
+    centre (``data.test_domain``; None: the dataset's last domain); in a multi-process run, this rank's share."""
     from gsema_fast.data import build_loaders, dataset_folder, load_manifest
 
     d = cfg.data
-    root = dataset_folder(d)
+    if rank == 0:  # rank 0 synthesises the built-in data if it is missing; the others then find it
+        root = dataset_folder(d)
+    distributed.barrier()
+    if rank != 0:
+        root = dataset_folder(d)
     test_domain = d.test_domain
     if test_domain is None:
         domains = load_manifest(root, d.manifest, check=False).domains  # build_loaders checks the cases next
@@ -81,6 +86,8 @@ def build_data(cfg: Config):
         cache_dir=d.cache_dir,
         num_workers=d.num_workers,
         seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -111,8 +118,11 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_context(cfg: Config, device: torch.device) -> StepContext:
+def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> StepContext:
+    """Student, teacher, optimizer, losses and gradient buffers for ``train_step``. With ``world_size`` > 1 (the
+    default process group) every rank starts from rank 0's weights and the step averages gradients across ranks."""
     student = build_model(cfg.model).to(device)
+    distributed.broadcast_module_(student)
     e = cfg.ema
     if e.mode == "gsema":
         updater = GSEMA(
@@ -144,6 +154,7 @@ def build_context(cfg: Config, device: torch.device) -> StepContext:
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None,
         teacher_terms=cfg.loss.teacher_terms,
+        world_size=world_size,
     )
 
 
@@ -164,12 +175,14 @@ def compile_blocks(ctx: StepContext) -> int:
 def evaluate_teacher(
     ctx: StepContext, loader, labels: dict, cfg: Config, device: torch.device, what: str, *, hd95: bool = False
 ) -> dict:
-    """Mean Dice per foreground class of the teacher on whole volumes (sliding window), and per case."""
+    """Mean Dice per foreground class of the teacher on whole volumes (sliding window), and per case. In a
+    multi-process run ``loader`` holds this rank's share of the cases (or is None) and every rank returns the
+    metrics of all cases, gathered."""
     from gsema_fast.evaluate import case_metrics, predict_volume
 
     net = ctx.teacher
     per_case = []
-    for item in tqdm(loader, desc=what, leave=False, disable=not is_main_process()):
+    for item in tqdm(loader or [], desc=what, leave=False, disable=not is_main_process()):
         image = item["image"].to(device)
         logits = predict_volume(
             net,
@@ -184,6 +197,11 @@ def evaluate_teacher(
         ref = item["label"][0, 0].cpu()
         metrics = case_metrics(pred, ref, labels, hd95=hd95)
         per_case.append({"case": item["case"][0], "domain": str(item["domain"][0]), **metrics})
+    if distributed.world_size() > 1:
+        shares = distributed.all_gather_object(per_case)
+        # back to the single-process order: rank r evaluated cases r, r + world, r + 2 world, ...
+        longest = max(map(len, shares))
+        per_case = [share[i] for i in range(longest) for share in shares if i < len(share)]
     return {"cases": per_case, "mean": _mean_dice(per_case)}
 
 
@@ -212,6 +230,30 @@ def atomic_save(obj, path: Path) -> None:
         raise
 
 
+def _rank_state(transform) -> dict:
+    """What differs between ranks: random streams and the target transform's generators."""
+    return {
+        "target_transform": transform.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+
+
+def save_checkpoint(path: Path, ctx, scheduler, transform, cfg, *, epoch: int, step: int, extra: dict) -> None:
+    """Every rank calls this (their random states are gathered); rank 0 writes the file."""
+    ranks = distributed.all_gather_object(_rank_state(transform))
+    if is_main_process():
+        state = checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra)
+        if len(ranks) > 1:
+            state["ranks"] = ranks
+        atomic_save(state, path)
+    distributed.barrier()
+
+
 def checkpoint_state(ctx, scheduler, transform, cfg, *, epoch: int, step: int, extra: dict) -> dict:
     from gsema_fast.models import unwrap_model
 
@@ -223,13 +265,7 @@ def checkpoint_state(ctx, scheduler, transform, cfg, *, epoch: int, step: int, e
         "scheduler": scheduler.state_dict(),
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
         "updater": ctx.updater.state_dict() if ctx.updater is not None else None,
-        "target_transform": transform.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        **_rank_state(transform),  # this rank's; save_checkpoint adds every rank's in a multi-process run
         "epoch": epoch,
         "step": step,
     }
@@ -248,12 +284,23 @@ def restore(state: dict, ctx, scheduler, transform) -> None:
         ctx.scaler.load_state_dict(state["scaler"])
     if ctx.updater is not None and state["updater"] is not None:
         ctx.updater.load_state_dict(state["updater"])
-    transform.load_state_dict(state["target_transform"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    own = state
+    ranks = state.get("ranks", [state])
+    if len(ranks) == distributed.world_size():
+        own = ranks[distributed.rank()]
+    else:
+        log.warning(
+            "the checkpoint was written by %d rank(s), this run has %d: weights and optimizer resume exactly, the "
+            "random streams restart from rank 0's",
+            len(ranks),
+            distributed.world_size(),
+        )
+    transform.load_state_dict(own["target_transform"])
+    random.setstate(own["rng"]["python"])
+    np.random.set_state(own["rng"]["numpy"])
+    torch.set_rng_state(own["rng"]["torch"].cpu())  # the checkpoint may have been mapped to a GPU
+    if own["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in own["rng"]["cuda"]])
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -281,7 +328,12 @@ class IntervalLog:
         self.steps += 1
 
     def flush(self, **fields) -> dict:
-        values = {k: float(v) / self.counts[k] for k, v in self.sums.items()}  # the interval's only host read
+        """Write one record (every rank calls this: the interval's means are averaged across ranks)."""
+        keys = sorted(self.sums)
+        if keys:
+            means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+            means = distributed.all_reduce_mean(means).tolist()  # the interval's only host read
+        values = dict(zip(keys, means, strict=True)) if keys else {}
         skipped = round(values.get("skipped", 0.0) * self.steps)
         self.nonfinite_run = self.nonfinite_run + skipped if skipped == self.steps else skipped
         elapsed = time.perf_counter() - self.started
@@ -355,8 +407,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     ``train.deterministic`` on the CPU the resumed run reproduces the uninterrupted run's losses.
     """
     cfg = resolve_auto(cfg)
-    device = torch.device(cfg.train.device)
-    main = is_main_process()
+    # Under torchrun: join the process group; each rank takes its own GPU and share of every batch.
+    dist_ctx = distributed.setup(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
+    try:
+        return _train(cfg, dist_ctx, resume=resume)
+    finally:
+        distributed.teardown(dist_ctx)
+
+
+def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
+    device, main = dist_ctx.device, dist_ctx.is_main
     run_dir = Path(cfg.train.out_dir).expanduser()
     ckpt_dir = run_dir / "checkpoints"
     latest = ckpt_dir / "latest.pt"
@@ -369,7 +429,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         log.info("%s", cfg.note)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-    data = build_data(cfg)
+    data = build_data(cfg, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    if dist_ctx.distributed:
+        log.info(
+            "%d ranks x batch %d = global batch %d",
+            dist_ctx.world_size,
+            cfg.data.batch_size,
+            dist_ctx.world_size * cfg.data.batch_size,
+        )
     log.info(
         "data: train domains %s (%d cases), validation %d cases, unseen domain %s (%d cases)",
         data.split.train_domains,
@@ -381,8 +448,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     labels = dict(data.manifest.labels)
     from gsema_fast.data import TargetTransform
 
-    transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"]).to(device)
-    ctx = build_context(cfg, device)
+    # each rank simulates its own target domains (rank 0 keeps the single-process seed)
+    transform_seed = cfg.train.seed + 7919 * dist_ctx.rank
+    transform = TargetTransform(seed=transform_seed, **config_to_dict(cfg)["target_transform"]).to(device)
+    ctx = build_context(cfg, device, world_size=dist_ctx.world_size)
     scheduler = build_scheduler(cfg, ctx.optimizer)
     log.info(
         "model %s (%.1fM parameters), ema.mode %s, bacl %s, amp %s, device %s",
@@ -401,7 +470,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
         untrained, last_val = state["untrained"], state["last_val"]
         log.info("resumed from %s at epoch %d, step %d", latest, epoch, step)
-    elif data.test is not None:
+    elif data.split.test:
         untrained = evaluate_teacher(ctx, data.test, labels, cfg, device, "untrained teacher, unseen centre")["mean"]
 
     if cfg.train.compile:
@@ -458,20 +527,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         epoch += 1
         last = epoch >= cfg.train.epochs or step >= total_steps
         extra = {"best_score": best_score, "untrained": untrained, "last_val": last_val}
-        if data.val is not None and ((cfg.train.val_every and epoch % cfg.train.val_every == 0) or last):
+        if data.split.val and ((cfg.train.val_every and epoch % cfg.train.val_every == 0) or last):
             val = evaluate_teacher(ctx, data.val, labels, cfg, device, "validation")
             last_val = extra["last_val"] = val["mean"]
             interval.write({"kind": "val", "step": step, "epoch": epoch, "dice": val["mean"]})
             score = float(np.nanmean(list(val["mean"].values()))) if val["mean"] else float("nan")
             log.info("epoch %d: validation Dice (teacher) %s", epoch, {k: round(v, 3) for k, v in val["mean"].items()})
-            if main and score > best_score:
+            if score > best_score:  # the same on every rank: the metrics were gathered
                 best_score = extra["best_score"] = score
-                atomic_save(
-                    checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra),
-                    ckpt_dir / "best.pt",
+                save_checkpoint(
+                    ckpt_dir / "best.pt", ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra
                 )
+        save_checkpoint(latest, ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra)
         if main:
-            atomic_save(checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra), latest)
             if log_path is not None and log_path.exists():
                 draw_progress(log_path, run_dir / "progress.png")
     bar.close()
@@ -480,15 +548,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     final = ckpt_dir / "final.pt"
     extra = {"best_score": best_score, "untrained": untrained, "last_val": last_val}
-    if main:
-        atomic_save(checkpoint_state(ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra), final)
+    save_checkpoint(final, ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra)
     result = {
         "run_dir": run_dir,
         "final": final,
         "best": ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").exists() else None,
         "test": None,
     }
-    if data.test is not None:
+    if data.split.test:
         test = evaluate_teacher(ctx, data.test, labels, cfg, device, "teacher, unseen centre", hd95=True)
         result["test"] = test
         rows = {"untrained teacher, unseen centre": untrained or {}, "teacher, unseen centre": test["mean"]}
@@ -515,4 +582,3 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 )
             )
     return result
-

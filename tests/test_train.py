@@ -7,58 +7,36 @@ import json
 
 import pytest
 import torch
+from tiny import make_ctx, params_of, tiny_batch, tiny_run
 
 from gsema_fast import ops
 from gsema_fast.config import load_config
-from gsema_fast.ema import EMA, GSEMA
-from gsema_fast.losses import BACL, DiceCE
-from gsema_fast.models import build_model
-from gsema_fast.step import StepContext, forward_all, train_step
+from gsema_fast.losses import DiceCE
+from gsema_fast.step import flat_gradient_buffers, forward_all, train_step
 from gsema_fast.train import train
 
-TINY_MODEL = {"name": "unet", "channels": [4, 8, 16], "num_res_units": 1}
-
-
-def tiny_batch(size: int = 16, batch: int = 2):
-    x_s = torch.randn(batch, 1, size, size, size)
-    x_t = x_s + 0.3 * torch.randn_like(x_s)
-    y = (x_s > 0.5).long() + (x_s > 1.5).long()
-    return x_s, y, x_t, y.clone()
-
-
-def make_ctx(mode: str = "gsema", *, rule: str = "dot", lr: float = 0.05, bacl: bool = True, decay: float = 0.5):
-    torch.manual_seed(1)
-    student = build_model(**TINY_MODEL)
-    if mode == "gsema":
-        updater = GSEMA(student, decay_aligned=decay, decay_conflict=1.0, rule=rule, warmup=False)
-        teacher = updater.teacher
-    elif mode == "ema":
-        updater = EMA(student, decay=decay, warmup=False)
-        teacher = updater.module
-    else:
-        updater, teacher = None, copy.deepcopy(student)
-    # Perturb the teacher so that an update is visible in every tensor.
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return StepContext(
-        student=student,
-        teacher=teacher,
-        optimizer=torch.optim.SGD(student.parameters(), lr=lr, fused=True),
-        mode=mode,
-        updater=updater,
-        dce=DiceCE(),
-        bacl=BACL() if bacl else None,
-        lambda_sup=0.25,
-        lambda_con=0.5,
-    )
-
-
-def params_of(module):
-    return [p.detach().clone() for p in module.parameters()]
-
-
 # ------------------------------------------------------------------------------------------------ the step
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_flat_gradient_buffers_are_aligned_views_of_one_tensor_per_dtype(copies):
+    params = [torch.zeros(3, 5), torch.zeros(7, dtype=torch.bfloat16), torch.zeros(0), torch.zeros(2, 2, 2)]
+    buffers, storage = flat_gradient_buffers(params, copies)
+    assert len(buffers) == copies and len(storage) == 2  # fp32 and bf16
+    flats = {flat.dtype: (flat, n) for flat, n in storage}
+    for k, views in enumerate(buffers):
+        for p, v in zip(params, views, strict=True):
+            assert v.shape == p.shape and v.dtype == p.dtype and v.is_contiguous()
+            if v.numel() == 0:  # an empty view has no address
+                continue
+            flat, n = flats[p.dtype]
+            assert (v.data_ptr() - flat.data_ptr()) % 256 == 0
+            offset = (v.data_ptr() - flat.data_ptr()) // flat.element_size()
+            assert k * n <= offset and offset + v.numel() <= (k + 1) * n  # copy k lies in its own range
+            v.fill_(k + 1)
+    for flat, n in storage:
+        for k in range(copies):
+            assert set(flat[k * n : (k + 1) * n].unique().tolist()) <= {0.0, k + 1.0}
 
 
 def test_three_passes_equal_one_backward_of_the_total():
@@ -151,6 +129,35 @@ def test_nonfinite_step_is_skipped_on_the_device():
     assert out["skipped"].item() == 0.0 and int(ctx.updater.step) == 1
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the overflowing step, on purpose
+def test_fp16_step_with_grad_scaler(one_thread):
+    """fp16 autocast with a GradScaler: the statistics are taken on consistently scaled gradients (the decision and
+    the cosine are those of fp32), and a step whose scaled gradients overflow is skipped, then the scale drops."""
+    fp32 = make_ctx("gsema")
+    want = train_step(fp32, *tiny_batch())
+
+    ctx = make_ctx("gsema")
+    ctx.amp_dtype = torch.float16
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow at this scale
+    student, teacher = params_of(ctx.student), params_of(ctx.teacher)
+    out = train_step(ctx, *tiny_batch())
+    assert out["skipped"].item() == 1.0 and out["aligned"].item() == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(student, ctx.student.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(teacher, ctx.teacher.parameters(), strict=True))
+    assert int(ctx.updater.step) == 0 and ctx.scaler.get_scale() == 2.0**39
+
+    ctx = make_ctx("gsema")
+    ctx.amp_dtype = torch.float16
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    got = train_step(ctx, *tiny_batch())
+    assert got["skipped"].item() == 0.0 and int(ctx.updater.step) == 1
+    assert got["aligned"].item() == want["aligned"].item()
+    assert got["grad_cos"].item() == pytest.approx(want["grad_cos"].item(), abs=2e-3)
+    moved = max((a - b).abs().max().item() for a, b in zip(fp32.student.parameters(), student, strict=True))
+    for a, b in zip(ctx.student.parameters(), fp32.student.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05 * moved)  # the step was unscaled before the optimizer
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -162,25 +169,7 @@ def phantoms(tmp_path_factory):
 
 
 def tiny_config(phantoms, out_dir, *extra):
-    return load_config(
-        "demo",
-        [
-            f"data.root={phantoms}",
-            "data.patch_size=[16,16,16]",
-            "data.batch_size=2",
-            "data.val_per_domain=1",
-            "model.name=unet",
-            "model.channels=[4,8,16]",
-            "train.epochs=2",
-            "train.steps_per_epoch=2",
-            "train.log_every=1",
-            "train.val_every=1",
-            "train.deterministic=true",
-            f"train.out_dir={out_dir}",
-            "eval.overlap=0",
-            *extra,
-        ],
-    )
+    return load_config("demo", [*tiny_run(phantoms), "train.deterministic=true", f"train.out_dir={out_dir}", *extra])
 
 
 def train_records(run_dir):

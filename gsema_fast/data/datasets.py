@@ -495,12 +495,23 @@ def volume_loader(cases: Sequence[Case], *, labels: Mapping[str, int] | None = N
 class DomainBalancedSampler(torch.utils.data.Sampler):
     """Indices that visit the domains in rounds: each round takes one case from every domain (in a random order),
     each domain cycling through its own shuffled cases. Any K consecutive items hold one case per domain, so a batch
-    of a multiple of K items is exactly balanced. The order depends only on (seed, epoch)."""
+    of a multiple of K items is exactly balanced. The order depends only on (seed, epoch).
 
-    def __init__(self, domains: Sequence[int], num_samples: int, seed: int = 0):
+    Across ``num_replicas`` processes the rounds fill global batches of ``batch_size * num_replicas`` items and this
+    ``rank`` takes its own ``batch_size`` of each: together the ranks see what one process with the global batch
+    would. Within a global batch no case repeats while its domain has unused cases (a domain's next pick skips the
+    cases the batch already holds), so ranks never train on the same case in one step."""
+
+    def __init__(self, domains: Sequence[int], num_samples: int, seed: int = 0, *, batch_size: int = 1,
+                 num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank}: expected 0 <= rank < num_replicas={num_replicas}")
         self.by_domain = [np.flatnonzero(np.asarray(domains) == d) for d in sorted(set(domains))]
         self.num_samples = num_samples
         self.seed = seed
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -513,17 +524,43 @@ class DomainBalancedSampler(torch.utils.data.Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1  # without set_epoch, the next pass still differs
         queues = [list(rng.permutation(idx)) for idx in self.by_domain]
+        global_batch = self.batch_size * self.num_replicas
+        total = self.num_samples * self.num_replicas
         order: list[int] = []
-        while len(order) < self.num_samples:
+        in_batch: set[int] = set()
+
+        def take(k: int) -> int:
+            queue = queues[k]
+            for _ in range(2):  # the queue as it is, then with the domain's next shuffle in front of it
+                for j in range(len(queue) - 1, -1, -1):  # pop order: from the end
+                    if queue[j] not in in_batch:
+                        return int(queue.pop(j))
+                queue[:0] = list(rng.permutation(self.by_domain[k]))
+            return int(queue.pop())  # the domain has fewer cases than its share of the batch
+
+        while len(order) < total:
             for k in rng.permutation(len(queues)):
-                if not queues[k]:
-                    queues[k] = list(rng.permutation(self.by_domain[k]))
-                order.append(int(queues[k].pop()))
-        return iter(order[: self.num_samples])
+                if len(order) % global_batch == 0:
+                    in_batch = set()
+                index = take(k)
+                in_batch.add(index)
+                order.append(index)
+        order = order[:total]
+        mine = [i for g in range(0, total, global_batch)
+                for i in order[g + self.rank * self.batch_size: g + (self.rank + 1) * self.batch_size]]
+        return iter(mine)
 
 
-def _seed_for(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def shared_cache_dir() -> Path:
+    """The per-user folder where processes share preprocessed training volumes (``$XDG_CACHE_HOME/gsema-fast/
+    preprocessed`` or ``~/.cache/...``); files are keyed by case path, file stamp and preprocessing settings."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gsema-fast" / "preprocessed"
+
+
+def _seed_for(seed: int, epoch: int, rank: int = 0) -> int:
+    # rank 0 keeps the single-process seeds; other ranks draw their own crops and worker seeds
+    return int(np.random.SeedSequence([seed, epoch, *([rank] if rank else [])]).generate_state(1)[0])
 
 
 @dataclass
@@ -541,6 +578,8 @@ class Loaders:
     preprocess: Compose
     seed: int
     num_classes: int
+    rank: int = 0
+    world_size: int = 1
     _sampler: DomainBalancedSampler = field(repr=False, default=None)
     _generator: torch.Generator = field(repr=False, default=None)
 
@@ -548,7 +587,7 @@ class Loaders:
         """Make the next pass over ``train`` depend only on (seed, epoch): case order, crop positions and worker
         seeds. Call it at the start of every epoch for runs that resume exactly."""
         self._sampler.set_epoch(epoch)
-        s = _seed_for(self.seed, epoch)
+        s = _seed_for(self.seed, epoch, self.rank)
         self.train.dataset.transform.set_random_state(seed=s)
         self._generator.manual_seed(s)
 
@@ -560,7 +599,7 @@ def build_loaders(root: str | os.PathLike, *, manifest: str | os.PathLike | None
                   class_ratios: Sequence[float] | None = None, clip_percentiles: Sequence[float] | None = (0.5, 99.5),
                   intensity: str = "zscore", val_per_domain: int = 1, steps_per_epoch: int | None = None,
                   cache: bool = True, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
-                  seed: int = 0) -> Loaders:
+                  seed: int = 0, rank: int = 0, world_size: int = 1) -> Loaders:
     """Training patches balanced over the source domains, plus validation and unseen-domain test volumes.
 
     ``root``/``manifest``: see :func:`load_manifest`. Domains: see :func:`split_cases`. Each training item is a
@@ -571,7 +610,15 @@ def build_loaders(root: str | os.PathLike, *, manifest: str | os.PathLike | None
     ``batch_size``). An epoch is ``steps_per_epoch`` batches (default: one pass over the training cases).
     Preprocessing: see :func:`preprocess_transforms`. ``cache``: keep preprocessed volumes in memory, or in
     ``cache_dir`` on disk when given (written atomically; reused across runs).
+
+    ``rank``/``world_size``: this process's part of a multi-process run. ``batch_size`` is then per rank: the
+    ranks' batches of a step together form the global batch that one process would draw (see
+    :class:`DomainBalancedSampler`), ``val`` and ``test`` hold every ``world_size``-th case from ``rank`` (None when
+    that share is empty), and an in-memory ``cache`` without ``cache_dir`` becomes one shared disk cache
+    (:func:`shared_cache_dir`) rather than a copy of the training set in every rank's memory.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
     man = load_manifest(root, manifest)
     split = split_cases(man, train_domains=train_domains, test_domain=test_domain, val_per_domain=val_per_domain,
                         seed=seed)
@@ -601,20 +648,25 @@ def build_loaders(root: str | os.PathLike, *, manifest: str | os.PathLike | None
                                            intensity, patch, man.labels]).encode()).hexdigest()[:16]
     domain_index = {d: i for i, d in enumerate(split.train_domains)}
     items = _items(split.train, domain_index)
+    if world_size > 1 and cache and cache_dir is None:
+        cache_dir = shared_cache_dir()
+        log.info("%d ranks: preprocessed training volumes are cached on disk in %s", world_size, cache_dir)
     train_ds = _dataset(items, train_xform, cache=cache, cache_dir=cache_dir, fingerprint=fingerprint)
 
     per_batch = batch_size // samples_per_volume
     n_items = (steps_per_epoch * per_batch if steps_per_epoch
-               else max(-(-len(items) // per_batch), 1) * per_batch)
-    sampler = DomainBalancedSampler([it["domain"] for it in items], n_items, seed)
-    generator = torch.Generator().manual_seed(_seed_for(seed, 0))
+               else max(-(-len(items) // (per_batch * world_size)), 1) * per_batch)
+    sampler = DomainBalancedSampler([it["domain"] for it in items], n_items, seed, batch_size=per_batch,
+                                    num_replicas=world_size, rank=rank)
+    generator = torch.Generator().manual_seed(_seed_for(seed, 0, rank))
     train = DataLoader(train_ds, batch_size=per_batch, sampler=sampler, num_workers=num_workers, drop_last=True,
                        generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
     common = dict(spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity, cache=cache,
                   num_workers=min(num_workers, 2))
-    val = volume_loader(split.val, labels=man.labels, **common) if split.val else None
-    test = volume_loader(split.test, labels=man.labels, **common) if split.test else None
+    val_cases, test_cases = split.val[rank::world_size], split.test[rank::world_size]
+    val = volume_loader(val_cases, labels=man.labels, **common) if val_cases else None
+    test = volume_loader(test_cases, labels=man.labels, **common) if test_cases else None
     data = Loaders(man, split, list(split.train_domains), train, val, test, pre, seed, man.num_classes,
-                   _sampler=sampler, _generator=generator)
+                   rank=rank, world_size=world_size, _sampler=sampler, _generator=generator)
     data.set_epoch(0)
     return data

@@ -1,0 +1,166 @@
+"""Multi-process training on the CPU (torchrun, gloo): the GS-EMA step across ranks equals one process with the
+global batch, ranks stay bitwise identical, data and evaluation are sharded, and a failing rank ends the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_run
+
+from gsema_fast.data.datasets import DomainBalancedSampler
+
+TESTS = Path(__file__).parent
+MODES = ["gsema", "gsema-conflict", "gsema-nobacl", "ema"]
+
+
+def torchrun(nproc: int, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=TESTS, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks' results of 2 steps x batch 1 per rank, for every mode, and one process's with batch 2."""
+    from dist_worker import run
+
+    out = tmp_path_factory.mktemp("two_ranks")
+    job = torchrun(2, "dist_worker.py", "--out", str(out), "--modes", *MODES, timeout=600)
+    assert job.returncode == 0, job.stdout + job.stderr
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = run(MODES, steps=2, global_batch=2, world_size=1, rank=0, fail_rank=None)
+    return ranks, single
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_make_the_steps_of_one_process_with_the_global_batch(two_ranks, mode):
+    ranks, single = two_ranks
+    for step, want in enumerate(single[mode]["metrics"]):
+        got = [r[mode]["metrics"][step] for r in ranks]
+        # each rank's losses are over its half of the batch: their mean is the global batch's loss
+        for key in ("dce_student_src", "dce_student_trg", "bacl", "total"):
+            if key in want:
+                assert np.mean([g[key] for g in got]) == pytest.approx(want[key], rel=1e-5), (key, step)
+        for key in ("aligned", "grad_cos", "skipped"):  # decided on averaged gradients: one value for all ranks
+            if key in want:
+                assert [g[key] for g in got] == pytest.approx([want[key]] * 2, rel=1e-4, abs=1e-6), (key, step)
+    if mode == "gsema-conflict":
+        assert [m["aligned"] for m in single[mode]["metrics"]] == [0.0, 0.0]
+    elif mode.startswith("gsema"):
+        assert [m["aligned"] for m in single[mode]["metrics"]] == [1.0, 1.0]
+    for name, want in single[mode]["teacher"].items():
+        torch.testing.assert_close(ranks[0][mode]["teacher"][name], want, rtol=1e-4, atol=1e-6)
+    for name, want in single[mode]["student"].items():
+        torch.testing.assert_close(ranks[0][mode]["student"][name], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_teacher_and_student_are_bitwise_identical_across_ranks(two_ranks, mode):
+    (rank0, rank1), _ = two_ranks
+    for net in ("teacher", "student"):
+        for name, value in rank0[mode][net].items():
+            assert torch.equal(rank1[mode][net][name], value), (net, name)
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_its_error(tmp_path):
+    started = time.monotonic()
+    # rank 0 waits in the second step's all-reduce for a rank that has died; the collective timeout is 10 minutes
+    job = torchrun(
+        2,
+        "dist_worker.py",
+        "--out",
+        str(tmp_path),
+        "--modes",
+        "gsema",
+        "--fail-rank",
+        "1",
+        "--timeout",
+        "600",
+        timeout=300,
+    )
+    elapsed = time.monotonic() - started
+    assert job.returncode != 0
+    assert "rank 1 fails on purpose after step 0" in job.stdout + job.stderr
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+@pytest.mark.parametrize("world, per_rank", [(2, 1), (3, 2), (2, 3)])
+def test_sampler_ranks_split_the_global_batches_of_one_process(world, per_rank):
+    domains = [0] * 5 + [1] * 4 + [2] * 6
+    steps = 7
+    single = list(DomainBalancedSampler(domains, steps * per_rank * world, seed=3, batch_size=per_rank * world))
+    shares = [
+        list(DomainBalancedSampler(domains, steps * per_rank, seed=3, batch_size=per_rank, num_replicas=world, rank=r))
+        for r in range(world)
+    ]
+    for step in range(steps):
+        global_batch = single[step * per_rank * world : (step + 1) * per_rank * world]
+        parts = [share[step * per_rank : (step + 1) * per_rank] for share in shares]
+        assert [i for part in parts for i in part] == global_batch
+        assert len(set(global_batch)) == len(global_batch), f"a case repeats within step {step}"
+
+
+def test_sampler_balances_domains_and_rejects_a_bad_rank():
+    domains = [0] * 2 + [1] * 3 + [2] * 2
+    order = list(DomainBalancedSampler(domains, 12, seed=0, batch_size=6))
+    for start in range(0, 12, 6):
+        batch = order[start : start + 6]
+        assert sorted(domains[i] for i in batch) == [0, 0, 1, 1, 2, 2]
+        assert len(set(batch)) == 6  # domains 0 and 2 have exactly two cases: both, never one twice
+    with pytest.raises(ValueError, match="rank=2"):
+        DomainBalancedSampler(domains, 4, num_replicas=2, rank=2)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from gsema_fast.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=3, size=32, seed=0)
+
+
+def test_loaders_give_each_rank_its_share_of_the_evaluation_cases(phantoms, tmp_path):
+    from gsema_fast.data import build_loaders
+
+    common = dict(
+        test_domain=2,
+        patch_size=(16, 16, 16),
+        batch_size=1,
+        val_per_domain=1,
+        steps_per_epoch=2,
+        cache_dir=tmp_path / "cache",
+    )
+    shares = [build_loaders(phantoms, rank=r, world_size=2, **common) for r in range(2)]
+    one = build_loaders(phantoms, **common)
+    for kind in ("val", "test"):
+        names = [[item["case"][0] for item in getattr(s, kind) or []] for s in shares]
+        assert not set(names[0]) & set(names[1])
+        assert sorted(names[0] + names[1]) == sorted(item["case"][0] for item in getattr(one, kind))
+    with pytest.raises(ValueError, match="rank=2"):
+        build_loaders(phantoms, rank=2, world_size=2, **common)
+
+
+def test_train_in_two_processes(phantoms, tmp_path):
+    """``gsema-fast train --nproc 2``: rank 0 alone writes the run folder; evaluation gathers every rank's cases."""
+    out = tmp_path / "run"
+    overrides = [*tiny_run(phantoms, batch_size=1), "train.device=cpu"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "gsema_fast", "train", "--nproc", "2", "--out", str(out)]
+    cmd += [a for kv in overrides for a in ("--set", kv)]
+    job = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert job.returncode == 0, job.stdout + job.stderr
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]  # one writer
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["test"]["cases"]) == 3  # the unseen centre's 3 cases, split over 2 ranks and gathered
+    final = torch.load(out / "checkpoints" / "final.pt", weights_only=False)
+    assert len(final["ranks"]) == 2 and final["step"] == 4
+    assert list((tmp_path / "cache" / "gsema-fast" / "preprocessed").glob("*.pt"))  # shared on disk, not in memory
+    assert "INFO [rank 0]" in job.stderr and "INFO [rank 1]" not in job.stderr  # rank 0 alone reports progress
