@@ -14,7 +14,9 @@ present) and its simulated target, then times each mode's step in the same proce
 
 Step times are medians over ``steps`` timed steps after ``warmup`` untimed ones (the first of which, compilation
 included, is reported on its own), synchronised on CUDA. The target transform's time per batch is reported next to
-them: data must never be what limits a step.
+them: data must never be what limits a step. With ``train.compile`` the compiled code is loaded from and saved to
+the compile cache (:func:`gsema_fast.train.compile_cache_file`), so a second run of the same config reports a warm
+first step (``"compile_cache": "warm"``).
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def _time(fn, device: torch.device, *, steps: int, warmup: int) -> dict:
 
 def prepare(cfg: Config):
     """``(resolved cfg, StepContext, (x_s, y_s, x_t, y_t), target transform)`` for timing steps of ``cfg``."""
-    from gsema_fast.train import build_context, compile_blocks, seed_everything
+    from gsema_fast.train import build_context, compile_blocks, compile_cache_file, load_compile_cache, seed_everything
 
     cfg = resolve_auto(dataclasses.replace(cfg, ema=dataclasses.replace(cfg.ema, mode="gsema")))
     device = torch.device(cfg.train.device)
@@ -159,6 +161,7 @@ def prepare(cfg: Config):
     x_s, y_s, x_t, y_t, transform = _batch(cfg, device)
     ctx = build_context(cfg, device)
     if cfg.train.compile:
+        load_compile_cache(compile_cache_file(cfg, device))
         compile_blocks(ctx)
     return cfg, ctx, (x_s, y_s, x_t, y_t), transform
 
@@ -171,8 +174,11 @@ def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> 
         raise ValueError(f"mode: expected some of {MODES}, got {unknown}")
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps={steps}, warmup={warmup}: both must be at least 1")
+    from gsema_fast.train import compile_cache_file, save_compile_cache
+
     cfg, ctx, (x_s, y_s, x_t, y_t), transform = prepare(cfg)
     device = torch.device(cfg.train.device)
+    cache = compile_cache_file(cfg, device)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -182,6 +188,8 @@ def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> 
         "batch_size": cfg.data.batch_size,
         "amp": cfg.train.amp,
         "compile": cfg.train.compile,
+        # warm: compiled code of an earlier run was loaded, so first_step_s shows a warm start
+        "compile_cache": "off" if cache is None else "warm" if cache.is_file() else "cold",
         "threads": torch.get_num_threads(),
         "modes": {},
     }
@@ -191,6 +199,7 @@ def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> 
         report["modes"][mode] = _time(
             step_function(mode, cfg, ctx, x_s, y_s, x_t, y_t), device, steps=steps, warmup=warmup
         )
+    save_compile_cache(cache)
     if "plain" in report["modes"]:
         plain = report["modes"]["plain"]["median_ms"]
         for result in report["modes"].values():

@@ -290,6 +290,10 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # auto: compile on CUDA only.
     compile: Literal["auto", True, False] = "auto"
+    # Keep the compiled code between runs of the same model, shapes and device, so a second run starts warm;
+    # compile_cache_dir None: a per-user cache folder.
+    compile_cache: bool = True
+    compile_cache_dir: str | None = None
     seed: int = 0
     # Deterministic algorithms (slower); needed for bit-exact resume.
     deterministic: bool = False

@@ -11,6 +11,7 @@ validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -161,12 +162,78 @@ def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> 
 def compile_blocks(ctx: StepContext) -> int:
     """Compile each repeated block of student and teacher with static shapes; equal blocks share compiled code, so
     the first step compiles each distinct block once rather than the whole network."""
-    count = 0
-    for net in (ctx.student, ctx.teacher):
-        for _, block in repeated_blocks(net):
-            block.compile(dynamic=False)
-            count += 1
-    return count
+    blocks = [block for net in (ctx.student, ctx.teacher) for _, block in repeated_blocks(net)]
+    # Every compiled block is one code object to dynamo (Module._call_impl), so each distinct (block, shape, grad
+    # mode) is one more entry of one cache: past the default limit of 8 the rest would silently run eager.
+    # Room for each block at the student's, the teacher's and the sliding window's batch, with and without grad.
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    # The step walks the encoder's backward twice (its DCE pass keeps the graph for BACL's pass); compiled backward
+    # graphs that donate their saved buffers allow only one walk.
+    functorch_config.donated_buffer = False
+    needed = 6 * len(blocks)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * needed)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
+
+
+def compile_cache_file(cfg: Config, device: torch.device) -> Path | None:
+    """Where the compiled code of this run's blocks is kept between runs (None: compilation or its cache is off).
+
+    The file is named after what decides the compiled graphs: torch version, device, model, patch and batch sizes,
+    AMP and the sliding window's batch. Inductor's own caches key every graph too, so a stale file only misses."""
+    cfg = resolve_auto(cfg, device.type)  # "auto" settings name the same file as their resolved values
+    t = cfg.train
+    if not t.compile or not t.compile_cache:
+        return None
+    folder = t.compile_cache_dir
+    if folder is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "gsema-fast", "compiled")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    key = [
+        torch.__version__,
+        device_name,
+        config_to_dict(cfg)["model"],
+        cfg.data.patch_size,
+        cfg.data.batch_size,
+        t.amp,
+        cfg.eval.sw_batch_size,
+    ]
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(folder).expanduser() / f"{cfg.model.name}-{digest}.bin"
+
+
+def load_compile_cache(path: Path | None) -> bool:
+    """Load compiled code saved by an earlier run; False when there is none (or it cannot be read).
+
+    Inductor's own on-disk cache (generated code, compiled CPU modules, Triton binaries) moves next to the file
+    unless ``TORCHINDUCTOR_CACHE_DIR`` is set: its default lives in /tmp, which does not outlast a reboot, and the
+    saved artifacts alone still leave the CPU's C++ modules to be rebuilt."""
+    if path is None:
+        return False
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path.parent / "inductor"))
+    if not path.is_file():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as err:  # a file from another torch build: compile afresh and overwrite it
+        log.warning("compile cache %s could not be loaded (%s); compiling from scratch", path, err)
+        return False
+    return True
+
+
+def save_compile_cache(path: Path | None) -> None:
+    """Save everything compiled in this process so far (blocks of every shape and grad mode met)."""
+    if path is None:
+        return
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return
+    atomic_write(path, lambda f: f.write(artifacts[0]))
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -218,12 +285,17 @@ def _mean_dice(per_case: list[dict]) -> dict[str, float]:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written checkpoint."""
+    """``torch.save`` that never leaves a half-written checkpoint (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(binary file)`` on a temporary file in the same folder, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -473,9 +545,15 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
     elif data.split.test:
         untrained = evaluate_teacher(ctx, data.test, labels, cfg, device, "untrained teacher, unseen centre")["mean"]
 
+    compile_cache = compile_cache_file(cfg, device)
     if cfg.train.compile:
         started = time.perf_counter()
-        log.info("compiling %d blocks (static shapes); the first step includes compilation", compile_blocks(ctx))
+        warm = load_compile_cache(compile_cache)
+        log.info(
+            "compiling %d blocks (static shapes, %s); the first step includes compilation",
+            compile_blocks(ctx),
+            f"warm from {compile_cache}" if warm else "cold",
+        )
         compile_started = started
     else:
         compile_started = None
@@ -504,6 +582,8 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
             if compile_started is not None:
                 log.info("first step (with compilation) took %.1f s", time.perf_counter() - compile_started)
                 compile_started = None
+                if main:
+                    save_compile_cache(compile_cache)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 record = interval.flush(kind="train", step=step, epoch=epoch, lr=scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{record['total']:.3f}", aligned=f"{record.get('aligned', float('nan')):.2f}")
@@ -581,4 +661,6 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
                     default=str,
                 )
             )
+    if main:
+        save_compile_cache(compile_cache)  # now with the evaluation's shapes too
     return result

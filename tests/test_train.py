@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +17,9 @@ from tiny import make_ctx, params_of, tiny_batch, tiny_run
 from gsema_fast import ops
 from gsema_fast.config import load_config
 from gsema_fast.losses import DiceCE
+from gsema_fast.models import repeated_blocks
 from gsema_fast.step import flat_gradient_buffers, forward_all, train_step
-from gsema_fast.train import train
+from gsema_fast.train import compile_blocks, train
 
 # ------------------------------------------------------------------------------------------------ the step
 
@@ -234,3 +240,67 @@ def test_train_config_and_data_errors(tmp_path):
         load_config("demo", ["model.name=swinunetr", "data.patch_size=[48,48,48]"])
     with pytest.raises(FileNotFoundError, match="--resume"):
         train(load_config("demo", [f"train.out_dir={tmp_path / 'fresh'}"]), resume=True)
+
+
+def test_compile_blocks_settings(monkeypatch):
+    """Compiled SwinUNETR blocks donate their saved buffers, which forbids the second walk of the encoder's backward
+    that every GS-EMA step with BACL makes (seen at F=12, 64^3; tiny models compile without donated buffers, so this
+    checks the setting); and dynamo must keep an entry for every distinct block rather than stop at 8."""
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    ctx = make_ctx("gsema")
+    blocks = compile_blocks(ctx)
+    assert blocks == 2 * len(repeated_blocks(ctx.student)) > 8
+    assert functorch_config.donated_buffer is False
+    assert dynamo_config.recompile_limit >= 6 * blocks
+
+
+COMPILE_RUN = """
+import json, sys
+from pathlib import Path
+from torch._dynamo.utils import counters
+from tiny import make_ctx, tiny_batch
+from gsema_fast.step import train_step
+from gsema_fast.train import compile_blocks, load_compile_cache, save_compile_cache
+
+cache = Path(sys.argv[1])
+warm = load_compile_cache(cache)
+ctx = make_ctx("gsema")
+blocks = compile_blocks(ctx)
+out = train_step(ctx, *tiny_batch())
+save_compile_cache(cache)
+print(json.dumps({"warm": warm, "blocks": blocks, "total": out["total"].item(), **counters["inductor"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on the CPU needs a C++ compiler"
+)
+def test_compile_cache_makes_a_second_run_warm(tmp_path):
+    """A compiled GS-EMA step in two fresh processes, each with its own empty inductor cache: the second finds every
+    compiled block in our cache file and compiles nothing. The blocks of distinct shapes (more than dynamo's default
+    limit of 8 entries per code object) all stay compiled."""
+    cache = tmp_path / "compiled.bin"
+    runs = []
+    for name in ("cold", "warm"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"), "TRITON_INTERPRET": "0"}
+        job = subprocess.run(
+            [sys.executable, "-c", COMPILE_RUN, str(cache)],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        assert job.returncode == 0, job.stderr
+        assert "recompile_limit" not in job.stderr, job.stderr  # no block fell back to eager
+        runs.append(json.loads(job.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert not cold["warm"] and warm["warm"]
+    assert cold.get("fxgraph_cache_miss", 0) > 8 and cold.get("fxgraph_cache_hit", 0) == 0
+    assert warm.get("fxgraph_cache_miss", 0) == 0 and warm["fxgraph_cache_hit"] == cold["fxgraph_cache_miss"]
+    assert warm["total"] == pytest.approx(cold["total"], rel=1e-6)
