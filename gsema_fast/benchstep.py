@@ -157,6 +157,10 @@ def prepare(cfg: Config):
 
     cfg = resolve_auto(dataclasses.replace(cfg, ema=dataclasses.replace(cfg.ema, mode="gsema")))
     device = torch.device(cfg.train.device)
+    if device.type == "cpu" and cfg.train.retain_cpu_memory:  # as train() does: every mode gains from it
+        from gsema_fast.memory import retain_freed_memory
+
+        retain_freed_memory()
     seed_everything(cfg.train.seed, False)
     x_s, y_s, x_t, y_t, transform = _batch(cfg, device)
     ctx = build_context(cfg, device)
@@ -191,6 +195,7 @@ def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> 
         # warm: compiled code of an earlier run was loaded, so first_step_s shows a warm start
         "compile_cache": "off" if cache is None else "warm" if cache.is_file() else "cold",
         "threads": torch.get_num_threads(),
+        "retain_cpu_memory": cfg.train.retain_cpu_memory if device.type == "cpu" else None,
         "modes": {},
     }
     report["target_transform_ms"] = _time(lambda: transform(x_s, y_s), device, steps=steps, warmup=1)["median_ms"]

@@ -303,6 +303,9 @@ class TrainConfig:
     # Consecutive steps with a non-finite loss or gradient after which the run stops.
     max_nonfinite_steps: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # On the CPU, keep freed memory in the process for reuse (see gsema_fast.memory): about 2x faster steps, while
+    # the resident size stays at its peak.
+    retain_cpu_memory: bool = True
     # Multi-process runs (torchrun): seconds any collective may wait for the other ranks before the job fails.
     dist_timeout_s: float = 600.0
 

@@ -29,6 +29,7 @@ from gsema_fast import distributed
 from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.losses import BACL, DiceCE
+from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, repeated_blocks
 from gsema_fast.step import StepContext, train_step
 
@@ -489,6 +490,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
 def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
     device, main = dist_ctx.device, dist_ctx.is_main
+    if device.type == "cpu" and cfg.train.retain_cpu_memory:
+        retain_freed_memory()
     run_dir = Path(cfg.train.out_dir).expanduser()
     ckpt_dir = run_dir / "checkpoints"
     latest = ckpt_dir / "latest.pt"

@@ -304,3 +304,27 @@ def test_compile_cache_makes_a_second_run_warm(tmp_path):
     assert cold.get("fxgraph_cache_miss", 0) > 8 and cold.get("fxgraph_cache_hit", 0) == 0
     assert warm.get("fxgraph_cache_miss", 0) == 0 and warm["fxgraph_cache_hit"] == cold["fxgraph_cache_miss"]
     assert warm["total"] == pytest.approx(cold["total"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["gsema", "ema"])
+def test_step_never_waits_for_the_host_on_a_gpu(mode, monkeypatch):
+    """A whole training step (bf16 autocast, fused kernels, device-side skip and decision) under
+    ``torch.cuda.set_sync_debug_mode("error")``, after a first step that builds the launch tables and optimizer
+    state."""
+    monkeypatch.delenv("GSEMA_FAST_BACKEND", raising=False)
+    ctx = make_ctx(mode)
+    for module in (ctx.student, ctx.teacher):
+        module.cuda()
+    ctx.optimizer = torch.optim.SGD(ctx.student.parameters(), lr=0.05, fused=True)
+    ctx.__post_init__()  # gradient buffers on the device
+    ctx.amp_dtype = torch.bfloat16
+    batch = [t.cuda() for t in tiny_batch()]
+    train_step(ctx, *batch, teacher_logits=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = train_step(ctx, *batch, teacher_logits=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out["skipped"].item() == 0.0
