@@ -170,8 +170,34 @@ def prepare(cfg: Config):
     return cfg, ctx, (x_s, y_s, x_t, y_t), transform
 
 
-def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> dict:
-    """Time the given modes' steps on the configured model, patch and device; JSON-ready dict with ratios."""
+def _loader_ms(cfg: Config, batches: int) -> float:
+    """Median host time to draw one training batch from the configured dataset's loader (after a first batch that
+    fills the caches); the built-in phantoms are synthesised first if missing."""
+    from gsema_fast.train import build_data
+
+    data = build_data(cfg)
+    batches_per_epoch = len(data.train)
+    if batches_per_epoch == 0:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: the training loader yields no batch to time")
+    times, epoch = [], 0
+    while len(times) < batches:
+        data.set_epoch(epoch)
+        iterator = iter(data.train)
+        if epoch == 0:
+            next(iterator)
+        for _ in range(min(batches - len(times), batches_per_epoch - (epoch == 0))):
+            started = time.perf_counter()
+            next(iterator)
+            times.append(time.perf_counter() - started)
+        epoch += 1
+    return round(statistics.median(times) * 1e3, 2)
+
+
+def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2, loader: bool = True) -> dict:
+    """Time the given modes' steps on the configured model, patch and device; JSON-ready dict with ratios.
+
+    ``loader``: also time the configured dataset's training loader (``loader_ms``), reported with the target
+    transform's time (``data_ms``) next to the step times."""
 
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -199,6 +225,9 @@ def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2) -> 
         "modes": {},
     }
     report["target_transform_ms"] = _time(lambda: transform(x_s, y_s), device, steps=steps, warmup=1)["median_ms"]
+    if loader:
+        report["loader_ms"] = _loader_ms(cfg, max(steps, 3))
+        report["data_ms"] = round(report["loader_ms"] + report["target_transform_ms"], 2)
     for mode in modes:
         log.info("bench-step: timing %s (%d warm-up + %d timed steps)", mode, warmup, steps)
         report["modes"][mode] = _time(

@@ -249,6 +249,9 @@ def _add_bench_step(sub) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default 2)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument(
+        "--no-loader", action="store_true", help="do not time the dataset's training loader (no dataset needed)"
+    )
     p.set_defaults(run=_run_bench_step)
 
 
@@ -264,7 +267,7 @@ def _run_bench_step(args) -> int:
 
     cfg = load_config(args.config or ("gpu" if torch.cuda.is_available() else "demo"), args.set)
     modes = MODES if args.mode == "all" else (args.mode,)
-    text = json.dumps(bench_step(cfg, modes, steps=args.steps, warmup=args.warmup), indent=1)
+    text = json.dumps(bench_step(cfg, modes, steps=args.steps, warmup=args.warmup, loader=not args.no_loader), indent=1)
     sys.stdout.write(text + "\n")
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -148,6 +148,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
     if nproc < 1:
         raise ValueError(f"--nproc={nproc}: expected at least 1 process")
+    # torchrun would give each process one thread; share the cores out instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "--module", "gsema_fast", *argv])
     try:
         run(args)

@@ -55,16 +55,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1):
+def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1, local_rank: int = 0):
     """Loaders for training patches, validation volumes (held-out cases of the training centres) and the unseen
     centre (``data.test_domain``; None: the dataset's last domain); in a multi-process run, this rank's share."""
     from gsema_fast.data import build_loaders, dataset_folder, load_manifest
 
     d = cfg.data
-    if rank == 0:  # rank 0 synthesises the built-in data if it is missing; the others then find it
+    # The built-in data is synthesised where missing by one process at a time: rank 0, then the first rank of each
+    # other machine (which finds it on a shared file system), then everyone else.
+    if rank == 0:
         root = dataset_folder(d)
     distributed.barrier()
-    if rank != 0:
+    if rank != 0 and local_rank == 0:
+        root = dataset_folder(d)
+    distributed.barrier()
+    if local_rank != 0:
         root = dataset_folder(d)
     test_domain = d.test_domain
     if test_domain is None:
@@ -357,17 +362,17 @@ def restore(state: dict, ctx, scheduler, transform) -> None:
         ctx.scaler.load_state_dict(state["scaler"])
     if ctx.updater is not None and state["updater"] is not None:
         ctx.updater.load_state_dict(state["updater"])
-    own = state
-    ranks = state.get("ranks", [state])
-    if len(ranks) == distributed.world_size():
-        own = ranks[distributed.rank()]
-    else:
+    ranks, rank = state.get("ranks", [state]), distributed.rank()
+    if len(ranks) != distributed.world_size():
         log.warning(
-            "the checkpoint was written by %d rank(s), this run has %d: weights and optimizer resume exactly, the "
-            "random streams restart from rank 0's",
+            "the checkpoint was written by %d rank(s), this run has %d: weights and optimizer resume exactly; ranks "
+            "the checkpoint does not know keep fresh random streams",
             len(ranks),
             distributed.world_size(),
         )
+    if rank >= len(ranks):
+        return
+    own = ranks[rank]
     transform.load_state_dict(own["target_transform"])
     random.setstate(own["rng"]["python"])
     np.random.set_state(own["rng"]["numpy"])
@@ -389,6 +394,7 @@ class IntervalLog:
         self.steps = 0
         self.started = time.perf_counter()
         self.nonfinite_run = 0
+        self.data_wait = 0.0  # host seconds spent waiting for the loader in this interval
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
@@ -410,11 +416,17 @@ class IntervalLog:
         skipped = round(values.get("skipped", 0.0) * self.steps)
         self.nonfinite_run = self.nonfinite_run + skipped if skipped == self.steps else skipped
         elapsed = time.perf_counter() - self.started
-        record = {**fields, **values, "step_time_s": elapsed / self.steps, "skipped_steps": skipped}
+        record = {
+            **fields,
+            **values,
+            "step_time_s": elapsed / self.steps,
+            "data_wait_s": self.data_wait / self.steps,  # of step_time_s: data must not be what limits a step
+            "skipped_steps": skipped,
+        }
         if torch.cuda.is_available():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.write(record)
-        self.sums, self.counts, self.steps, self.started = {}, {}, 0, time.perf_counter()
+        self.sums, self.counts, self.steps, self.started, self.data_wait = {}, {}, 0, time.perf_counter(), 0.0
         return record
 
     def write(self, record: dict) -> None:
@@ -504,7 +516,7 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
         log.info("%s", cfg.note)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-    data = build_data(cfg, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    data = build_data(cfg, rank=dist_ctx.rank, world_size=dist_ctx.world_size, local_rank=dist_ctx.local_rank)
     if dist_ctx.distributed:
         log.info(
             "%d ranks x batch %d = global batch %d",
@@ -527,6 +539,8 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
     transform_seed = cfg.train.seed + 7919 * dist_ctx.rank
     transform = TargetTransform(seed=transform_seed, **config_to_dict(cfg)["target_transform"]).to(device)
     ctx = build_context(cfg, device, world_size=dist_ctx.world_size)
+    if dist_ctx.rank:  # weights came from rank 0; dropout and other draws differ per rank, as across one batch
+        torch.manual_seed(transform_seed)
     scheduler = build_scheduler(cfg, ctx.optimizer)
     log.info(
         "model %s (%.1fM parameters), ema.mode %s, bacl %s, amp %s, device %s",
@@ -540,7 +554,9 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
 
     epoch, step, best_score, untrained, last_val = 0, 0, -1.0, None, None
     if resume:
-        state = torch.load(latest, map_location=device, weights_only=False)
+        # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device
+        # by their load_state_dict.
+        state = torch.load(latest, map_location="cpu", weights_only=False)
         restore(state, ctx, scheduler, transform)
         epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
         untrained, last_val = state["untrained"], state["last_val"]
@@ -571,7 +587,9 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
     while epoch < cfg.train.epochs and step < total_steps and stopped is None:
         data.set_epoch(epoch)
         ctx.student.train()
+        waited = time.perf_counter()
         for batch in data.train:
+            interval.data_wait += time.perf_counter() - waited
             x_s = batch["image"].to(device, non_blocking=True)
             y_s = batch["label"].to(device, non_blocking=True)
             x_t, y_t = transform(x_s, y_s)
@@ -605,6 +623,7 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
                     break
             if step >= total_steps:
                 break
+            waited = time.perf_counter()
         if stopped is not None:
             break
         epoch += 1

@@ -199,6 +199,7 @@ def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeyp
     records = train_records(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"dce_student_src", "dce_student_trg", "bacl", "grad_cos", "aligned", "lr", "step_time_s"} <= set(records[0])
+    assert all(0 <= r["data_wait_s"] <= r["step_time_s"] for r in records)
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["test"]["mean"]) == {"vessel", "aneurysm"}
 
@@ -222,6 +223,22 @@ def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeyp
     ck_resumed = torch.load(resumed["final"], weights_only=False)
     for name, value in ck_full["teacher"].items():
         torch.testing.assert_close(ck_resumed["teacher"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_step_times_every_mode_and_the_data(phantoms, tmp_path):
+    from gsema_fast.cli import main
+
+    out = tmp_path / "bench.json"
+    overrides = [a for kv in [*tiny_run(phantoms), "train.device=cpu"] for a in ("--set", kv)]
+    assert main(["bench-step", *overrides, "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"plain", "reference", "gsema"}
+    for result in report["modes"].values():
+        assert 0 < result["p20_ms"] <= result["median_ms"] <= result["p80_ms"] and result["first_step_s"] > 0
+    assert report["modes"]["plain"]["x_plain"] == 1.0 and report["modes"]["gsema"]["x_plain"] > 0
+    assert report["gsema_speedup_vs_reference"] > 0
+    assert report["data_ms"] == pytest.approx(report["loader_ms"] + report["target_transform_ms"], abs=0.02)
+    assert report["loader_ms"] > 0 and report["compile_cache"] == "off"
 
 
 def test_train_stops_on_repeated_nonfinite_losses(phantoms, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,12 +431,14 @@ class _AtomicPersistentDataset(PersistentDataset):
         with _own_errors():
             item = self._pre_transform(dict(item_transformed))
         item = convert_to_tensor(item, convert_numeric=False, track_meta=False)  # loadable with weights_only
-        tmp = hashfile.with_name(f".{hashfile.name}.{os.getpid()}.tmp")
+        # a unique temporary name: ranks on machines sharing this folder may have equal process ids
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{hashfile.name}.", suffix=".tmp")
         try:
-            torch.save(item, tmp)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(item, f)
             os.replace(tmp, hashfile)
         finally:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
         return item
 
     def _transform(self, index: int):
