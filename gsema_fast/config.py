@@ -20,9 +20,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import logging
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from gsema_fast.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -552,20 +552,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``cfg`` as YAML, atomically (temp file + rename), so a crash never leaves half a config."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file private (0600); a saved config is meant to be read by anyone.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gsema_fast.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -298,19 +300,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
 
 
 def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
@@ -502,13 +501,8 @@ def _save_nifti_like(data: np.ndarray, like, path: Path) -> None:
     img = type(like)(data, like.affine, header=header)
     # The input's scaling (scl_slope / scl_inter) describes its intensities, not labels or probabilities.
     img.header.set_slope_inter(1.0, 0.0)
-    # nibabel picks compression from the name, so the temporary file keeps the real ending.
-    tmp = path.with_name(f".{os.getpid()}.tmp.{path.name}")
-    try:
+    with atomic_path(path) as tmp:  # its name keeps the real ending, from which nibabel picks compression
         img.to_filename(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _dataset_root(cfg, data: str | os.PathLike | None) -> tuple[Path, str | None]:
@@ -866,9 +860,8 @@ def write_lodo_table(records: Sequence[Mapping[str, Any]], out_dir: str | os.Pat
                   "baseline; the DynUNet row here is MONAI's nnU-Net-style network trained with this project's "
                   "loop, not the nnU-Net framework.", ""]
     paths = {"markdown": out / "lodo_table.md", "csv": out / "lodo_table.csv", "runs": out / "lodo_runs.csv"}
-    tmp = paths["markdown"].with_name(f".{os.getpid()}.tmp.lodo_table.md")
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
-    os.replace(tmp, paths["markdown"])
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text("\n".join(lines).rstrip() + "\n")
     _write_csv(summary_rows, paths["csv"], ["row", "class", "scope", "metric", "mean", "sd", "n"])
     run_rows = []
     for rec in records:

@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from gsema_fast.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 __all__ = ["collect_latents", "latent_tsne", "plot_case_mips", "plot_latent_tsne"]
@@ -41,14 +43,9 @@ _AXES = (("sagittal", 0), ("coronal", 1), ("axial", 2))  # projection name and t
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{os.getpid()}.tmp.{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

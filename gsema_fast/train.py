@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from gsema_fast import distributed
 from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
 from gsema_fast.ema import EMA, GSEMA
+from gsema_fast.files import atomic_path
 from gsema_fast.losses import BACL, DiceCE
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, repeated_blocks
@@ -239,7 +239,8 @@ def save_compile_cache(path: Path | None) -> None:
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
         return
-    atomic_write(path, lambda f: f.write(artifacts[0]))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(artifacts[0])
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -291,21 +292,9 @@ def _mean_dice(per_case: list[dict]) -> dict[str, float]:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` that never leaves a half-written checkpoint (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(binary file)`` on a temporary file in the same folder, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` that never leaves a half-written checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rank_state(transform) -> dict:
@@ -467,10 +456,9 @@ def draw_progress(log_path: Path, out_path: Path) -> None:
     ax.plot([r["step"] for r in train], [r["lr"] for r in train])
     ax.set(title="learning rate", xlabel="step", yscale="log")
     fig.tight_layout()
-    tmp = out_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, out_path)
 
 
 def _format_table(title: str, rows: dict[str, dict[str, float]]) -> str:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ from monai.transforms import (
     Transform,
 )
 from monai.utils import convert_to_tensor
+
+from gsema_fast.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -431,14 +432,8 @@ class _AtomicPersistentDataset(PersistentDataset):
         with _own_errors():
             item = self._pre_transform(dict(item_transformed))
         item = convert_to_tensor(item, convert_numeric=False, track_meta=False)  # loadable with weights_only
-        # a unique temporary name: ranks on machines sharing this folder may have equal process ids
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{hashfile.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(item, f)
-            os.replace(tmp, hashfile)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(hashfile) as tmp:  # ranks of a multi-process run may write the same entry at once
+            torch.save(item, tmp)
         return item
 
     def _transform(self, index: int):

@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
+
+from gsema_fast.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -427,25 +428,8 @@ def _affine(shape: tuple, spacing: np.ndarray, axcodes: str) -> np.ndarray:
 
 def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
     """Write next to the target and rename over it, so an interruption never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=FILE_ENDING)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -587,7 +571,8 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
         "training": [entries[_case_name(d, i)] for d in range(domains) for i in range(cases_per_domain)],
         "synth": params,
     }
-    _atomic_write_text(json.dumps(manifest, indent=1) + "\n", manifest_path)
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 
