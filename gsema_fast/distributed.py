@@ -131,14 +131,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(items: Sequence, rank_: int | None = None, world: int | None = None) -> list:
-    """This rank's share of ``items`` (every ``world``-th one from ``rank``), in order; shares are disjoint and
-    together hold every item once."""
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
-    return list(items)[rank_::world]
-
-
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``gsema-fast <argv>`` in ``nproc`` processes on this machine, as ``torchrun --standalone
     --nproc_per_node nproc -m gsema_fast <argv>`` would; returns the job's exit status (non-zero, with the failing
