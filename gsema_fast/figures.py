@@ -1,8 +1,11 @@
 """Pictures of segmentations and latents: maximum-intensity projections with overlays, t-SNE of teacher latents.
 
 - :func:`plot_case_mips`: the image's MIP along the three axes (in RAS orientation, at the true aspect ratio), with
-  the reference and the prediction overlaid (vessel and aneurysm in two colours) and a third row that marks false
-  positives and false negatives of each class.
+  the reference and the prediction overlaid (vessel and aneurysm in two colours) and a third row that shows, per
+  ray, the fraction of the class's voxels (reference or prediction) that are false positives or false negatives, so
+  that a thin shell of boundary errors around a well-segmented sac stays faint and a missed sac is bright.
+- :func:`plot_dataset_mips`: image and label MIPs of a few cases of every centre of a dataset (what the centres'
+  acquisitions look like side by side).
 - :func:`latent_tsne`: teacher latents of patches from every centre of a dataset, one t-SNE panel per checkpoint
   (e.g. an EMA and a GS-EMA run side by side), coloured by centre; a lower domain silhouette (computed on the latents
   themselves, not on the embedding) means centres overlap more, i.e. more domain-invariant features.
@@ -30,7 +33,7 @@ from gsema_fast.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["collect_latents", "latent_tsne", "plot_case_mips", "plot_latent_tsne"]
+__all__ = ["collect_latents", "latent_tsne", "plot_case_mips", "plot_dataset_mips", "plot_latent_tsne"]
 
 # Class colours (RGB) by position among the foreground classes: vessel red, aneurysm yellow, then more.
 _CLASS_COLOURS = [(0.9, 0.15, 0.1), (1.0, 0.85, 0.0), (0.2, 0.6, 1.0), (0.6, 0.3, 0.9)]
@@ -82,7 +85,10 @@ def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine:
 
     ``image``, ``pred``, ``ref``: arrays on the same voxel grid whose affine is ``affine`` (the image's own grid,
     any storage orientation); they are reoriented to RAS and shown at the voxel spacing's aspect ratio. Overlays
-    are projections too: a pixel shows a class if any voxel along the ray has it (the later class on top).
+    are projections too: a pixel shows a class if any voxel along the ray has it (the later class on top). In the
+    errors row a pixel's colour strength is the fraction of the class's voxels on its ray (reference or
+    prediction) that are wrong: a maximum projection of the error masks would paint a whole sac as missed when
+    only its outer shell is.
     """
     classes = _foreground(labels)
     image = _to_ras(np.asarray(image, np.float32), affine)
@@ -105,12 +111,12 @@ def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine:
                 p_proj = (pred == value).any(axis=axis)
                 r_proj = (ref == value).any(axis=axis)
                 if source == "errors":
-                    p_mask = (pred == value) & (ref != value)
-                    r_mask = (ref == value) & (pred != value)
-                    strength = 0.55 if k == 0 and len(classes) > 1 else 1.0
-                    for mask, err_colour in ((p_mask, _FP_COLOUR), (r_mask, _FN_COLOUR)):
-                        shown = mask.any(axis=axis)
-                        rgb[shown] = (1 - strength) * rgb[shown] + strength * err_colour
+                    in_pred, in_ref = pred == value, ref == value
+                    along_ray = np.maximum((in_pred | in_ref).sum(axis=axis), 1)
+                    weight = 0.55 if k == 0 and len(classes) > 1 else 1.0
+                    for mask, err_colour in ((in_pred & ~in_ref, _FP_COLOUR), (in_ref & ~in_pred, _FN_COLOUR)):
+                        strength = (weight * mask.sum(axis=axis) / along_ray)[..., None]
+                        rgb[:] = (1 - strength) * rgb + strength * err_colour
                 else:
                     shown = r_proj if source == "reference" else p_proj
                     rgb[shown] = 0.35 * rgb[shown] + 0.65 * colour
@@ -124,6 +130,46 @@ def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine:
                 ax.set_ylabel(source)
     handles = [Patch(color=_CLASS_COLOURS[k % len(_CLASS_COLOURS)], label=name) for k, (name, _) in enumerate(classes)]
     handles += [Patch(color=_FP_COLOUR, label="false positive"), Patch(color=_FN_COLOUR, label="false negative")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_dataset_mips(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], labels: Mapping[str, Any],
+                      path: str | os.PathLike, *, title: str = "") -> Path:
+    """Write one row per case: the image's axial and coronal MIPs, then the same with the label overlaid.
+
+    ``cases``: ``(caption, image, label, affine)`` per row, each pair on its own grid (any storage orientation,
+    shown in RAS at the true aspect ratio).
+    """
+    if not cases:
+        raise ValueError("plot_dataset_mips: no cases to draw")
+    classes = _foreground(labels)
+    views = (_AXES[2], _AXES[1])
+    fig = Figure(figsize=(10, 2.6 * len(cases)), dpi=90)
+    grid = fig.subplots(len(cases), 4, squeeze=False)
+    for row, (caption, image, label, affine) in enumerate(cases):
+        image = _to_ras(np.asarray(image, np.float32), affine)
+        label = _to_ras(np.asarray(label), affine)
+        spacing = _ras_spacing(affine)
+        for k, (view, axis) in enumerate(views):
+            mip = _window(image.max(axis=axis))
+            rest = [a for a in range(3) if a != axis]
+            aspect = spacing[rest[1]] / spacing[rest[0]]
+            overlay = np.repeat(mip[..., None], 3, axis=-1)
+            for c, (_, value) in enumerate(classes):
+                shown = (label == value).any(axis=axis)
+                overlay[shown] = 0.35 * overlay[shown] + 0.65 * np.array(_CLASS_COLOURS[c % len(_CLASS_COLOURS)])
+            for col, picture in ((k, np.repeat(mip[..., None], 3, axis=-1)), (k + 2, overlay)):
+                ax = grid[row, col]
+                ax.imshow(np.transpose(picture, (1, 0, 2)), origin="lower", aspect=aspect, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{view} MIP" + (", labels" if col >= 2 else ""), fontsize=9)
+        grid[row, 0].set_ylabel(caption, fontsize=9)
+    handles = [Patch(color=_CLASS_COLOURS[k % len(_CLASS_COLOURS)], label=name) for k, (name, _) in enumerate(classes)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     if title:
         fig.suptitle(title)

@@ -1,11 +1,15 @@
 """Synthetic multi-centre 3D rotational angiography (3DRA) phantoms with vessel and aneurysm labels.
 
-Each case is a branching vessel tree (tapering, tortuous tubes over a few generations) with 0 to 2 saccular
-aneurysms at bifurcation apices or on vessel walls, drawn in millimetres and then "acquired" by one centre: its
-voxel grid (spacing, matrix, storage orientation), point-spread function, contrast and gamma, background level and
-texture, bias field, noise model and artifacts (metal streaks, detector rings), and its integer or float storage.
-Anatomy is drawn from the same distribution everywhere (apart from each centre's aneurysm size range), so a model
-that generalises across acquisition styles can segment every centre.
+Each case is what a 3DRA series is acquired for: a field of view around one or two saccular aneurysms, in a
+branching vessel tree (tapering, tortuous tubes over a few generations). Sacs sit at bifurcation apices or on
+vessel walls, with necks from narrow to wide, some lobulated or carrying a daughter bleb; their dome diameters
+follow one clinical distribution (:data:`DOME_DIAMETER_MM`: 2-15 mm, median about 5.5 mm). The tree also holds the
+structures that a blob detector mistakes for a sac, all labelled vessel: tight vessel loops, vessels crossing in
+contact, and infundibula (funnel-shaped dilatations at the origin of a branch). The anatomy is drawn in
+millimetres from the same distribution for every centre; only the acquisition differs: voxel grid (spacing,
+matrix, storage orientation), point-spread function, contrast and gamma, background level and texture, bias
+field, noise model and artifacts (metal streaks, detector rings), and integer or float storage. A model that
+generalises across acquisition styles can therefore segment every centre.
 
 Only numpy, scipy and nibabel are used here (no torch): this module runs in worker processes.
 """
@@ -34,7 +38,7 @@ LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
 FILE_ENDING = ".nii.gz"
 # Reference voxel size: ``size`` voxels of this spacing span a case's field of view (3DRA reconstructions: 0.2-0.6 mm).
 REF_SPACING_MM = 0.4
-FORMAT_VERSION = 1  # bump when the generator changes, so that cached synthetic datasets are rebuilt
+FORMAT_VERSION = 2  # bump when the generator changes, so that cached synthetic datasets are rebuilt
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,6 @@ class CentreStyle:
     noise_level: float
     artifact: str  # "" | "streaks" (with a metal object) | "rings"
     artifact_level: float
-    aneurysm_mm: tuple[float, float]  # range of aneurysm radii (log-uniform)
     dtype: str  # storage type: "uint16" | "int16" | "float32"
     scale: float  # stored value = signal * scale + offset
     offset: float
@@ -66,17 +69,17 @@ class CentreStyle:
 # noise lie outside the range the other three span, so a model trained on 0-2 visibly loses accuracy there.
 CENTRES: tuple[CentreStyle, ...] = (
     CentreStyle("A", (1.0, 1.0, 1.0), "RAS", 0.22, 0.10, 1.00, 0.15, 0.90, 1.00, 0.04, 0.10, "gaussian", 0.035,
-                "", 0.0, (0.7, 4.0), "uint16", 3000.0, 100.0),
+                "", 0.0, "uint16", 3000.0, 100.0),
     CentreStyle("B", (0.875, 0.875, 0.875), "LPS", 0.38, 0.30, 0.75, 0.30, 0.80, 0.75, 0.04, 0.25, "poisson", 0.09,
-                "rings", 0.05, (0.8, 4.5), "int16", 2000.0, -600.0),
+                "rings", 0.05, "int16", 2000.0, -600.0),
     CentreStyle("C", (1.0, 1.0, 0.75), "RAS", 0.30, 0.06, 1.00, 0.25, 0.70, 1.50, 0.08, 0.18, "correlated", 0.07,
-                "", 0.0, (0.7, 4.0), "float32", 1.0, 0.0),
+                "", 0.0, "float32", 1.0, 0.0),
     CentreStyle("D", (0.75, 0.75, 0.75), "LPS", 0.50, 0.25, 0.70, 0.40, 0.65, 0.70, 0.10, 0.40, "rician", 0.07,
-                "streaks", 0.15, (0.6, 3.0), "int16", 1200.0, 0.0),
+                "streaks", 0.15, "int16", 1200.0, 0.0),
     CentreStyle("E", (0.8, 0.8, 1.0), "RAS", 0.45, 0.06, 1.10, 0.50, 1.00, 1.70, 0.05, 0.30, "gaussian", 0.08,
-                "rings", 0.08, (0.8, 4.5), "uint16", 4000.0, 0.0),
+                "rings", 0.08, "uint16", 4000.0, 0.0),
     CentreStyle("F", (0.9, 0.9, 0.9), "RAS", 0.28, 0.25, 0.70, 0.20, 0.75, 0.90, 0.16, 0.15, "correlated", 0.05,
-                "streaks", 0.10, (0.7, 4.0), "float32", 1.0, -0.25),
+                "streaks", 0.10, "float32", 1.0, -0.25),
 )
 
 _DS_MM = 0.4  # centreline step
@@ -108,36 +111,58 @@ class _Tree:
     bifurcations: list  # (point, parent direction, parent radius)
 
 
+# Infundibula: a funnel at a branch's origin, its radius there this many times the branch's, fading over this many mm.
+_INFUNDIBULUM_FLARE = (1.6, 2.4)
+_INFUNDIBULUM_MM = (1.0, 2.0)
+
+
 def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
-    """A tortuous branching tree inside the box [0, fov]^3 (mm); vessels may leave the box."""
+    """A tortuous branching tree inside the box [0, fov]^3 (mm); vessels may leave the box.
+
+    Besides tapering, tortuosity and bifurcations, some vessels make a tight loop (a turn of 240-330 degrees on a
+    2-4 mm radius, as in a siphon or a redundant segment) and some side branches start with an infundibulum; both
+    are vessel, and both look like a sac to a model that has only learnt "bright blob".
+    """
     r_cap = float(fov.min()) / 10  # small fields of view still hold more than one vessel
     roots = []
     entry = np.array([rng.uniform(0.3, 0.7) * fov[0], rng.uniform(0.3, 0.7) * fov[1], 0.0])
     roots.append((entry, _unit(np.array([0.0, 0.0, 1.0]) + 0.35 * rng.standard_normal(3) * [1, 1, 0]),
-                  min(rng.uniform(1.5, 2.3), r_cap), 0))
+                  min(rng.uniform(1.5, 2.3), r_cap), 0, 0.0))
     if rng.random() < 0.6:  # a second trunk entering through a side face
         axis = int(rng.integers(0, 2))
         p = rng.uniform(0.25, 0.75, 3) * fov
         p[axis] = 0.0
         d = np.zeros(3)
         d[axis] = 1.0
-        roots.append((p, _unit(d + 0.4 * rng.standard_normal(3)), min(rng.uniform(0.9, 1.5), r_cap), 1))
+        roots.append((p, _unit(d + 0.4 * rng.standard_normal(3)), min(rng.uniform(0.9, 1.5), r_cap), 1, 0.0))
 
     tortuosity = rng.uniform(0.01, 0.025)
     branches, bifurcations = [], []
     queue = list(roots)
     while queue and len(branches) < _MAX_BRANCHES:
-        p, d, r0, gen = queue.pop(0)
+        p, d, r0, gen, flare = queue.pop(0)
         length = rng.uniform(8.0, 20.0) * (0.5 + 0.5 * min(r0 / 1.5, 1.5))
         n = max(int(length / _DS_MM), 2)
         kicks = rng.normal(0.0, tortuosity, (n, 3))
+        loop = None
+        if rng.random() < 0.2:  # a tight loop somewhere along the vessel: (first step, steps, turn per step, axis)
+            loop_radius = rng.uniform(2.0, 4.0)
+            turn = _DS_MM / loop_radius
+            steps = int(np.deg2rad(rng.uniform(240, 330)) / turn)
+            loop = (int(rng.integers(0, max(n // 2, 1))), steps, turn, _perpendicular(rng, d))
+            n += steps
+            kicks = np.concatenate([kicks, rng.normal(0.0, tortuosity, (steps, 3))])
         pts = [p.copy()]
         k = np.zeros(3)
         left = False
         for i in range(n):
-            k = 0.95 * k + kicks[i]
-            k -= k.dot(d) * d
-            d = _unit(d + k * _DS_MM)
+            if loop is not None and loop[0] <= i < loop[0] + loop[1]:
+                normal = loop[3] - loop[3].dot(d) * d  # keep turning towards the same side
+                d = _rotate_towards(d, _unit(normal), loop[2])
+            else:
+                k = 0.95 * k + kicks[i]
+                k -= k.dot(d) * d
+                d = _unit(d + k * _DS_MM)
             p = p + d * _DS_MM
             pts.append(p.copy())
             if np.any(p < -2 * r0) or np.any(p > fov + 2 * r0):
@@ -145,7 +170,9 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
                 break
         pts = np.asarray(pts)
         s = np.arange(len(pts)) * _DS_MM
-        radii = r0 * (1.0 - rng.uniform(0.05, 0.2) * s / length)
+        radii = r0 * (1.0 - rng.uniform(0.05, 0.2) * s / max(s[-1], length))
+        if flare:  # infundibulum: radius (1 + flare) * r0 at the origin, the plain vessel a couple of mm on
+            radii = radii * (1.0 + flare * np.clip(1.0 - s / rng.uniform(*_INFUNDIBULUM_MM), 0.0, 1.0) ** 1.5)
         branches.append((pts, radii))
 
         # side branches leave at steep angles with a fraction of the parent radius
@@ -156,8 +183,9 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
             rc = radii[j] * rng.uniform(0.3, 0.55)
             if rc >= _R_MIN_MM:
                 dj = _unit(pts[j + 1] - pts[j])
+                flare_c = rng.uniform(*_INFUNDIBULUM_FLARE) - 1.0 if rng.random() < 0.25 else 0.0
                 queue.append((pts[j], _rotate_towards(dj, _perpendicular(rng, dj), np.deg2rad(rng.uniform(50, 85))),
-                              rc, gen + 1))
+                              rc, gen + 1, flare_c))
 
         r_end = float(radii[-1])
         if left or gen >= 4 or r_end < 1.5 * _R_MIN_MM:
@@ -169,8 +197,30 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
         bifurcations.append((p.copy(), d.copy(), r_end))
         for ratio, angle, side in ((a1, rng.uniform(20, 40), 1.0), (q * a1, rng.uniform(35, 65), -1.0)):
             if r_end * ratio >= _R_MIN_MM:
-                queue.append((p.copy(), _rotate_towards(d, side * axis, np.deg2rad(angle)), r_end * ratio, gen + 1))
+                queue.append((p.copy(), _rotate_towards(d, side * axis, np.deg2rad(angle)), r_end * ratio, gen + 1,
+                              0.0))
+    _add_crossing_vessels(rng, branches, fov)
     return _Tree(branches, bifurcations)
+
+
+def _add_crossing_vessels(rng: np.random.Generator, branches: list, fov: np.ndarray) -> None:
+    """One or two straight-ish vessels that pass in contact with an existing one at a steep angle (vessels
+    overlapping in the reconstruction: a bright knot at the contact that is not a sac)."""
+    wide = [(pts[j], _unit(pts[j + 1] - pts[j]), float(radii[j]))
+            for pts, radii in branches for j in range(2, len(pts) - 2, 3) if radii[j] >= 0.7
+            and np.all(pts[j] > 2.0) and np.all(pts[j] < fov - 2.0)]
+    for _ in range(int(rng.integers(1, 3)) if wide else 0):
+        p, d, r = wide[int(rng.integers(len(wide)))]
+        rc = rng.uniform(0.5, 1.0) * r
+        side = _perpendicular(rng, d)
+        direction = _rotate_towards(d, _perpendicular(rng, d), np.deg2rad(rng.uniform(55, 90)))
+        direction = _unit(direction - direction.dot(side) * side)  # runs past the vessel, not into it
+        contact = p + side * (r + rc) * rng.uniform(0.8, 1.0)
+        half = rng.uniform(6.0, 12.0)
+        s = np.arange(-half, half + _DS_MM, _DS_MM)
+        bend = _perpendicular(rng, direction) * rng.uniform(0.0, 0.02)
+        pts = contact + s[:, None] * direction + (s**2)[:, None] * bend
+        branches.append((pts, np.full(len(s), rc)))
 
 
 @dataclass
@@ -178,42 +228,59 @@ class _Aneurysm:
     centre: np.ndarray
     axes: np.ndarray  # semi-axes (mm)
     rotation: np.ndarray  # columns: the ellipsoid's axes
-    bleb: tuple | None  # (centre, radius) of a daughter sac on the dome
+    lobes: list  # (centre, radius) of further spherical lobes: a second lobe of a bilobed sac, or a daughter bleb
     fill: float
 
 
-def _place_aneurysms(rng: np.random.Generator, tree: _Tree, fov: np.ndarray, radius_mm: tuple[float, float],
-                     count: int) -> list[_Aneurysm]:
-    """Saccular aneurysms whose sac overlaps the parent vessel (a neck), at apices or on walls inside the box."""
+# Dome (maximal) diameter of the sacs, mm: log-normal, median 5.5 mm, clipped to 2-15 mm; one distribution for every
+# centre. Unruptured aneurysms referred for 3DRA are mostly 3-12 mm across with a median near 5-7 mm.
+DOME_DIAMETER_MM = {"median": 5.5, "sigma": 0.45, "min": 2.0, "max": 15.0}
+
+
+def dome_diameter(rng: np.random.Generator) -> float:
+    """One draw of :data:`DOME_DIAMETER_MM` (mm)."""
+    d = DOME_DIAMETER_MM
+    return float(np.clip(d["median"] * np.exp(d["sigma"] * rng.standard_normal()), d["min"], d["max"]))
+
+
+def _place_aneurysms(rng: np.random.Generator, tree: _Tree, fov: np.ndarray, count: int) -> list[_Aneurysm]:
+    """``count`` saccular aneurysms whose sac overlaps the parent vessel through a neck, at apices or on walls,
+    inside the box. A dome too large for every site is shrunk step by step until it fits (never below 2 mm), so
+    the count is met whenever the tree has a site."""
     walls = [(pts[j], _unit(pts[j + 1] - pts[j]), float(radii[j]))
              for pts, radii in tree.branches for j in range(1, len(pts) - 1, 4) if radii[j] >= 0.6]
     out: list[_Aneurysm] = []
-    r_hi = min(radius_mm[1], float(fov.min()) / 8)
-    r_lo = min(radius_mm[0], r_hi)
-    for _ in range(40 * max(count, 1)):
-        if len(out) == count:
+    for _ in range(count):
+        R = min(dome_diameter(rng) / 2, float(fov.min()) / 5)
+        for attempt in range(200):
+            if attempt and attempt % 40 == 0:
+                R = max(0.8 * R, DOME_DIAMETER_MM["min"] / 2)
+            if tree.bifurcations and (rng.random() < 0.55 or not walls):
+                p, d, r = tree.bifurcations[int(rng.integers(len(tree.bifurcations)))]
+                u = _unit(d + 0.3 * rng.standard_normal(3))  # the apex: flow impinges along the parent's direction
+            elif walls:
+                p, d, r = walls[int(rng.integers(len(walls)))]
+                u = _perpendicular(rng, d)
+            else:
+                return out
+            axes = R * rng.uniform(0.75, 1.0, 3)
+            axes[int(rng.integers(3))] = R  # R is the dome's largest semi-axis
+            # Neck width as a fraction of the dome: the sac's centre sits the further out, the narrower the neck.
+            neck = rng.uniform(0.3, 0.95)
+            c = p + u * (r + axes.min() * np.sqrt(1.0 - neck**2))
+            if np.any(c < R + 0.5) or np.any(c > fov - R - 0.5):
+                continue
+            if any(np.linalg.norm(c - a.centre) < R + a.axes.max() + 1.0 for a in out):
+                continue
+            rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+            lobes = []
+            away = _unit(u + 0.6 * rng.standard_normal(3))  # lobes grow on the dome, away from the neck
+            if rng.random() < 0.25:  # bilobed
+                lobes.append((c + away * R * rng.uniform(0.6, 0.8), R * rng.uniform(0.5, 0.7)))
+            if rng.random() < 0.3:  # a daughter bleb
+                lobes.append((c + _unit(away + 0.5 * rng.standard_normal(3)) * R * 0.95, R * rng.uniform(0.25, 0.4)))
+            out.append(_Aneurysm(c, axes, rotation, lobes, float(rng.uniform(0.85, 1.0))))
             break
-        R = float(np.exp(rng.uniform(np.log(r_lo), np.log(r_hi))))
-        if tree.bifurcations and (rng.random() < 0.5 or not walls):
-            p, d, r = tree.bifurcations[int(rng.integers(len(tree.bifurcations)))]
-            u = _unit(d + 0.3 * rng.standard_normal(3))  # the apex: flow impinges along the parent's direction
-        elif walls:
-            p, d, r = walls[int(rng.integers(len(walls)))]
-            u = _perpendicular(rng, d)
-        else:
-            break
-        c = p + u * (r * 0.7 + R * rng.uniform(0.7, 0.95))
-        if np.any(c < R + 0.5) or np.any(c > fov - R - 0.5):
-            continue
-        if any(np.linalg.norm(c - a.centre) < R + a.axes.max() + 1.0 for a in out):
-            continue
-        axes = R * rng.uniform(0.8, 1.25, 3)
-        rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-        bleb = None
-        if rng.random() < 0.35:  # a daughter bleb on the dome, away from the neck
-            rb = R * rng.uniform(0.3, 0.45)
-            bleb = (c + _unit(u + 0.5 * rng.standard_normal(3)) * axes.min() * 0.95, rb)
-        out.append(_Aneurysm(c, axes, rotation, bleb, float(rng.uniform(0.85, 1.0))))
     return out
 
 
@@ -275,7 +342,7 @@ def _rasterise_aneurysms(aneurysms: list[_Aneurysm], shape: tuple, spacing: np.n
     depth = np.full(shape, -1e3, np.float32)
     fill = np.zeros(shape, np.float32)
     for an in aneurysms:
-        reach = an.axes.max() + (2 * an.bleb[1] if an.bleb else 0.0) + 1.0
+        reach = max([an.axes.max()] + [np.linalg.norm(lc - an.centre) + lr for lc, lr in an.lobes]) + 1.0
         box = _box(an.centre - reach, an.centre + reach, shape, spacing)
         if box is None:
             continue
@@ -285,9 +352,8 @@ def _rasterise_aneurysms(aneurysms: list[_Aneurysm], shape: tuple, spacing: np.n
         q = sum(((rel[0] * an.rotation[0, i] + rel[1] * an.rotation[1, i] + rel[2] * an.rotation[2, i])
                  / an.axes[i]) ** 2 for i in range(3))
         dep = an.axes.min() * (1.0 - np.sqrt(q))
-        if an.bleb is not None:
-            bc, br = an.bleb
-            dep = np.maximum(dep, br - np.sqrt((x - bc[0]) ** 2 + (y - bc[1]) ** 2 + (z - bc[2]) ** 2))
+        for lc, lr in an.lobes:
+            dep = np.maximum(dep, lr - np.sqrt((x - lc[0]) ** 2 + (y - lc[1]) ** 2 + (z - lc[2]) ** 2))
         sl = tuple(slice(lo[i], hi[i]) for i in range(3))
         upd = dep > depth[sl]
         depth[sl] = np.where(upd, dep, depth[sl])
@@ -444,14 +510,24 @@ def _case_name(domain: int, index: int) -> str:
     return f"{CENTRES[domain].name}_{index:03d}"
 
 
+def _anatomy(rng: np.random.Generator, fov: np.ndarray) -> tuple[_Tree, list[_Aneurysm]]:
+    """One patient: a vessel tree with one aneurysm, or two (about one patient in five), in the box [0, fov]^3 mm.
+    Every 3DRA series is acquired for an aneurysm, so there is always at least one."""
+    count = 2 if rng.random() < 0.2 else 1
+    for _ in range(20):  # a rare tree without a site that fits (a short, thin one) is grown again
+        tree = _grow_tree(rng, fov)
+        aneurysms = _place_aneurysms(rng, tree, fov, count)
+        if aneurysms:
+            return tree, aneurysms
+    raise RuntimeError(f"no aneurysm fits a vessel tree in a {fov.tolist()} mm field of view; use a larger size")
+
+
 def _make_case(out_dir: str, domain: int, index: int, size: int, seed: int) -> dict:
     """Generate and write one case; returns its dataset.json entry. Deterministic in (seed, domain, index)."""
     style = CENTRES[domain]
     rng = np.random.default_rng([seed, domain, index])
     fov = size * REF_SPACING_MM * rng.uniform(0.9, 1.1) * np.ones(3)
-    tree = _grow_tree(rng, fov)
-    count = int(rng.choice([0, 1, 2], p=[0.1, 0.6, 0.3]))
-    aneurysms = _place_aneurysms(rng, tree, fov, style.aneurysm_mm, count)
+    tree, aneurysms = _anatomy(rng, fov)
 
     shape = tuple(max(int(round(size * m)), 8) for m in style.matrix)
     spacing = fov / np.asarray(shape)
@@ -474,6 +550,7 @@ def _make_case(out_dir: str, domain: int, index: int, size: int, seed: int) -> d
         "shape": list(shape),
         "spacing": [round(float(s), 6) for s in spacing],
         "aneurysms": len(aneurysms),
+        "dome_diameters_mm": [round(2 * float(a.axes.max()), 3) for a in aneurysms],
         "aneurysm_voxels": int((label == LABELS["aneurysm"]).sum()),
     }
 
