@@ -229,6 +229,10 @@ class LossConfig:
 
     lambda_sup: float = 0.25
     lambda_con: float = 0.5
+    # Dice over the whole batch instead of per sample (MONAI DiceCELoss(batch=True), nnU-Net's batch Dice): a patch
+    # without an aneurysm then adds to the class's false positives instead of scoring each stray voxel as a total
+    # failure, which keeps a rare class from being suppressed. The paper's default is per sample.
+    batch_dice: bool = False
     # Compute the two teacher DCE terms. They carry no gradient (the teacher is never trained), so this only
     # decides whether they are logged, at the cost of two loss evaluations per step.
     teacher_terms: bool = True

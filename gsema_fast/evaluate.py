@@ -1,4 +1,4 @@
-"""Metrics, full-volume sliding-window prediction, evaluation of checkpoints and leave-one-domain-out runs.
+"""Metrics, full-volume sliding-window prediction and evaluation of checkpoints (experiments: gsema_fast.lodo).
 
 Per-case metrics (:func:`case_metrics`), for every foreground class of the label map, from integer label volumes:
 
@@ -22,17 +22,13 @@ the two masks is empty is infinite in principle; it is NaN here and left out of 
 missed structure shows in the overlap metrics of that case instead.
 
 Nothing here needs the trainer: ``evaluate`` and ``predict`` work on any checkpoint that follows the trainer's
-contract (a dict with ``config``, ``student``, ``teacher``); only :func:`lodo`, which trains, imports
-``gsema_fast.train``, inside the function.
+contract (a dict with ``config``, ``student``, ``teacher``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -46,23 +42,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from gsema_fast.files import atomic_path
+from gsema_fast.files import atomic_path, jsonable, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ABLATION_ROWS",
     "METRICS",
-    "PAPER_TABLE1",
     "LoadedCheckpoint",
     "case_metrics",
     "evaluate",
     "load_checkpoint",
-    "lodo",
+    "mean_sd",
     "predict",
     "predict_volume",
     "summarize",
-    "write_lodo_table",
 ]
 
 # Order of the columns in tables and CSV files.
@@ -245,7 +238,7 @@ def _finite_values(values: Sequence[float]) -> list[float]:
     return [float(v) for v in values if v is not None and not math.isnan(float(v))]
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean and sample standard deviation of the non-NaN values, and how many there were."""
     kept = _finite_values(values)
     if not kept:
@@ -263,9 +256,9 @@ def _class_means(per_case: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[
     for name in classes:
         mean[name], sd[name], count[name] = {}, {}, {}
         for metric in METRICS:
-            m, s, n = _mean_sd([case[name][metric] for case in per_case])
+            m, s, n = mean_sd([case[name][metric] for case in per_case])
             mean[name][metric], sd[name][metric], count[name][metric] = m, s, n
-    foreground = {metric: _mean_sd([mean[c][metric] for c in classes])[0] for metric in METRICS}
+    foreground = {metric: mean_sd([mean[c][metric] for c in classes])[0] for metric in METRICS}
     return {"mean": mean, "sd": sd, "n": count, "foreground_mean": foreground}
 
 
@@ -282,34 +275,6 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         domains.setdefault(str(r["domain"]), []).append(r["metrics"])
     out["per_domain"] = {d: _class_means(cases) for d, cases in domains.items()}
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN and inf become null (strict JSON has neither); paths become strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _write_json(data: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
-
-
-def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
@@ -643,16 +608,16 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
         figs.latent_tsne([first, *compare], man, out / "figures" / "tsne.png", cases_per_domain=tsne_cases_per_domain,
                          patches_per_case=tsne_patches_per_case, device=loaded.device, config=config)
     summary["seconds"] = time.perf_counter() - started
-    _write_json(summary, out / "summary.json")
+    write_json(summary, out / "summary.json")
     rows = [{"case": r["case"], "domain": r["domain"], "class": name, **m}
             for r in records for name, m in r["metrics"].items()]
-    _write_csv(rows, out / "metrics.csv",
+    write_csv(rows, out / "metrics.csv",
                ["case", "domain", "class", *METRICS, "tp", "fp", "fn", "ref_ml", "pred_ml"])
     for name, m in summary["mean"].items():
         log.info("%-10s dice %.4f  sens %.4f  jacc %.4f  vs %.4f  hd95 %.2f mm  (n=%d)", name, m["dice"],
                  m["sensitivity"], m["jaccard"], m["volume_similarity"], m["hd95"], summary["n"][name]["dice"])
     log.info("wrote %s and %s (%.1f s)", out / "summary.json", out / "metrics.csv", summary["seconds"])
-    result = _jsonable(summary)
+    result = jsonable(summary)
     result["out_dir"] = out
     return result
 
@@ -738,271 +703,3 @@ def predict(checkpoint: str | os.PathLike, inputs, output_dir: str | os.PathLike
             failed[str(path)] = reason
     log.info("wrote %d file(s) to %s; %d input(s) failed", len(written), out, len(failed))
     return {"written": written, "failed": failed}
-
-
-# ---------------------------------------------------------------------------------------- leave one domain out
-# The paper's ablation rows (Table 1) and its nnU-Net baseline, as overrides of the base config. Rows with BACL get
-# loss.lambda_con from the base config (the paper's 0.5 if the base turns it off), see _row_overrides.
-ABLATION_ROWS: dict[str, tuple[str, ...]] = {
-    "no EMA": ("ema.mode=none", "loss.lambda_con=0"),
-    "EMA": ("ema.mode=ema", "loss.lambda_con=0"),
-    "GS-EMA": ("ema.mode=gsema", "loss.lambda_con=0"),
-    "GS-EMA + BACL-V": ("ema.mode=gsema", "bacl.volume=true", "bacl.boundary=false"),
-    "GS-EMA + BACL-B": ("ema.mode=gsema", "bacl.volume=false", "bacl.boundary=true"),
-    "GS-EMA + BACL": ("ema.mode=gsema", "bacl.volume=true", "bacl.boundary=true"),
-    "DynUNet (nnU-Net-style)": ("model.name=dynunet", "model.checkpointing=false", "ema.mode=none",
-                                "loss.lambda_con=0"),
-}
-_PAPER_LAMBDA_CON = 0.5
-# Table 1 of the paper (aneurysm, @neurIST, %, DSC / Sen / Jac / VS), for the rows that have a counterpart here.
-PAPER_TABLE1: dict[str, tuple[float, float, float, float]] = {
-    "no EMA": (61.52, 55.64, 50.91, 69.01),
-    "EMA": (64.71, 62.86, 54.03, 72.64),
-    "GS-EMA": (68.49, 72.79, 58.40, 76.63),
-    "GS-EMA + BACL-V": (68.49, 72.79, 58.40, 76.63),
-    "GS-EMA + BACL-B": (70.62, 75.14, 60.54, 78.22),
-    "GS-EMA + BACL": (71.89, 70.88, 62.36, 80.00),
-    "DynUNet (nnU-Net-style)": (59.61, 57.51, 47.38, 70.91),
-}
-_RATIO_METRICS = ("dice", "sensitivity", "jaccard", "volume_similarity")
-_HEADERS = {"dice": "DSC (%)", "sensitivity": "Sen (%)", "jaccard": "Jac (%)", "volume_similarity": "VS (%)",
-            "hd95": "HD95 (mm)"}
-
-
-def _slug(name: str) -> str:
-    out = "".join(ch.lower() if ch.isalnum() else "-" for ch in name)
-    return "-".join(part for part in out.split("-") if part)
-
-
-def _row_overrides(row: str, base) -> tuple[str, ...]:
-    overrides = ABLATION_ROWS[row]
-    if "loss.lambda_con=0" not in overrides and base.loss.lambda_con == 0:
-        overrides = (*overrides, f"loss.lambda_con={_PAPER_LAMBDA_CON}")
-    return overrides
-
-
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA)"
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def _fmt(mean: float, sd: float, scale: float, digits: int = 2) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    text = f"{scale * mean:.{digits}f}"
-    return text if math.isnan(sd) else f"{text} ± {scale * sd:.{digits}f}"
-
-
-def write_lodo_table(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
-                     meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Write the leave-one-domain-out results: ``lodo_table.md``, ``lodo_table.csv`` and ``lodo_runs.csv``.
-
-    ``records``: one per training run, ``{"row", "test_domain", "seed", "unseen": {class: {metric: value}},
-    "held_out": {...} (optional), "train_seconds" (optional)}``, where the metric values are that run's means over
-    the cases of its unseen centre (``unseen``) and of its training centres' held-out cases (``held_out``). Each
-    table cell is the mean ± sample sd over the runs of a row (all seeds and centres; NaN runs skipped); the
-    per-centre table averages over seeds only. ``meta``: lines of ``key: value`` printed above the tables.
-    """
-    if not records:
-        raise ValueError("write_lodo_table: no runs to tabulate")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    order = [r for r in ABLATION_ROWS if any(rec["row"] == r for rec in records)]
-    order += [r for r in dict.fromkeys(rec["row"] for rec in records) if r not in order]
-    classes = list(dict.fromkeys(c for rec in records for c in rec["unseen"]))
-    centres = sorted({str(rec["test_domain"]) for rec in records}, key=lambda d: (not d.isdigit(), d.zfill(8)))
-
-    def values(row: str, cls: str, metric: str, scope: str = "unseen", centre: str | None = None) -> list[float]:
-        return [rec[scope][cls][metric] for rec in records
-                if rec["row"] == row and scope in rec and cls in rec[scope]
-                and (centre is None or str(rec["test_domain"]) == centre)]
-
-    lines = ["# Leave-one-domain-out results", ""]
-    for key, value in (meta or {}).items():
-        lines.append(f"- {key}: {value}")
-    lines += ["", "Each cell: mean ± sd over runs (every unseen centre × every seed) of the run's mean over the "
-              "unseen centre's cases; *held-out source* is the same model on held-out cases of its training centres.",
-              ""]
-    summary_rows: list[dict[str, Any]] = []
-    for cls in classes:
-        lines += [f"## {cls}", "",
-                  "| method | " + " | ".join(_HEADERS[m] for m in METRICS) + " | held-out source DSC (%) | runs |",
-                  "|---|" + "---|" * (len(METRICS) + 2)]
-        for row in order:
-            cells = []
-            for metric in METRICS:
-                mean, sd, n = _mean_sd(values(row, cls, metric))
-                summary_rows.append({"row": row, "class": cls, "scope": "unseen", "metric": metric, "mean": mean,
-                                     "sd": sd, "n": n})
-                cells.append(_fmt(mean, sd, 1.0 if metric == "hd95" else 100.0))
-            for metric in METRICS:
-                mean, sd, n = _mean_sd(values(row, cls, metric, "held_out"))
-                if n:
-                    summary_rows.append({"row": row, "class": cls, "scope": "held_out", "metric": metric,
-                                         "mean": mean, "sd": sd, "n": n})
-            held = _mean_sd(values(row, cls, "dice", "held_out"))
-            runs = sum(1 for rec in records if rec["row"] == row)
-            lines.append(f"| {row} | " + " | ".join(cells) + f" | {_fmt(held[0], held[1], 100.0)} | {runs} |")
-        lines += ["", f"DSC (%) of {cls} per unseen centre (mean ± sd over seeds):", "",
-                  "| method | " + " | ".join(f"centre {c}" for c in centres) + " |",
-                  "|---|" + "---|" * len(centres)]
-        for row in order:
-            cells = [_fmt(*_mean_sd(values(row, cls, "dice", centre=c))[:2], 100.0) for c in centres]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
-    paper_rows = [r for r in order if r in PAPER_TABLE1]
-    if paper_rows:
-        lines += ["## The paper's Table 1 (aneurysm; @neurIST 3DRA, four centres; %)", "",
-                  "| method | DSC | Sen | Jac | VS |", "|---|---|---|---|---|"]
-        lines += [f"| {r} | " + " | ".join(f"{v:.2f}" for v in PAPER_TABLE1[r]) + " |" for r in paper_rows]
-        lines += ["", "The paper's BACL-V row repeats its GS-EMA numbers exactly. The paper lists nnUNet as a "
-                  "baseline; the DynUNet row here is MONAI's nnU-Net-style network trained with this project's "
-                  "loop, not the nnU-Net framework.", ""]
-    paths = {"markdown": out / "lodo_table.md", "csv": out / "lodo_table.csv", "runs": out / "lodo_runs.csv"}
-    with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text("\n".join(lines).rstrip() + "\n")
-    _write_csv(summary_rows, paths["csv"], ["row", "class", "scope", "metric", "mean", "sd", "n"])
-    run_rows = []
-    for rec in records:
-        for scope in ("unseen", "held_out"):
-            for cls, metrics in rec.get(scope, {}).items():
-                run_rows.append({"row": rec["row"], "test_domain": rec["test_domain"], "seed": rec["seed"],
-                                 "scope": scope, "class": cls, **{m: metrics.get(m, math.nan) for m in METRICS},
-                                 "train_seconds": rec.get("train_seconds", math.nan)})
-    _write_csv(run_rows, paths["runs"], ["row", "test_domain", "seed", "scope", "class", *METRICS, "train_seconds"])
-    return paths
-
-
-def _summary_means(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    return {cls: {m: (math.nan if v is None else float(v)) for m, v in metrics.items()}
-            for cls, metrics in summary["mean"].items()}
-
-
-def lodo(config=None, *, seeds: int = 1, ablation: bool = False, rows: Sequence[str] | None = None,
-         domains: Sequence[str] | None = None, out_dir: str | os.PathLike | None = None,
-         overrides: Sequence[str] = (), checkpoint: str = "final") -> dict[str, Any]:
-    """Leave-one-domain-out: for each centre, train on all the others and evaluate on it; write the tables.
-
-    ``config``: a :class:`~gsema_fast.config.Config`, a YAML file or a shipped config name; ``overrides``:
-    ``--set`` strings applied first. Runs every ``rows`` entry of :data:`ABLATION_ROWS` (all of them with
-    ``ablation``; otherwise one row, the config as given) for each unseen centre (``domains``, default every
-    centre of the dataset) and ``seeds`` seeds (``train.seed``, ``train.seed + 1``, ...), through
-    ``gsema_fast.train.train``. Each run lives in ``out_dir/<row>/centre-<d>/seed-<s>/`` (default ``out_dir``:
-    ``<train.out_dir>/lodo``); its ``checkpoint`` (``final`` or ``best``, best falling back to final) is scored on
-    the unseen centre (``evaluation/``) and on the held-out cases of its training centres (``evaluation-val/``).
-    A run whose two evaluations exist is not repeated, so an interrupted study resumes where it stopped. The
-    built-in phantoms (``data.root: null``) are synthesised once into ``data.synth_dir`` (default
-    ``out_dir/synth``). Returns ``{"records", "tables" (paths), "out_dir"}``.
-    """
-    from gsema_fast.config import Config, config_from_dict, config_to_dict, load_config
-    from gsema_fast.data import load_manifest, synthesize
-
-    if checkpoint not in ("final", "best"):
-        raise ValueError(f"checkpoint={checkpoint!r}: expected 'final' or 'best'")
-    if seeds < 1:
-        raise ValueError(f"seeds={seeds}: expected at least 1")
-    if isinstance(config, Config):
-        base = config_from_dict(config_to_dict(config), overrides) if overrides else config
-    else:
-        base = load_config(config, overrides)
-    if rows is None:
-        rows = list(ABLATION_ROWS) if ablation else ["as configured"]
-    else:
-        # A row by its name or by its folder name ("GS-EMA + BACL" or gs-ema-bacl), which needs no shell quoting.
-        by_slug = {_slug(r): r for r in ABLATION_ROWS}
-        unknown = [r for r in rows if r not in ABLATION_ROWS and _slug(r) not in by_slug]
-        if unknown:
-            raise ValueError(f"rows: {unknown[0]!r} is not an ablation row; choose from "
-                             f"{', '.join(f'{r!r} ({_slug(r)})' for r in ABLATION_ROWS)}")
-        rows = [r if r in ABLATION_ROWS else by_slug[_slug(r)] for r in rows]
-    root_out = Path(out_dir) if out_dir is not None else Path(base.train.out_dir) / "lodo"
-    root_out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    raw = config_to_dict(base)
-    if base.data.root is None:
-        synth_dir = Path(base.data.synth_dir) if base.data.synth_dir else root_out / "synth"
-        synthesize(synth_dir, domains=base.data.synth_domains, cases_per_domain=base.data.synth_cases_per_domain,
-                   size=base.data.synth_size, seed=base.data.synth_seed)
-        raw["data"]["root"] = str(synth_dir)
-    man = load_manifest(raw["data"]["root"], base.data.manifest)
-    centres = [str(d) for d in domains] if domains is not None else man.domains
-    missing = [d for d in centres if d not in man.domains]
-    if missing:
-        raise ValueError(f"domains: {missing[0]!r} has no cases in {man.path}; domains present: {man.domains}")
-    seed_list = [base.train.seed + k for k in range(seeds)]
-    raw["data"]["train_domains"] = None  # every centre but the unseen one
-
-    runs = [(row, d, s) for row in rows for d in centres for s in seed_list]
-    log.info("leave-one-domain-out: %d row(s) x %d centre(s) x %d seed(s) = %d training run(s) into %s",
-             len(rows), len(centres), len(seed_list), len(runs), root_out)
-    records: list[dict[str, Any]] = []
-    with (root_out / "runs.jsonl").open("a") as journal:
-        for k, (row, centre, seed) in enumerate(runs, 1):
-            run_dir = root_out / _slug(row) / f"centre-{_slug(centre)}" / f"seed-{seed}"
-            record = _lodo_run(raw, row, centre, seed, run_dir, base=base, checkpoint=checkpoint,
-                               tag=f"{k}/{len(runs)}")
-            records.append(record)
-            journal.write(json.dumps(_jsonable(record)) + "\n")
-            journal.flush()
-    meta = {
-        "config": (str(config) if isinstance(config, (str, os.PathLike)) else "demo" if config is None
-                   else "a Config object") + (f" with {', '.join(overrides)}" if overrides else ""),
-        "dataset": f"{man.path} ({len(man.cases)} cases, centres {', '.join(man.domains)})",
-        "model": f"{base.model.name} (rows may override), patch {list(base.data.patch_size)}",
-        "training": f"{base.train.epochs} epochs x {base.train.steps_per_epoch} steps, max_steps "
-                    f"{base.train.max_steps}, batch {base.data.batch_size}",
-        "seeds": ", ".join(map(str, seed_list)),
-        "unseen centres": ", ".join(centres),
-        "evaluated checkpoint": checkpoint,
-        "device": _device_name(),
-        "wall time": f"{(time.perf_counter() - started) / 60:.1f} min (runs already on disk are not re-timed)",
-    }
-    tables = write_lodo_table(records, root_out, meta=meta)
-    log.info("wrote %s", tables["markdown"])
-    return {"records": records, "tables": tables, "out_dir": root_out}
-
-
-def _lodo_run(raw: Mapping[str, Any], row: str, centre: str, seed: int, run_dir: Path, *, base, checkpoint: str,
-              tag: str) -> dict[str, Any]:
-    from gsema_fast.config import config_from_dict
-
-    test_json = run_dir / "evaluation" / "summary.json"
-    val_json = run_dir / "evaluation-val" / "summary.json"
-    # Without held-out validation cases (data.val_per_domain: 0) there is no source-centre score to compare with.
-    with_val = base.data.val_per_domain > 0
-    record: dict[str, Any] = {"row": row, "test_domain": centre, "seed": seed, "run_dir": str(run_dir)}
-    if test_json.is_file() and (val_json.is_file() or not with_val):
-        log.info("[%s] %s, unseen centre %s, seed %d: already evaluated in %s", tag, row, centre, seed, run_dir)
-        record["unseen"] = _summary_means(json.loads(test_json.read_text()))
-        if with_val:
-            record["held_out"] = _summary_means(json.loads(val_json.read_text()))
-        timing = run_dir / "lodo_timing.json"
-        if timing.is_file():
-            record.update(json.loads(timing.read_text()))
-        return record
-
-    # Imported here, not at module level: evaluation must work without the trainer.
-    from gsema_fast.train import train
-
-    # A deep copy: overrides are applied to the nested sections in place, and must not leak into the next row.
-    run_raw = copy.deepcopy(dict(raw))
-    run_raw["data"]["test_domain"] = centre
-    run_raw["train"].update(out_dir=str(run_dir), seed=seed)
-    overrides = _row_overrides(row, base) if row in ABLATION_ROWS else ()
-    cfg = config_from_dict(run_raw, overrides)
-    log.info("[%s] %s, unseen centre %s, seed %d: training into %s", tag, row, centre, seed, run_dir)
-    t0 = time.perf_counter()
-    result = train(cfg)
-    train_seconds = time.perf_counter() - t0
-    ck = result["best"] if checkpoint == "best" and result.get("best") else result["final"]
-    t0 = time.perf_counter()
-    test = evaluate(ck, domain=centre, split="test", out_dir=run_dir / "evaluation")
-    record["unseen"] = _summary_means(test)
-    if with_val:
-        record["held_out"] = _summary_means(evaluate(ck, split="val", out_dir=run_dir / "evaluation-val"))
-    timing = {"train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0, "checkpoint": str(ck)}
-    _write_json(timing, run_dir / "lodo_timing.json")
-    record.update(timing)
-    return record

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gsema_fast import distributed
 from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
 from gsema_fast.ema import EMA, GSEMA
-from gsema_fast.files import atomic_path
+from gsema_fast.files import atomic_path, write_json
 from gsema_fast.losses import BACL, DiceCE
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, repeated_blocks
@@ -154,7 +154,7 @@ def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> 
         optimizer=build_optimizer(cfg, [p for p in student.parameters() if p.requires_grad]),
         mode=e.mode,
         updater=updater,
-        dce=DiceCE(),
+        dce=DiceCE(batch=cfg.loss.batch_dice),
         bacl=bacl,
         lambda_sup=cfg.loss.lambda_sup,
         lambda_con=cfg.loss.lambda_con,
@@ -269,7 +269,11 @@ def evaluate_teacher(
         )
         pred = logits.argmax(1)[0].cpu()
         ref = item["label"][0, 0].cpu()
-        metrics = case_metrics(pred, ref, labels, hd95=hd95)
+        # Millimetres and millilitres from the volume's affine: without data.spacing the loader only reorients, so
+        # these are the numbers `gsema-fast evaluate` computes on the image's own grid.
+        affine = np.asarray(item["image"].affine).reshape(-1, 4, 4)[0]
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        metrics = case_metrics(pred, ref, labels, spacing, hd95=hd95)
         per_case.append({"case": item["case"][0], "domain": str(item["domain"][0]), **metrics})
     if distributed.world_size() > 1:
         shares = distributed.all_gather_object(per_case)
@@ -473,22 +477,27 @@ def _format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict:
+def train(cfg: Config, *, resume: bool = False, evaluate_unseen: bool = True) -> dict:
     """Train a teacher-student pair as ``cfg`` says; returns ``{"run_dir", "final", "best", "test"}``.
 
     ``resume``: continue from ``out_dir/checkpoints/latest.pt`` (saved after every epoch); with
     ``train.deterministic`` on the CPU the resumed run reproduces the uninterrupted run's losses.
+
+    Protocol: ``best.pt`` is the checkpoint with the best validation Dice on held-out cases of the training
+    centres. The unseen centre is read once, after training: the best checkpoint's teacher (the final one without
+    validation cases) and the untrained teacher are scored on it (``summary.json``, the printed table), unless
+    ``evaluate_unseen`` is False (an experiment runner that scores it itself).
     """
     cfg = resolve_auto(cfg)
     # Under torchrun: join the process group; each rank takes its own GPU and share of every batch.
     dist_ctx = distributed.setup(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, dist_ctx, resume=resume)
+        return _train(cfg, dist_ctx, resume=resume, evaluate_unseen=evaluate_unseen)
     finally:
         distributed.teardown(dist_ctx)
 
 
-def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
+def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate_unseen: bool) -> dict:
     device, main = dist_ctx.device, dist_ctx.is_main
     if device.type == "cpu" and cfg.train.retain_cpu_memory:
         retain_freed_memory()
@@ -540,17 +549,17 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
         device,
     )
 
-    epoch, step, best_score, untrained, last_val = 0, 0, -1.0, None, None
+    # The untrained teacher is scored on the unseen centre only after training (see train's docstring).
+    initial_teacher = {k: v.detach().cpu().clone() for k, v in ctx.teacher.state_dict().items()}
+    epoch, step, best_score, best_val, last_val = 0, 0, -1.0, None, None
     if resume:
         # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device
         # by their load_state_dict.
         state = torch.load(latest, map_location="cpu", weights_only=False)
         restore(state, ctx, scheduler, transform)
         epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
-        untrained, last_val = state["untrained"], state["last_val"]
+        best_val, last_val = state["best_val"], state["last_val"]
         log.info("resumed from %s at epoch %d, step %d", latest, epoch, step)
-    elif data.split.test:
-        untrained = evaluate_teacher(ctx, data.test, labels, cfg, device, "untrained teacher, unseen centre")["mean"]
 
     compile_cache = compile_cache_file(cfg, device)
     if cfg.train.compile:
@@ -616,7 +625,7 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
             break
         epoch += 1
         last = epoch >= cfg.train.epochs or step >= total_steps
-        extra = {"best_score": best_score, "untrained": untrained, "last_val": last_val}
+        extra = {"best_score": best_score, "best_val": best_val, "last_val": last_val}
         if data.split.val and ((cfg.train.val_every and epoch % cfg.train.val_every == 0) or last):
             val = evaluate_teacher(ctx, data.val, labels, cfg, device, "validation")
             last_val = extra["last_val"] = val["mean"]
@@ -625,6 +634,7 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
             log.info("epoch %d: validation Dice (teacher) %s", epoch, {k: round(v, 3) for k, v in val["mean"].items()})
             if score > best_score:  # the same on every rank: the metrics were gathered
                 best_score = extra["best_score"] = score
+                best_val = extra["best_val"] = {**val["mean"], "step": step}
                 save_checkpoint(
                     ckpt_dir / "best.pt", ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra
                 )
@@ -637,20 +647,25 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
         raise RuntimeError(stopped)
 
     final = ckpt_dir / "final.pt"
-    extra = {"best_score": best_score, "untrained": untrained, "last_val": last_val}
+    extra = {"best_score": best_score, "best_val": best_val, "last_val": last_val}
     save_checkpoint(final, ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra)
-    result = {
-        "run_dir": run_dir,
-        "final": final,
-        "best": ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").exists() else None,
-        "test": None,
-    }
-    if data.split.test:
+    best = ckpt_dir / "best.pt"
+    result = {"run_dir": run_dir, "final": final, "best": best if best.exists() else None, "test": None}
+    if data.split.test and evaluate_unseen:
+        if result["best"] is not None:
+            ctx.teacher.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["teacher"])
+            chosen = f"best on held-out training-centre cases, step {best_val['step']}"
+        else:
+            chosen = f"final, step {step}: no validation cases to choose by"
         test = evaluate_teacher(ctx, data.test, labels, cfg, device, "teacher, unseen centre", hd95=True)
+        ctx.teacher.load_state_dict(initial_teacher)
+        untrained = evaluate_teacher(ctx, data.test, labels, cfg, device, "untrained teacher, unseen centre")["mean"]
         result["test"] = test
-        rows = {"untrained teacher, unseen centre": untrained or {}, "teacher, unseen centre": test["mean"]}
-        if last_val:
-            rows["teacher, held-out training-centre cases"] = last_val
+        rows = {"untrained teacher, unseen centre": untrained, f"teacher ({chosen}), unseen centre": test["mean"]}
+        if best_val:
+            rows["the same teacher, held-out training-centre cases"] = {
+                k: v for k, v in best_val.items() if k != "step"
+            }
         table = _format_table(
             f"Dice after {step} steps (ema.mode {cfg.ema.mode}); unseen centre {data.split.test_domain}, "
             f"{len(test['cases'])} cases",
@@ -658,18 +673,17 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
         )
         if main:
             log.info("\n%s", table)
-            (run_dir / "summary.json").write_text(
-                json.dumps(
-                    {
-                        "test_domain": str(data.split.test_domain),
-                        "untrained": untrained,
-                        "test": test,
-                        "steps": step,
-                        "config": config_to_dict(cfg),
-                    },
-                    indent=1,
-                    default=str,
-                )
+            write_json(
+                {
+                    "test_domain": str(data.split.test_domain),
+                    "checkpoint": str(result["best"] or final),
+                    "untrained": untrained,
+                    "test": test,
+                    "validation": best_val,
+                    "steps": step,
+                    "config": config_to_dict(cfg),
+                },
+                run_dir / "summary.json",
             )
     if main:
         save_compile_cache(compile_cache)  # now with the evaluation's shapes too
