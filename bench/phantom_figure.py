@@ -30,8 +30,14 @@ def main() -> None:
     for domain in man.domains:
         for case in man.cases_of(domain)[: args.cases]:
             image, label = nib.load(case.image), nib.load(case.label)
-            rows.append((f"{case.name} (centre {domain})", np.asarray(image.dataobj, np.float32),
-                         np.asarray(label.dataobj), image.affine))
+            rows.append(
+                (
+                    f"{case.name} (centre {domain})",
+                    np.asarray(image.dataobj, np.float32),
+                    np.asarray(label.dataobj),
+                    image.affine,
+                )
+            )
     path = plot_dataset_mips(rows, man.labels, args.out, title=f"built-in phantoms ({args.config} config)")
     logging.info("wrote %s", path)
 

@@ -62,10 +62,17 @@ ABLATION_ROWS: dict[str, tuple[str, ...]] = {
     "GS-EMA + BACL-B": ("ema.mode=gsema", "bacl.volume=false", "bacl.boundary=true"),
     "GS-EMA + BACL": ("ema.mode=gsema", "bacl.volume=true", "bacl.boundary=true"),
     # T off: x_t = x_s, so the two supervised terms are one term counted twice (Adam is blind to the factor 2).
-    "no EMA, no T": ("ema.mode=none", "loss.lambda_con=0",
-                     *(f"target_transform.{c}.enabled=false" for c in _TARGET_COMPONENTS)),
-    "DynUNet (nnU-Net-style)": ("model.name=dynunet", "model.checkpointing=false", "ema.mode=none",
-                                "loss.lambda_con=0"),
+    "no EMA, no T": (
+        "ema.mode=none",
+        "loss.lambda_con=0",
+        *(f"target_transform.{c}.enabled=false" for c in _TARGET_COMPONENTS),
+    ),
+    "DynUNet (nnU-Net-style)": (
+        "model.name=dynunet",
+        "model.checkpointing=false",
+        "ema.mode=none",
+        "loss.lambda_con=0",
+    ),
 }
 # Every effect is a paired difference from this row.
 BASELINE_ROW = "no EMA"
@@ -80,8 +87,13 @@ PAPER_TABLE1: dict[str, tuple[float, float, float, float]] = {
     "GS-EMA + BACL": (71.89, 70.88, 62.36, 80.00),
     "DynUNet (nnU-Net-style)": (59.61, 57.51, 47.38, 70.91),
 }
-_HEADERS = {"dice": "DSC (%)", "sensitivity": "Sen (%)", "jaccard": "Jac (%)", "volume_similarity": "VS (%)",
-            "hd95": "HD95 (mm)"}
+_HEADERS = {
+    "dice": "DSC (%)",
+    "sensitivity": "Sen (%)",
+    "jaccard": "Jac (%)",
+    "volume_similarity": "VS (%)",
+    "hd95": "HD95 (mm)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +110,14 @@ class Preset:
 _METHOD_ROWS = tuple(r for r in ABLATION_ROWS if r != "DynUNet (nnU-Net-style)")
 PRESETS: dict[str, Preset] = {
     # 7 rows x 3 seeds on the unseen centre D of the demo's phantoms, at the demo's network and patch size with a
-    # third of its steps: about 60 minutes on 2 CPU cores.
-    "quick": Preset(rows=_METHOD_ROWS, domains=("3",), seeds=3,
-                    overrides=("train.epochs=4", "train.steps_per_epoch=150", "train.val_every=1"),
-                    note="CPU-sized: demo network, 600 steps per run, unseen centre D only"),
+    # third of its 3000 steps: about an hour on 2 CPU cores.
+    "quick": Preset(
+        rows=_METHOD_ROWS,
+        domains=("3",),
+        seeds=3,
+        overrides=("train.epochs=2", "train.steps_per_epoch=500", "train.val_every=1"),
+        note="CPU-sized: the demo config with 1000 steps per run, unseen centre D only",
+    ),
     # Every row, every centre, 5 seeds, at the config's own length (for a GPU: --config gpu).
     "full": Preset(rows=tuple(ABLATION_ROWS), domains=None, seeds=5, note="every row, every centre, 5 seeds"),
 }
@@ -133,8 +149,9 @@ def _fmt(mean: float, sd: float, scale: float, digits: int = 2) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def paired_bootstrap(diffs: Mapping[str, np.ndarray], *, confidence: float = 0.95, resamples: int = 10000,
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    diffs: Mapping[str, np.ndarray], *, confidence: float = 0.95, resamples: int = 10000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean paired difference and its percentile bootstrap interval, resampling seeds and cases together.
 
     ``diffs``: per unseen centre, an array ``[seeds, cases]`` of paired differences (row minus baseline; NaN where
@@ -184,13 +201,15 @@ def _paired_diffs(records: Sequence[Mapping[str, Any]], row: str, cls: str, metr
         seeds = sorted(s for (rw, c, s) in by_key if rw == row and c == centre and (BASELINE_ROW, c, s) in by_key)
         if not seeds:
             continue
-        pairs = [(by_key[(row, centre, s)]["unseen_cases"], by_key[(BASELINE_ROW, centre, s)]["unseen_cases"])
-                 for s in seeds]
+        pairs = [
+            (by_key[(row, centre, s)]["unseen_cases"], by_key[(BASELINE_ROW, centre, s)]["unseen_cases"]) for s in seeds
+        ]
         cases = sorted(set.intersection(*(set(a) & set(b) for a, b in pairs)))
         if not cases:
             continue
-        out[centre] = np.array([[_metric(a[k], cls, metric) - _metric(b[k], cls, metric) for k in cases]
-                                for a, b in pairs])
+        out[centre] = np.array(
+            [[_metric(a[k], cls, metric) - _metric(b[k], cls, metric) for k in cases] for a, b in pairs]
+        )
     return out
 
 
@@ -200,8 +219,9 @@ def _metric(case: Mapping[str, Any], cls: str, metric: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def write_lodo_table(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
-                     meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
+def write_lodo_table(
+    records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *, meta: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
     """Write the leave-one-domain-out results: ``lodo_table.md``, ``lodo_table.csv``, ``lodo_effects.csv`` and
     ``lodo_runs.csv``.
 
@@ -225,9 +245,14 @@ def write_lodo_table(records: Sequence[Mapping[str, Any]], out_dir: str | os.Pat
     with_baseline = any(rec["row"] == BASELINE_ROW for rec in records)
 
     def values(row: str, cls: str, metric: str, scope: str = "unseen", centre: str | None = None) -> list[float]:
-        return [rec[scope][cls][metric] for rec in records
-                if rec["row"] == row and scope in rec and cls in rec[scope]
-                and (centre is None or str(rec["test_domain"]) == centre)]
+        return [
+            rec[scope][cls][metric]
+            for rec in records
+            if rec["row"] == row
+            and scope in rec
+            and cls in rec[scope]
+            and (centre is None or str(rec["test_domain"]) == centre)
+        ]
 
     def telemetry(row: str, key: str) -> list[float]:
         return [rec["telemetry"][key] for rec in records if rec["row"] == row and key in rec.get("telemetry", {})]
@@ -235,98 +260,167 @@ def write_lodo_table(records: Sequence[Mapping[str, Any]], out_dir: str | os.Pat
     lines = ["# Leave-one-domain-out results", ""]
     for key, value in (meta or {}).items():
         lines.append(f"- {key}: {value}")
-    lines += ["", "Each cell: mean ± sd over runs (every unseen centre × every seed) of the run's mean over the "
-              "unseen centre's cases; *held-out source* is the same model on held-out cases of its training centres. "
-              f"*Δ DSC vs {BASELINE_ROW}*: the paired difference (same centre, seed and case) in DSC points, with its "
-              "95 % bootstrap interval over seeds and cases; * marks an interval that excludes 0. *aligned*: share "
-              "of steps whose source and target gradients agreed (GS-EMA updated the teacher); *cos*: their mean "
-              "cosine.", ""]
+    lines += [
+        "",
+        "Each cell: mean ± sd over runs (every unseen centre × every seed) of the run's mean over the "
+        "unseen centre's cases; *held-out source* is the same model on held-out cases of its training centres. "
+        f"*Δ DSC vs {BASELINE_ROW}*: the paired difference (same centre, seed and case) in DSC points, with its "
+        "95 % bootstrap interval over seeds and cases; * marks an interval that excludes 0. *aligned*: share "
+        "of steps whose source and target gradients agreed (GS-EMA updated the teacher); *cos*: their mean "
+        "cosine.",
+        "",
+    ]
     summary_rows: list[dict[str, Any]] = []
     effect_rows: list[dict[str, Any]] = []
     for cls in classes:
-        lines += [f"## {cls}", "",
-                  "| method | " + " | ".join(_HEADERS[m] for m in METRICS)
-                  + f" | Δ DSC vs {BASELINE_ROW} [95% CI] | held-out source DSC (%) | aligned (%) | cos | runs |",
-                  "|---|" + "---|" * (len(METRICS) + 5)]
+        lines += [
+            f"## {cls}",
+            "",
+            "| method | "
+            + " | ".join(_HEADERS[m] for m in METRICS)
+            + f" | Δ DSC vs {BASELINE_ROW} [95% CI] | held-out source DSC (%) | aligned (%) | cos | runs |",
+            "|---|" + "---|" * (len(METRICS) + 5),
+        ]
         for row in order:
             cells = []
             for metric in METRICS:
                 mean, sd, n = mean_sd(values(row, cls, metric))
-                summary_rows.append({"row": row, "class": cls, "scope": "unseen", "metric": metric, "mean": mean,
-                                     "sd": sd, "n": n})
+                summary_rows.append(
+                    {"row": row, "class": cls, "scope": "unseen", "metric": metric, "mean": mean, "sd": sd, "n": n}
+                )
                 cells.append(_fmt(mean, sd, 1.0 if metric == "hd95" else 100.0))
                 held = mean_sd(values(row, cls, metric, "held_out"))
                 if held[2]:
-                    summary_rows.append({"row": row, "class": cls, "scope": "held_out", "metric": metric,
-                                         "mean": held[0], "sd": held[1], "n": held[2]})
+                    summary_rows.append(
+                        {
+                            "row": row,
+                            "class": cls,
+                            "scope": "held_out",
+                            "metric": metric,
+                            "mean": held[0],
+                            "sd": held[1],
+                            "n": held[2],
+                        }
+                    )
                 if with_baseline and row != BASELINE_ROW:
                     diffs = _paired_diffs(records, row, cls, metric)
                     if diffs:
                         effect, low, high = paired_bootstrap(diffs)
-                        effect_rows.append({"row": row, "baseline": BASELINE_ROW, "class": cls, "metric": metric,
-                                            "difference": effect, "ci_low": low, "ci_high": high,
-                                            "pairs": int(sum(d.size for d in diffs.values()))})
-            effect = next((e for e in effect_rows if e["row"] == row and e["class"] == cls
-                           and e["metric"] == "dice"), None)
+                        effect_rows.append(
+                            {
+                                "row": row,
+                                "baseline": BASELINE_ROW,
+                                "class": cls,
+                                "metric": metric,
+                                "difference": effect,
+                                "ci_low": low,
+                                "ci_high": high,
+                                "pairs": int(sum(d.size for d in diffs.values())),
+                            }
+                        )
+            effect = next(
+                (e for e in effect_rows if e["row"] == row and e["class"] == cls and e["metric"] == "dice"), None
+            )
             if effect is None or math.isnan(effect["difference"]):
                 effect_text = "—" if row == BASELINE_ROW else "n/a"
             else:
                 beyond = effect["ci_low"] > 0 or effect["ci_high"] < 0
-                effect_text = (f"{100 * effect['difference']:+.2f} [{100 * effect['ci_low']:+.2f}, "
-                               f"{100 * effect['ci_high']:+.2f}]" + (" *" if beyond else ""))
+                effect_text = (
+                    f"{100 * effect['difference']:+.2f} [{100 * effect['ci_low']:+.2f}, "
+                    f"{100 * effect['ci_high']:+.2f}]" + (" *" if beyond else "")
+                )
             held = mean_sd(values(row, cls, "dice", "held_out"))
             aligned = mean_sd(telemetry(row, "aligned"))
             cosine = mean_sd(telemetry(row, "grad_cos"))
             runs = sum(1 for rec in records if rec["row"] == row)
-            lines.append(f"| {row} | " + " | ".join(cells) + f" | {effect_text} | {_fmt(held[0], held[1], 100.0)} | "
-                         f"{_fmt(aligned[0], aligned[1], 100.0, 1)} | {_fmt(cosine[0], cosine[1], 1.0)} | {runs} |")
-        lines += ["", f"DSC (%) of {cls} per unseen centre (mean ± sd over seeds):", "",
-                  "| method | " + " | ".join(f"centre {c}" for c in centres) + " |",
-                  "|---|" + "---|" * len(centres)]
+            lines.append(
+                f"| {row} | " + " | ".join(cells) + f" | {effect_text} | {_fmt(held[0], held[1], 100.0)} | "
+                f"{_fmt(aligned[0], aligned[1], 100.0, 1)} | {_fmt(cosine[0], cosine[1], 1.0)} | {runs} |"
+            )
+        lines += [
+            "",
+            f"DSC (%) of {cls} per unseen centre (mean ± sd over seeds):",
+            "",
+            "| method | " + " | ".join(f"centre {c}" for c in centres) + " |",
+            "|---|" + "---|" * len(centres),
+        ]
         for row in order:
             cells = [_fmt(*mean_sd(values(row, cls, "dice", centre=c))[:2], 100.0) for c in centres]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     paper_rows = [r for r in order if r in PAPER_TABLE1]
     if paper_rows:
-        lines += ["## The paper's Table 1 (aneurysm; @neurIST 3DRA, four centres; %)", "",
-                  "| method | DSC | Sen | Jac | VS |", "|---|---|---|---|---|"]
+        lines += [
+            "## The paper's Table 1 (aneurysm; @neurIST 3DRA, four centres; %)",
+            "",
+            "| method | DSC | Sen | Jac | VS |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {r} | " + " | ".join(f"{v:.2f}" for v in PAPER_TABLE1[r]) + " |" for r in paper_rows]
-        lines += ["", "The paper's BACL-V row repeats its GS-EMA numbers exactly. The paper lists nnUNet as a "
-                  "baseline; the DynUNet row here is MONAI's nnU-Net-style network trained with this project's "
-                  "loop, not the nnU-Net framework.", ""]
-    paths = {"markdown": out / "lodo_table.md", "csv": out / "lodo_table.csv", "effects": out / "lodo_effects.csv",
-             "runs": out / "lodo_runs.csv"}
+        lines += [
+            "",
+            "The paper's BACL-V row repeats its GS-EMA numbers exactly. The paper lists nnUNet as a "
+            "baseline; the DynUNet row here is MONAI's nnU-Net-style network trained with this project's "
+            "loop, not the nnU-Net framework.",
+            "",
+        ]
+    paths = {
+        "markdown": out / "lodo_table.md",
+        "csv": out / "lodo_table.csv",
+        "effects": out / "lodo_effects.csv",
+        "runs": out / "lodo_runs.csv",
+    }
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text("\n".join(lines).rstrip() + "\n")
     write_csv(summary_rows, paths["csv"], ["row", "class", "scope", "metric", "mean", "sd", "n"])
-    write_csv(effect_rows, paths["effects"],
-              ["row", "baseline", "class", "metric", "difference", "ci_low", "ci_high", "pairs"])
+    write_csv(
+        effect_rows,
+        paths["effects"],
+        ["row", "baseline", "class", "metric", "difference", "ci_low", "ci_high", "pairs"],
+    )
     run_rows = []
     for rec in records:
         for scope in ("unseen", "held_out"):
             for cls, metrics in rec.get(scope, {}).items():
-                run_rows.append({"row": rec["row"], "test_domain": rec["test_domain"], "seed": rec["seed"],
-                                 "scope": scope, "class": cls, **{m: metrics.get(m, math.nan) for m in METRICS},
-                                 "aligned": rec.get("telemetry", {}).get("aligned", math.nan),
-                                 "grad_cos": rec.get("telemetry", {}).get("grad_cos", math.nan),
-                                 "train_seconds": rec.get("train_seconds", math.nan)})
-    write_csv(run_rows, paths["runs"], ["row", "test_domain", "seed", "scope", "class", *METRICS, "aligned",
-                                        "grad_cos", "train_seconds"])
+                run_rows.append(
+                    {
+                        "row": rec["row"],
+                        "test_domain": rec["test_domain"],
+                        "seed": rec["seed"],
+                        "scope": scope,
+                        "class": cls,
+                        **{m: metrics.get(m, math.nan) for m in METRICS},
+                        "aligned": rec.get("telemetry", {}).get("aligned", math.nan),
+                        "grad_cos": rec.get("telemetry", {}).get("grad_cos", math.nan),
+                        "train_seconds": rec.get("train_seconds", math.nan),
+                    }
+                )
+    write_csv(
+        run_rows,
+        paths["runs"],
+        ["row", "test_domain", "seed", "scope", "class", *METRICS, "aligned", "grad_cos", "train_seconds"],
+    )
     return paths
 
 
 # ------------------------------------------------------------------------------------------------ runs
 def _summary_means(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    return {cls: {m: (math.nan if v is None else float(v)) for m, v in metrics.items()}
-            for cls, metrics in summary["mean"].items()}
+    return {
+        cls: {m: (math.nan if v is None else float(v)) for m, v in metrics.items()}
+        for cls, metrics in summary["mean"].items()
+    }
 
 
 def _summary_cases(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    return {r["case"]: {cls: {m: (math.nan if m_value is None else float(m_value))
-                              for m, m_value in metrics.items() if m in METRICS}
-                        for cls, metrics in r["metrics"].items()}
-            for r in summary["metric_per_case"]}
+    return {
+        r["case"]: {
+            cls: {
+                m: (math.nan if m_value is None else float(m_value)) for m, m_value in metrics.items() if m in METRICS
+            }
+            for cls, metrics in r["metrics"].items()
+        }
+        for r in summary["metric_per_case"]
+    }
 
 
 def _telemetry(log_path: Path) -> dict[str, float]:
@@ -349,10 +443,18 @@ def _telemetry(log_path: Path) -> dict[str, float]:
     return out
 
 
-def lodo(config=None, *, preset: str | None = None, seeds: int | None = None, ablation: bool = False,
-         rows: Sequence[str] | None = None, domains: Sequence[str] | None = None,
-         out_dir: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-         checkpoint: str = "best") -> dict[str, Any]:
+def lodo(
+    config=None,
+    *,
+    preset: str | None = None,
+    seeds: int | None = None,
+    ablation: bool = False,
+    rows: Sequence[str] | None = None,
+    domains: Sequence[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    checkpoint: str = "best",
+) -> dict[str, Any]:
     """Leave-one-domain-out: for each centre, train on all the others and evaluate on it; write the tables.
 
     ``config``: a :class:`~gsema_fast.config.Config`, a YAML file or a shipped config name (default: demo);
@@ -388,8 +490,10 @@ def lodo(config=None, *, preset: str | None = None, seeds: int | None = None, ab
         by_slug = {_slug(r): r for r in ABLATION_ROWS}
         unknown = [r for r in rows if r not in ABLATION_ROWS and _slug(r) not in by_slug]
         if unknown:
-            raise ValueError(f"rows: {unknown[0]!r} is not an ablation row; choose from "
-                             f"{', '.join(f'{r!r} ({_slug(r)})' for r in ABLATION_ROWS)}")
+            raise ValueError(
+                f"rows: {unknown[0]!r} is not an ablation row; choose from "
+                f"{', '.join(f'{r!r} ({_slug(r)})' for r in ABLATION_ROWS)}"
+            )
         rows = [r if r in ABLATION_ROWS else by_slug[_slug(r)] for r in rows]
     if domains is None and study is not None and study.domains is not None:
         domains = list(study.domains)
@@ -400,8 +504,13 @@ def lodo(config=None, *, preset: str | None = None, seeds: int | None = None, ab
     raw = config_to_dict(base)
     if base.data.root is None:
         synth_dir = Path(base.data.synth_dir) if base.data.synth_dir else root_out / "synth"
-        synthesize(synth_dir, domains=base.data.synth_domains, cases_per_domain=base.data.synth_cases_per_domain,
-                   size=base.data.synth_size, seed=base.data.synth_seed)
+        synthesize(
+            synth_dir,
+            domains=base.data.synth_domains,
+            cases_per_domain=base.data.synth_cases_per_domain,
+            size=base.data.synth_size,
+            seed=base.data.synth_seed,
+        )
         raw["data"]["root"] = str(synth_dir)
     man = load_manifest(raw["data"]["root"], base.data.manifest)
     centres = [str(d) for d in domains] if domains is not None else man.domains
@@ -412,29 +521,39 @@ def lodo(config=None, *, preset: str | None = None, seeds: int | None = None, ab
     raw["data"]["train_domains"] = None  # every centre but the unseen one
 
     runs = [(row, d, s) for row in rows for d in centres for s in seed_list]
-    log.info("leave-one-domain-out: %d row(s) x %d centre(s) x %d seed(s) = %d training run(s) into %s",
-             len(rows), len(centres), len(seed_list), len(runs), root_out)
+    log.info(
+        "leave-one-domain-out: %d row(s) x %d centre(s) x %d seed(s) = %d training run(s) into %s",
+        len(rows),
+        len(centres),
+        len(seed_list),
+        len(runs),
+        root_out,
+    )
     records: list[dict[str, Any]] = []
     with (root_out / "runs.jsonl").open("a") as journal:
         for k, (row, centre, seed) in enumerate(runs, 1):
             run_dir = root_out / _slug(row) / f"centre-{_slug(centre)}" / f"seed-{seed}"
-            record = _lodo_run(raw, row, centre, seed, run_dir, base=base, checkpoint=checkpoint,
-                               tag=f"{k}/{len(runs)}")
+            record = _lodo_run(
+                raw, row, centre, seed, run_dir, base=base, checkpoint=checkpoint, tag=f"{k}/{len(runs)}"
+            )
             records.append(record)
             journal.write(json.dumps(jsonable({k: v for k, v in record.items() if k != "unseen_cases"})) + "\n")
             journal.flush()
     meta = {
-        "config": (str(config) if isinstance(config, (str, os.PathLike)) else "demo" if config is None
-                   else "a Config object") + (f" with {', '.join(overrides)}" if overrides else ""),
+        "config": (
+            str(config) if isinstance(config, (str, os.PathLike)) else "demo" if config is None else "a Config object"
+        )
+        + (f" with {', '.join(overrides)}" if overrides else ""),
         "preset": f"{preset} ({study.note})" if study else "none",
         "dataset": f"{man.path} ({len(man.cases)} cases, centres {', '.join(man.domains)})",
         "model": f"{base.model.name} (rows may override), patch {list(base.data.patch_size)}",
         "training": f"{base.train.epochs} epochs x {base.train.steps_per_epoch} steps, max_steps "
-                    f"{base.train.max_steps}, batch {base.data.batch_size}",
+        f"{base.train.max_steps}, batch {base.data.batch_size}",
         "seeds": ", ".join(map(str, seed_list)),
         "unseen centres": ", ".join(centres),
         "evaluated checkpoint": f"{checkpoint} (chosen on held-out cases of the training centres)"
-        if checkpoint == "best" else checkpoint,
+        if checkpoint == "best"
+        else checkpoint,
         "device": _device_name(),
         "wall time": f"{(time.perf_counter() - started) / 60:.1f} min (runs already on disk are not re-timed)",
     }
@@ -443,8 +562,9 @@ def lodo(config=None, *, preset: str | None = None, seeds: int | None = None, ab
     return {"records": records, "tables": tables, "out_dir": root_out}
 
 
-def _lodo_run(raw: Mapping[str, Any], row: str, centre: str, seed: int, run_dir: Path, *, base: Config,
-              checkpoint: str, tag: str) -> dict[str, Any]:
+def _lodo_run(
+    raw: Mapping[str, Any], row: str, centre: str, seed: int, run_dir: Path, *, base: Config, checkpoint: str, tag: str
+) -> dict[str, Any]:
     test_json = run_dir / "evaluation" / "summary.json"
     val_json = run_dir / "evaluation-val" / "summary.json"
     # Without held-out validation cases (data.val_per_domain: 0) there is no source-centre score to compare with.
