@@ -31,7 +31,11 @@ def _add_synth(sub) -> None:
     p.add_argument("--size", type=int, default=128, help="matrix size of the finest centre (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count for large datasets)")
-    p.add_argument("--overwrite", action="store_true", help="regenerate even if the folder holds this dataset")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate even if the folder holds this dataset; replace another dataset in it (refused without)",
+    )
     p.set_defaults(run=_run_synth)
 
 
@@ -289,9 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        log.error("%s", err)
+    except (ValueError, TypeError, OSError) as err:
+        # Bad input, a refused folder or file, an output that cannot be written (read-only, disk full): one line
+        # naming the file or key and the cause; the traceback only with --verbose.
+        log.debug("details", exc_info=True)
+        log.error("%s", _one_line(err))
         return 2
+    except KeyboardInterrupt as err:
+        log.error("%s", _one_line(err) if str(err) else "interrupted")
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:  # the system's "[Errno 2] ..." without the code
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":
