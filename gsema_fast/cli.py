@@ -134,6 +134,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --output (refused without)")
     p.set_defaults(run=_run_predict)
 
 
@@ -149,6 +150,7 @@ def _run_predict(args) -> int:
         device=args.device,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
+        overwrite=args.overwrite,
     )
     return 1 if result["failed"] else 0
 
