@@ -209,6 +209,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/latest.pt")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace the run in a run folder that holds one (refused without)"
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=None,
@@ -230,10 +233,11 @@ def _run_train(args) -> int:
         argv = [*(["-v"] if args.verbose else []), "train", *(["--config", args.config] if args.config else [])]
         argv += [a for kv in args.set for a in ("--set", kv)]
         argv += [*(["--out", args.out] if args.out else []), *(["--resume"] if args.resume else [])]
+        argv += ["--overwrite"] if args.overwrite else []
         return distributed.launch(args.nproc, argv)
     name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
     overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
-    train(load_config(name, overrides), resume=args.resume)
+    train(load_config(name, overrides), resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -992,7 +992,7 @@ def _lodo_run(raw: Mapping[str, Any], row: str, centre: str, seed: int, run_dir:
     cfg = config_from_dict(run_raw, overrides)
     log.info("[%s] %s, unseen centre %s, seed %d: training into %s", tag, row, centre, seed, run_dir)
     t0 = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # a run this study left unfinished starts again
     train_seconds = time.perf_counter() - t0
     ck = result["best"] if checkpoint == "best" and result.get("best") else result["final"]
     t0 = time.perf_counter()

@@ -394,7 +394,7 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_train(cfg, *, resume=False):
+    def fake_train(cfg, *, resume=False, overwrite=False):
         # Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint.
         calls.append(cfg)
         out = __import__("pathlib").Path(cfg.train.out_dir)
