@@ -31,7 +31,11 @@ def _add_synth(sub) -> None:
     p.add_argument("--size", type=int, default=128, help="matrix size of the finest centre (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count for large datasets)")
-    p.add_argument("--overwrite", action="store_true", help="regenerate even if the folder holds this dataset")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate even if the folder holds this dataset; replace another dataset in it (refused without)",
+    )
     p.set_defaults(run=_run_synth)
 
 
@@ -130,6 +134,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --output (refused without)")
     p.set_defaults(run=_run_predict)
 
 
@@ -145,6 +150,7 @@ def _run_predict(args) -> int:
         device=args.device,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
+        overwrite=args.overwrite,
     )
     return 1 if result["failed"] else 0
 
@@ -216,6 +222,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/latest.pt")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace the run in a run folder that holds one (refused without)"
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=None,
@@ -237,10 +246,11 @@ def _run_train(args) -> int:
         argv = [*(["-v"] if args.verbose else []), "train", *(["--config", args.config] if args.config else [])]
         argv += [a for kv in args.set for a in ("--set", kv)]
         argv += [*(["--out", args.out] if args.out else []), *(["--resume"] if args.resume else [])]
+        argv += ["--overwrite"] if args.overwrite else []
         return distributed.launch(args.nproc, argv)
     name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
     overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
-    train(load_config(name, overrides), resume=args.resume)
+    train(load_config(name, overrides), resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -302,9 +312,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        log.error("%s", err)
+    except (ValueError, TypeError, OSError) as err:
+        # Bad input, a refused folder or file, an output that cannot be written (read-only, disk full): one line
+        # naming the file or key and the cause; the traceback only with --verbose.
+        log.debug("details", exc_info=True)
+        log.error("%s", _one_line(err))
         return 2
+    except KeyboardInterrupt as err:
+        log.error("%s", _one_line(err) if str(err) else "interrupted")
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:  # the system's "[Errno 2] ..." without the code
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -42,7 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from gsema_fast.files import atomic_path, jsonable, write_csv, write_json
+from gsema_fast.files import (
+    WriteError,
+    atomic_path,
+    check_writable,
+    first_line,
+    jsonable,
+    read_checkpoint,
+    write_csv,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,12 +370,7 @@ def load_checkpoint(path: str | os.PathLike, *, weights: str | None = None,
     path = Path(path)
     if weights not in (None, "teacher", "student"):
         raise ValueError(f"weights={weights!r}: expected 'teacher' or 'student'")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({err})") from err
+    ck = read_checkpoint(path)  # tensors, numbers, strings and containers only: loading runs no code
     if not isinstance(ck, Mapping) or "config" not in ck:
         found = f"keys: {', '.join(map(str, ck))}" if isinstance(ck, Mapping) else f"a {type(ck).__name__}"
         raise ValueError(f"checkpoint {path}: no 'config' entry ({found}); it was not written by gsema-fast train")
@@ -407,11 +411,13 @@ def _amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
 
 # ------------------------------------------------------------------------------------- preprocessing, inversion
 def _unwrap_error(err: BaseException) -> BaseException:
-    """MONAI re-raises a failing transform as ``RuntimeError("applying transform ...")``; find the error that names
-    the file and the problem."""
+    """MONAI re-raises a failing transform as ``RuntimeError("applying transform ...")``, nested once per Compose;
+    find the error that names the file and the problem (else the innermost one, where it started)."""
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, (ValueError, FileNotFoundError)):
+            return seen
+        if seen.__cause__ is None:
             return seen
         seen = seen.__cause__
     return err
@@ -547,8 +553,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
         # The trainer keeps checkpoints in <run>/checkpoints/; results belong beside them, in the run folder.
         run = loaded.path.parent.parent if loaded.path.parent.name == "checkpoints" else loaded.path.parent
         out_dir = run / f"evaluation_{loaded.path.stem}"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out_dir)  # before the work, not at its first result
     if save_predictions:
         (out / "predictions").mkdir(exist_ok=True)
     if figures:
@@ -650,25 +655,40 @@ def _case_name(path: Path) -> str:
     return name.removesuffix("_0000")
 
 
+def _refuse_existing_outputs(out: Path, names: Sequence[str], *, probabilities: bool, overwrite: bool) -> None:
+    suffixes = ("", "_probabilities") if probabilities else ("",)
+    existing = [f"{n}{s}.nii.gz" for n in names for s in suffixes if (out / f"{n}{s}.nii.gz").exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise FileExistsError(
+            f"--output {out} already holds {len(existing)} of the outputs ({shown}); pass --overwrite to replace them"
+        )
+
+
 def predict(checkpoint: str | os.PathLike, inputs, output_dir: str | os.PathLike, *, probabilities: bool = False,
             weights: str | None = None, device: str | torch.device | None = None, overlap: float | None = None,
-            sw_batch_size: int | None = None, config=None) -> dict[str, Any]:
+            sw_batch_size: int | None = None, config=None, overwrite: bool = False) -> dict[str, Any]:
     """Segment NIfTI files (a file, a folder of them, or a list) and write ``<case>.nii.gz`` label volumes.
 
     Each output has its input's voxel grid, affine and header (uint8 labels; ``case_0000.nii.gz`` gives
     ``case.nii.gz``). ``probabilities`` also writes ``<case>_probabilities.nii.gz`` (float32, classes along the 4th
-    axis). Any volume size works (sliding windows, padding). A file that fails is logged with the reason and
-    skipped; the others still run. Returns ``{"written": [paths], "failed": {input: reason}}``.
+    axis). Any volume size works (sliding windows, padding). Outputs already in ``output_dir`` are refused unless
+    ``overwrite``. A file that fails is logged with the reason (one line) and skipped; the others still run; an
+    output that cannot be written (read-only folder, full disk) stops the run. Returns ``{"written": [paths],
+    "failed": {input: reason}}``.
     """
     from tqdm.auto import tqdm
 
     from gsema_fast.data import preprocess_transforms
 
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file; expected a folder (created if missing)")
+    files = _input_files(inputs)
+    _refuse_existing_outputs(out, [_case_name(f) for f in files], probabilities=probabilities, overwrite=overwrite)
     loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
     cfg = loaded.config
-    files = _input_files(inputs)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     overlap = cfg.eval.overlap if overlap is None else overlap
     sw_batch_size = cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size
     transform = preprocess_transforms(labels=None, spacing=cfg.data.spacing,
@@ -697,8 +717,10 @@ def predict(checkpoint: str | os.PathLike, inputs, output_dir: str | os.PathLike
                 _save_nifti_like(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), like,
                                  target)
                 written.append(target)
+        except WriteError:
+            raise
         except Exception as err:  # one bad file must not stop the others; the reason is reported
-            reason = str(_unwrap_error(err))
+            reason = first_line(_unwrap_error(err))
             log.error("%s: failed: %s", path, reason)
             failed[str(path)] = reason
     log.info("wrote %d file(s) to %s; %d input(s) failed", len(written), out, len(failed))

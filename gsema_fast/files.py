@@ -1,6 +1,12 @@
-"""Files written whole or not at all: every output of the package (checkpoints, configs, logs' tables, NIfTI
-volumes, figures, cache entries) goes to a temporary file beside its target and is renamed over it, so an
-interrupted run never leaves half a file where a reader expects a whole one."""
+"""Files written whole or not at all, and checkpoints read without running code.
+
+Every output of the package (checkpoints, configs, logs' tables, NIfTI volumes, figures, cache entries) goes to a
+temporary file beside its target and is renamed over it, so an interrupted run never leaves half a file where a
+reader expects a whole one. A write that fails (read-only folder, full disk) says which output and why, in one line.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, so a
+crafted file cannot run code when it is loaded (:func:`read_checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,13 @@ import contextlib
 import csv
 import json
 import math
+import numbers
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 def _default_mode() -> int:
@@ -26,6 +32,18 @@ def _default_mode() -> int:
 _MODE = _default_mode()  # read once: os.umask can only be read by setting it
 
 
+class WriteError(OSError):
+    """An output could not be written; the message names it and the cause (``errno`` is the system's)."""
+
+    def __init__(self, path: str | os.PathLike, err: OSError) -> None:
+        super().__init__(f"cannot write {path}: {err.strerror or err}")
+        self.errno = err.errno
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a fresh, empty temporary file beside ``path`` for the caller to write; when the block ends without an
@@ -33,44 +51,72 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
 
     The temporary name is unique (ranks on machines sharing a folder may have equal process ids) and ends with
     ``path``'s own name, so writers that pick a format from the ending (nibabel, matplotlib) pick the right one.
-    ``fsync``: flush the file to the disk before the rename.
+    ``fsync``: flush the file to the disk before the rename. An ``OSError`` of the folder or of the temporary file
+    (read-only folder, disk full) becomes a :class:`WriteError` naming ``path``; ``path`` itself is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=f".tmp.{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=f".tmp.{path.name}")
+    except OSError as err:
+        raise WriteError(path, err) from err
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        if fsync:
-            with tmp.open("rb+") as handle:
-                os.fsync(handle.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if fsync:
+                with tmp.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+            os.chmod(tmp, _MODE)
+            os.replace(tmp, path)
+        except WriteError:
+            raise
+        except OSError as err:
+            if err.filename not in (None, str(tmp), str(path)):  # an input the block read, not this output
+                raise
+            raise WriteError(path, err) from err
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if missing and make sure a file can be written in it, before work whose results would
+    otherwise be lost at the first write; a ``WriteError`` names the folder and the cause."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise WriteError(folder, err) from err
+    return folder
+
+
 def jsonable(value: Any) -> Any:
-    """``value`` with NaN and infinities as None (strict JSON has neither), numpy scalars as Python numbers and
-    paths as strings, in nested dicts, lists and tuples."""
+    """``value`` as strict JSON can hold it: NaN and infinities become null, numpy and torch scalars plain numbers,
+    paths and other objects strings."""
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # numpy or torch scalar
+        value = value.item()
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
         return int(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return str(value)
 
 
-def write_json(data: Any, path: str | os.PathLike) -> None:
-    """``data`` as strict JSON (see :func:`jsonable`), atomically."""
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write ``jsonable(data)`` to ``path`` atomically."""
+    path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(jsonable(data), indent=1) + "\n")
+    return path
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str]) -> None:
@@ -80,3 +126,50 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, column
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def _allowed_globals() -> list:
+    """What a checkpoint may name besides torch's own types: numpy's uint32 arrays, which checkpoints written before
+    the random states were stored as plain lists hold (numpy's generator key). Nothing that can run code."""
+    import numpy as np
+
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy.core or numpy._core, by version
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU; a file that names anything else (a pickle that would
+    call a function on loading) is refused before it runs.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (one line, naming the file) for a refused or
+    unreadable one.
+    """
+    import pickle
+
+    import torch  # here, not at the top: the config module imports this one and must stay light for the CLI
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
+        if found is None:  # not a pickle torch knows (or an instruction it does not allow): unreadable
+            detail = first_line(text.split("WeightsUnpickler error:", 1)[-1])
+            raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({detail})") from None
+        raise ValueError(
+            f"checkpoint {path}: refused: it names '{found.group(1) or found.group(2)}', which is not a tensor, "
+            f"number, string or container (checkpoints are loaded without running code; was it written by gsema-fast "
+            f"train?)"
+        ) from None
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (libraries append tracebacks and advice below it)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -110,7 +110,7 @@ class Preset:
 _METHOD_ROWS = tuple(r for r in ABLATION_ROWS if r != "DynUNet (nnU-Net-style)")
 PRESETS: dict[str, Preset] = {
     # 7 rows x 3 seeds on the unseen centre D of the demo's phantoms, at the demo's network and patch size with a
-    # third of its 3000 steps: about an hour on 2 CPU cores.
+    # quarter of its 4000 steps: about an hour on 2 CPU cores.
     "quick": Preset(
         rows=_METHOD_ROWS,
         domains=("3",),
@@ -591,8 +591,9 @@ def _lodo_run(
     cfg = config_from_dict(run_raw, overrides)
     log.info("[%s] %s, unseen centre %s, seed %d: training into %s", tag, row, centre, seed, run_dir)
     t0 = time.perf_counter()
-    # The trainer's own end-of-run evaluation would read the unseen centre a second time: lodo scores it below.
-    result = train(cfg, evaluate_unseen=False)
+    # The trainer's own end-of-run evaluation would read the unseen centre a second time: lodo scores it below. A run
+    # folder without both evaluations is an interrupted run: it is started again.
+    result = train(cfg, overwrite=True, evaluate_unseen=False)
     train_seconds = time.perf_counter() - t0
     ck = result["best"] if checkpoint == "best" and result.get("best") else result["final"]
     t0 = time.perf_counter()

@@ -6,17 +6,24 @@ batches of source patches, the simulated target domain on the device, one teache
 checkpoints. At the end the teacher (the domain-generalised model) is evaluated on the unseen centre.
 
 Run folder (``train.out_dir``): ``config.yaml`` (resolved), ``log.jsonl`` (one record per log interval and per
-validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``.
+validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``. One process at a time
+trains in a folder (``.lock``); a folder that holds a run is continued (``resume``) or replaced (``overwrite``),
+never mixed with another run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from gsema_fast import distributed
-from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
+from gsema_fast.config import Config, config_from_dict, config_to_dict, resolve_auto, save_config
 from gsema_fast.ema import EMA, GSEMA
-from gsema_fast.files import atomic_path, write_json
+from gsema_fast.files import WriteError, atomic_path, read_checkpoint, write_json
 from gsema_fast.losses import BACL, DiceCE
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, repeated_blocks
@@ -296,9 +303,27 @@ def _mean_dice(per_case: list[dict]) -> dict[str, float]:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` that never leaves a half-written checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` that never leaves a half-written checkpoint; a failed write (full disk) is a ``WriteError``
+    naming the file."""
+    # Through a Python file object: the system's error (ENOSPC) then comes back as such, where torch's own file
+    # writer reports a failed check in its zip container instead.
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+def numpy_rng_state() -> dict:
+    """numpy's global random state in plain types (a list of ints for its key), which checkpoints loaded with
+    ``weights_only=True`` hold without allow-listing numpy."""
+    state = np.random.get_state(legacy=False)
+    state["state"] = {**state["state"], "key": state["state"]["key"].tolist()}
+    return state
+
+
+def set_numpy_rng_state(state) -> None:
+    """Inverse of :func:`numpy_rng_state`; also takes numpy's own tuple (checkpoints written before)."""
+    if isinstance(state, dict):
+        state = {**state, "state": {**state["state"], "key": np.asarray(state["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(state)
 
 
 def _rank_state(transform) -> dict:
@@ -307,7 +332,7 @@ def _rank_state(transform) -> dict:
         "target_transform": transform.state_dict(),
         "rng": {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": numpy_rng_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
@@ -368,10 +393,229 @@ def restore(state: dict, ctx, scheduler, transform) -> None:
     own = ranks[rank]
     transform.load_state_dict(own["target_transform"])
     random.setstate(own["rng"]["python"])
-    np.random.set_state(own["rng"]["numpy"])
+    set_numpy_rng_state(own["rng"]["numpy"])
     torch.set_rng_state(own["rng"]["torch"].cpu())  # the checkpoint may have been mapped to a GPU
     if own["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in own["rng"]["cuda"]])
+
+
+# Settings a resumed run cannot change: the networks and the state built for them (model, EMA kind, optimizer kind),
+# and what decides the cases and what the network sees (dataset, split, preprocessing, seed). Any other change takes
+# effect from the checkpoint's step on.
+FIXED_ON_RESUME = (
+    "model.",
+    "ema.mode",
+    "optim.name",
+    "data.root",
+    "data.manifest",
+    "data.train_domains",
+    "data.test_domain",
+    "data.val_per_domain",
+    "data.spacing",
+    "data.clip_percentiles",
+    "data.intensity",
+    "data.synth_",
+    "train.seed",
+)
+_NOT_COMPARED = ("train.out_dir",)  # a run folder may have been moved
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(state: dict, cfg: Config, path: Path) -> list[str]:
+    """Compare a resumed run's config with its checkpoint's: a changed setting of :data:`FIXED_ON_RESUME` is
+    refused (one ``ValueError`` naming every such field); the other changes are returned as ``key: old -> new``."""
+    try:
+        saved = config_to_dict(config_from_dict(state["config"]))  # the stored values, normalised as ours are
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"--resume: {path} holds no config this version can read ({err})") from None
+    old, new = _flat(saved), _flat(config_to_dict(cfg))
+    changed = [k for k in new if old.get(k) != new[k] and not k.startswith(_NOT_COMPARED)]
+    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in fixed)
+        raise ValueError(
+            f"--resume: {path} was trained with other values of settings a run cannot change ({shown}); resume "
+            f"with the checkpoint's values, or start a new run (another --out, or --overwrite)"
+        )
+    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed]
+
+
+def apply_settings(ctx: StepContext, scheduler, cfg: Config) -> None:
+    """Give the restored optimizer, schedule and GS-EMA updater the config's hyperparameters: their state dicts
+    carry the values they were built with, which would silently outlive a change made on resume."""
+    o = cfg.optim
+    scheduler.base_lrs = [o.lr for _ in ctx.optimizer.param_groups]
+    for group, factor in zip(ctx.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * factor(scheduler.last_epoch)  # what the schedule's step would have set
+        group["weight_decay"] = o.weight_decay
+        if "momentum" in group:
+            group["momentum"] = o.momentum
+    if isinstance(ctx.updater, GSEMA):
+        e = cfg.ema
+        ctx.updater.decay_aligned, ctx.updater.decay_conflict = e.decay_aligned, e.decay_conflict
+        ctx.updater.rule, ctx.updater.warmup = e.rule, e.warmup
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the records written after the checkpoint a run resumes from (and a last line cut short by a kill):
+    the resumed run writes those steps again, once."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+        log.info("%s: dropped %d record(s) written after step %d, where the run resumes", path, dropped, step)
+
+
+# ------------------------------------------------------------------------------------------------ the run folder
+
+LOCK_NAME = ".lock"
+# What a run writes into its folder; --overwrite removes these (and only these) of the previous run.
+RUN_FILES = ("config.yaml", "log.jsonl", "progress.png", "summary.json")
+CHECKPOINT_FILES = ("latest.pt", "best.pt", "final.pt")
+
+
+class RunFolderLock:
+    """One training process per run folder, for the whole run: ``fcntl.flock`` on ``<folder>/.lock``, a file that
+    names the holder's process and host.
+
+    The kernel drops the lock when its process ends, however it ends, so the lock file of a killed run is simply
+    taken over; a second live process is refused, naming the first. Folders this lock created are removed again
+    when the run leaves them empty (a run that failed before writing anything)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder).expanduser()
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+        self.created: list[Path] = []
+
+    def acquire(self) -> RunFolderLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"run folder {self.folder} is a file, not a folder")
+        self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    raise ValueError(
+                        f"run folder {self.folder} is in use by {holder} (lock {self.path}); wait for that run to "
+                        f"end or choose another --out"
+                    ) from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.fd = fd
+                else:  # the holder ended and removed the file while this process opened it: lock the new one
+                    os.close(fd)
+            stale = os.read(self.fd, 256).decode(errors="replace").strip()
+            if stale:
+                log.info("run folder %s: taking over the lock of %s, which no longer runs", self.folder, stale)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as err:  # a read-only or full file system
+            self.release()
+            raise WriteError(self.folder, err) from err
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: nobody locks a file that is about to vanish
+            os.close(self.fd)
+            self.fd = None
+        for folder in self.created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
+def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+    """A fresh run needs an empty folder, or ``overwrite``; a resumed one its ``checkpoints/latest.pt``."""
+    latest = folder / "checkpoints" / "latest.pt"
+    if resume:
+        if not latest.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
+        return
+    entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME) if folder.is_dir() else []
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise FileExistsError(
+            f"run folder {folder} is not empty ({shown}): pass --resume to continue its run, --overwrite to replace "
+            f"it, or choose another --out"
+        )
+
+
+def clear_run_folder(folder: Path) -> None:
+    """--overwrite: remove the previous run's outputs (other files in the folder stay)."""
+    paths = [folder / name for name in RUN_FILES] + [folder / "checkpoints" / name for name in CHECKPOINT_FILES]
+    removed = [p for p in paths if p.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        log.info("--overwrite: removed %d file(s) of the previous run in %s", len(removed), folder)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the run after a whole step; the message says where it stopped and how to go on."""
+
+
+class InterruptFlag:
+    """While armed, Ctrl-C (SIGINT) asks the loop to stop after the step in flight instead of raising wherever it
+    lands, so the run ends with its files whole; a second Ctrl-C raises at once. Only in the main thread of a
+    single-process run (under torchrun, signals are torchrun's)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._armed = False
+        self._previous = None
+
+    def arm(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or distributed.world_size() > 1:
+            return
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, &): keep it so
+            return
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._armed = True
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.disarm()
+
+    def disarm(self) -> None:
+        if self._armed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._armed = False
+
+
+def interrupted(step: int, saved_at: int | None, latest: Path) -> TrainingInterrupted:
+    if saved_at is None:
+        return TrainingInterrupted(f"interrupted at step {step} before the first checkpoint; start again (--overwrite)")
+    return TrainingInterrupted(f"interrupted at step {step}; resume with --resume (from step {saved_at}, {latest})")
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -477,11 +721,14 @@ def _format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train(cfg: Config, *, resume: bool = False, evaluate_unseen: bool = True) -> dict:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, evaluate_unseen: bool = True) -> dict:
     """Train a teacher-student pair as ``cfg`` says; returns ``{"run_dir", "final", "best", "test"}``.
 
-    ``resume``: continue from ``out_dir/checkpoints/latest.pt`` (saved after every epoch); with
-    ``train.deterministic`` on the CPU the resumed run reproduces the uninterrupted run's losses.
+    The run folder (``train.out_dir``) must be empty, or hold a run to continue (``resume``: from its
+    ``checkpoints/latest.pt``, saved after every epoch) or to replace (``overwrite``); one process at a time trains
+    in it. ``resume`` refuses a change of the settings the checkpoint depends on (:data:`FIXED_ON_RESUME`) and lets
+    every other change take effect; with ``train.deterministic`` on the CPU and an unchanged config the resumed run
+    reproduces the uninterrupted run's losses. Ctrl-C stops after the step in flight (``TrainingInterrupted``).
 
     Protocol: ``best.pt`` is the checkpoint with the best validation Dice on held-out cases of the training
     centres. The unseen centre is read once, after training: the best checkpoint's teacher (the final one without
@@ -489,15 +736,34 @@ def train(cfg: Config, *, resume: bool = False, evaluate_unseen: bool = True) ->
     ``evaluate_unseen`` is False (an experiment runner that scores it itself).
     """
     cfg = resolve_auto(cfg)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in the folder, or replace it")
     # Under torchrun: join the process group; each rank takes its own GPU and share of every batch.
     dist_ctx = distributed.setup(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
+    lock = RunFolderLock(cfg.train.out_dir) if dist_ctx.is_main else None
+    interrupt = InterruptFlag()
     try:
-        return _train(cfg, dist_ctx, resume=resume, evaluate_unseen=evaluate_unseen)
+        if lock is not None:
+            lock.acquire()
+        return _train(
+            cfg, dist_ctx, resume=resume, overwrite=overwrite, interrupt=interrupt, evaluate_unseen=evaluate_unseen
+        )
     finally:
+        interrupt.disarm()
+        if lock is not None:
+            lock.release()
         distributed.teardown(dist_ctx)
 
 
-def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate_unseen: bool) -> dict:
+def _train(
+    cfg: Config,
+    dist_ctx: distributed.Context,
+    *,
+    resume: bool,
+    overwrite: bool,
+    interrupt: InterruptFlag,
+    evaluate_unseen: bool,
+) -> dict:
     device, main = dist_ctx.device, dist_ctx.is_main
     if device.type == "cpu" and cfg.train.retain_cpu_memory:
         retain_freed_memory()
@@ -507,13 +773,24 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate
     if resume and not latest.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        check_run_folder(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device
+        # by their load_state_dict. Read (and the config checked) before anything is built or written.
+        state = read_checkpoint(latest)
+        changes = resume_changes(state, cfg, latest)
     if cfg.note:
         log.info("%s", cfg.note)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     data = build_data(cfg, rank=dist_ctx.rank, world_size=dist_ctx.world_size, local_rank=dist_ctx.local_rank)
+    if not data.split.test:
+        log.warning(
+            "no unseen centre: %s has the one domain %s, so the run trains and validates on it and evaluates nothing "
+            "on an unseen centre (summary.json records none)",
+            data.manifest.path,
+            data.split.train_domains[0],
+        )
     if dist_ctx.distributed:
         log.info(
             "%d ranks x batch %d = global batch %d",
@@ -549,17 +826,25 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate
         device,
     )
 
+    if main:  # only now that data, model and the resumed config passed their checks
+        if overwrite:
+            clear_run_folder(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+
     # The untrained teacher is scored on the unseen centre only after training (see train's docstring).
     initial_teacher = {k: v.detach().cpu().clone() for k, v in ctx.teacher.state_dict().items()}
     epoch, step, best_score, best_val, last_val = 0, 0, -1.0, None, None
     if resume:
-        # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device
-        # by their load_state_dict.
-        state = torch.load(latest, map_location="cpu", weights_only=False)
         restore(state, ctx, scheduler, transform)
         epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
         best_val, last_val = state["best_val"], state["last_val"]
         log.info("resumed from %s at epoch %d, step %d", latest, epoch, step)
+        if changes:
+            apply_settings(ctx, scheduler, cfg)
+            log.info("changed settings take effect from step %d: %s", step, "; ".join(changes))
+        if main:
+            truncate_log(run_dir / "log.jsonl", step)
+        del state
 
     compile_cache = compile_cache_file(cfg, device)
     if cfg.train.compile:
@@ -580,7 +865,8 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True)
-    stopped = None
+    stopped, saved_at = None, step if resume else None
+    interrupt.arm()
     while epoch < cfg.train.epochs and step < total_steps and stopped is None:
         data.set_epoch(epoch)
         ctx.student.train()
@@ -612,12 +898,15 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate
                         record["skipped_steps"],
                     )
                 if interval.nonfinite_run >= cfg.train.max_nonfinite_steps:
-                    stopped = (
+                    stopped = RuntimeError(
                         f"stopped after {interval.nonfinite_run} consecutive steps with a non-finite loss or gradient "
                         f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the last good checkpoint is "
                         f"{latest if latest.exists() else 'not written yet'}"
                     )
                     break
+            if interrupt.requested:
+                stopped = interrupted(step, saved_at, latest)
+                break
             if step >= total_steps:
                 break
             waited = time.perf_counter()
@@ -639,21 +928,24 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate
                     ckpt_dir / "best.pt", ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra
                 )
         save_checkpoint(latest, ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra)
+        saved_at = step
         if main:
             if log_path is not None and log_path.exists():
                 draw_progress(log_path, run_dir / "progress.png")
     bar.close()
+    interrupt.disarm()
     if stopped is not None:
-        raise RuntimeError(stopped)
+        raise stopped
 
     final = ckpt_dir / "final.pt"
     extra = {"best_score": best_score, "best_val": best_val, "last_val": last_val}
     save_checkpoint(final, ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra)
     best = ckpt_dir / "best.pt"
     result = {"run_dir": run_dir, "final": final, "best": best if best.exists() else None, "test": None}
+    untrained = None
     if data.split.test and evaluate_unseen:
         if result["best"] is not None:
-            ctx.teacher.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["teacher"])
+            ctx.teacher.load_state_dict(read_checkpoint(best)["teacher"])
             chosen = f"best on held-out training-centre cases, step {best_val['step']}"
         else:
             chosen = f"final, step {step}: no validation cases to choose by"
@@ -673,18 +965,17 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool, evaluate
         )
         if main:
             log.info("\n%s", table)
-            write_json(
-                {
-                    "test_domain": str(data.split.test_domain),
-                    "checkpoint": str(result["best"] or final),
-                    "untrained": untrained,
-                    "test": test,
-                    "validation": best_val,
-                    "steps": step,
-                    "config": config_to_dict(cfg),
-                },
-                run_dir / "summary.json",
-            )
+    if main:
+        summary = {
+            "test_domain": data.split.test_domain,  # None: the dataset had no unseen centre
+            "checkpoint": str(result["best"] or final),
+            "untrained": untrained,
+            "test": result["test"],
+            "validation": best_val,
+            "steps": step,
+            "config": config_to_dict(cfg),
+        }
+        write_json(summary, run_dir / "summary.json")  # strict JSON: a NaN Dice (no such class) is null
     if main:
         save_compile_cache(compile_cache)  # now with the evaluation's shapes too
     return result

@@ -177,7 +177,7 @@ def _save_checkpoint(path, cfg):
 def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
     calls = []
 
-    def fake_train(cfg, *, resume=False, evaluate_unseen=True):
+    def fake_train(cfg, *, resume=False, overwrite=False, evaluate_unseen=True):
         # Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint.
         assert not evaluate_unseen, "lodo scores the unseen centre itself"
         calls.append(cfg)

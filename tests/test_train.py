@@ -252,7 +252,7 @@ def test_train_stops_on_repeated_nonfinite_losses(phantoms, tmp_path, monkeypatc
 
 def test_train_config_and_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root"):
-        train(load_config("demo", [f"data.root={tmp_path / 'missing'}"]))
+        train(load_config("demo", [f"data.root={tmp_path / 'missing'}", f"train.out_dir={tmp_path / 'run'}"]))
     with pytest.raises(ValueError, match="data.patch_size"):
         load_config("demo", ["model.name=swinunetr", "data.patch_size=[48,48,48]"])
     with pytest.raises(FileNotFoundError, match="--resume"):

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import nibabel as nib
@@ -40,8 +41,9 @@ from monai.transforms import (
     Transform,
 )
 from monai.utils import convert_to_tensor
+from tqdm.auto import tqdm
 
-from gsema_fast.files import atomic_path
+from gsema_fast.files import atomic_path, first_line
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +123,11 @@ def _check_headers(case: Case) -> None:
         try:
             img = nib.load(path)
         except Exception as err:  # nibabel raises several types for truncated or foreign files
-            raise ValueError(f"case {case.name}: cannot read {kind} file {path}: {err}") from err
+            raise ValueError(f"case {case.name}: cannot read {kind} file {path}: {first_line(err)}") from err
         headers[kind] = img
     image = headers["image"]
+    if len(image.shape) < 3:
+        raise ValueError(f"case {case.name}: image {case.image} has shape {image.shape}; a 3D volume is expected")
     if len(image.shape) > 3 and int(np.prod(image.shape[3:])) != 1:
         raise ValueError(f"case {case.name}: image {case.image} has shape {image.shape}; one channel is expected")
     if "label" in headers:
@@ -273,12 +277,16 @@ class _LoadCase(Transform):
         try:
             return self.loader(path)
         except Exception as err:
-            raise ValueError(f"case {case}: cannot read {kind} file {path}: {err}") from err
+            raise ValueError(f"case {case}: cannot read {kind} file {path}: {_read_error(err, path)}") from err
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         case = d.get("case") or Path(d["image"]).name
         image = self._read(case, "image", d["image"])
+        if image.ndim != 4:  # channel first: [1, D, H, W]
+            raise ValueError(
+                f"case {case}: image {d['image']} has shape {tuple(image.shape[1:])}; a 3D volume is expected"
+            )
         if image.shape[0] != 1:
             raise ValueError(f"case {case}: image {d['image']} has {image.shape[0]} channels; one is expected")
         finite = torch.isfinite(image)
@@ -300,6 +308,16 @@ class _LoadCase(Transform):
             d["label"] = label.to(torch.uint8)
         d["image"] = image
         return d
+
+
+def _read_error(err: Exception, path) -> str:
+    """Why a file could not be loaded, in one line: MONAI's loader tries every reader it has and reports each one's
+    traceback, where nibabel's own complaint about the file is the reason."""
+    try:
+        nib.load(path)
+    except Exception as nib_err:
+        return first_line(nib_err)
+    return first_line(err)
 
 
 class _PadToPatch(Transform):
@@ -396,6 +414,26 @@ def _own_errors():
 
 
 class _CheckedCacheDataset(CacheDataset):
+    def _fill_cache(self, indices=None) -> list:
+        """CacheDataset's filling, with its threads joined however it ends: MONAI's pool is left running when a case
+        fails, and a thread still inside torch when the interpreter exits aborts the process (SIGABRT), so a bad
+        case ended with exit code 134 instead of its error."""
+        if self.cache_num <= 0:
+            return []
+        indices = list(range(self.cache_num)) if indices is None else indices
+        pool = ThreadPool(self.num_workers)
+        bar = tqdm(total=len(indices), desc="Loading dataset", disable=not self.progress)
+        items = []
+        try:
+            for item in pool.imap(self._load_cache_item, indices):
+                items.append(item)
+                bar.update()
+            return items
+        finally:
+            bar.close()
+            pool.terminate()  # drops the cases not started
+            pool.join()  # waits for the ones in flight
+
     def _load_cache_item(self, idx: int):
         with _own_errors():
             return super()._load_cache_item(idx)

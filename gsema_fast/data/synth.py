@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -566,6 +567,49 @@ def _complete(out: Path, params: dict) -> bool:
     return all((out / e["image"]).is_file() and (out / e["label"]).is_file() for e in manifest.get("training", []))
 
 
+# What this generator writes into imagesTr/ and labelsTr/: case files, and the temporary files of an interrupted write.
+_OWN_FILE = re.compile(
+    rf"(?:{'|'.join(c.name for c in CENTRES)})_\d{{3,}}(?:_0000)?{re.escape(FILE_ENDING)}"
+    r"|\..+\.tmp\..+"
+)
+
+
+def _own_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "synth" in manifest and manifest.get("name") == "gsema-synth"
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """What ``out`` holds that this generator did not write (names relative to it); [] for a new or empty folder."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise NotADirectoryError(f"synth: {out} is a file, not a folder")
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in ("imagesTr", "labelsTr") and entry.is_dir():
+            foreign += [f"{entry.name}/{p.name}" for p in sorted(entry.iterdir()) if not _OWN_FILE.fullmatch(p.name)]
+        elif entry.name == "dataset.json" and _own_manifest(entry):
+            continue
+        elif not (entry.name.startswith(".") and _OWN_FILE.fullmatch(entry.name)):  # dataset.json's temporary file
+            foreign.append(entry.name)
+    return foreign
+
+
+def _remove_stale(out: Path, entries: dict[str, dict]) -> None:
+    """After a (re)generation imagesTr/ and labelsTr/ hold exactly this dataset: cases of an earlier, larger one (or,
+    with ``overwrite``, another dataset's files) would otherwise sit beside it."""
+    keep = {Path(e[key]).name for e in entries.values() for key in ("image", "label")}
+    stale = [p for sub in ("imagesTr", "labelsTr") for p in (out / sub).iterdir() if p.is_file() and p.name not in keep]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("removed %d file(s) of the dataset %s held before", len(stale), out)
+
+
 def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain: int = 6, size: int = 128,
                seed: int = 0, workers: int | None = None, overwrite: bool = False) -> Path:
     """Write a synthetic multi-centre 3DRA dataset in the nnU-Net raw layout and return its folder.
@@ -578,7 +622,9 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
 
     The bytes depend only on the arguments other than ``workers`` (each case has its own random stream). Files are
     written atomically and the manifest last, so an interrupted run leaves no half-written file and is simply
-    redone; a folder that already holds the same dataset is returned at once unless ``overwrite``.
+    redone; a folder that already holds the same dataset is returned at once unless ``overwrite``. A folder that holds
+    anything else (another dataset, other files) is refused (``FileExistsError``) unless ``overwrite``, which replaces
+    the dataset in it: imagesTr/ and labelsTr/ then hold exactly the new cases.
     ``workers``: processes (default: the CPUs this process may use, at most one per case, for datasets of at least
     four 128^3 cases' worth of voxels; one otherwise, since starting processes costs more than small cases take).
     Where torch is already imported the workers are spawned, which re-imports the calling script: as with any
@@ -597,6 +643,13 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
     if not overwrite and _complete(out, params):
         log.info("%s already holds this synthetic dataset; nothing to do", out)
         return out
+    foreign = _foreign_files(out)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise FileExistsError(
+            f"synth: {out} holds files this generator did not write ({shown}); choose a new or empty folder, or "
+            f"pass --overwrite to replace the dataset in it"
+        )
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = out / "dataset.json"
@@ -650,6 +703,7 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
     }
     with atomic_path(manifest_path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    _remove_stale(out, entries)
     return out
 
 

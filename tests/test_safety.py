@@ -1,0 +1,627 @@
+"""Nothing lost, nothing run: untrusted checkpoints, run folders, datasets, faults and clean failures.
+
+Every case runs the ``gsema-fast`` command (in this process, or in a subprocess where the exit of the process or a
+signal is what is tested) and checks three things: the exit code, the one-line message, and that nothing was lost
+or half-written (files compared byte for byte, no temporary file left, checkpoints loadable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.dummy import DummyProcess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from tiny import tiny_run
+
+from gsema_fast.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def train_args(phantoms: Path, out: Path, *sets: str) -> list[str]:
+    pairs = [*tiny_run(phantoms), "train.deterministic=true", *sets]
+    return ["train", *[a for kv in pairs for a in ("--set", kv)], "--out", str(out)]
+
+
+def run_cli(caplog, *args) -> tuple[int, list[str]]:
+    """The command in this process: its exit code and its ERROR messages."""
+    caplog.clear()
+    try:
+        rc = cli_main([str(a) for a in args])
+    except KeyboardInterrupt:  # would end the test session
+        pytest.fail("KeyboardInterrupt escaped the command")
+    return rc, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def run_subprocess(*args, prefix=(), timeout=300) -> tuple[int, list[str], str]:
+    """The command in a fresh interpreter: its exit code, its ERROR messages and all of stderr."""
+    job = subprocess.run(
+        [*prefix, sys.executable, "-m", "gsema_fast", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+    return job.returncode, error_lines(job.stderr), job.stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    return re.findall(r"ERROR \S+: (.*)", stderr)
+
+
+def one_line(errors: list[str], pattern: str) -> str:
+    assert len(errors) == 1, errors
+    assert "\n" not in errors[0] and re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files of a write that did not finish."""
+    return [p for p in folder.rglob("*") if ".tmp." in p.name]
+
+
+def log_steps(run: Path, kind: str = "train") -> list[int]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r["kind"] == kind]
+
+
+def strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+class RunsCode:
+    """Pickles as a call of os.system: what a crafted checkpoint would do when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_checkpoint(source: Path, target: Path, marker: Path) -> Path:
+    state = torch.load(source, map_location="cpu", weights_only=False)  # our own file, trusted
+    state["note"] = RunsCode(marker)
+    torch.save(state, target)
+    return target
+
+
+def can_unshare() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def read_only(folder: Path, request) -> list[str]:
+    """Make ``folder`` read-only for a subprocess: a command prefix (a read-only bind mount in a private mount
+    namespace where permissions do not bind root), or no prefix and the folder's write permission removed."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        request.addfinalizer(lambda: folder.chmod(0o755))
+        return []
+    if not can_unshare():
+        pytest.skip("running as root without user namespaces: a read-only folder cannot be made")
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(folder)]
+
+
+def nifti(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 0.5, 1.0])), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from gsema_fast.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def finished(phantoms, tmp_path_factory):
+    """A finished tiny run (4 steps, 2 epochs); tests work on copies of it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert cli_main(train_args(phantoms, run)) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+@pytest.fixture
+def volume(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    return nifti(folder / "case_0000.nii.gz", _image())
+
+
+def _image(size: int = 20, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((size,) * 3).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict", "train --resume"])
+def test_crafted_checkpoint_runs_no_code(verb, phantoms, run_copy, volume, tmp_path, caplog):
+    marker = tmp_path / "code-ran"
+    if verb == "train --resume":
+        crafted_checkpoint(run_copy / "checkpoints" / "latest.pt", run_copy / "checkpoints" / "latest.pt", marker)
+        args = [*train_args(phantoms, run_copy), "--resume"]
+    else:
+        checkpoint = crafted_checkpoint(run_copy / "checkpoints" / "final.pt", tmp_path / "crafted.pt", marker)
+        out = ["--out", tmp_path / "evaluation"] if verb == "evaluate" else ["--input", volume, "--output", tmp_path]
+        args = [verb, "--checkpoint", checkpoint, *out]
+    before = digests(run_copy)
+    rc, errors = run_cli(caplog, *args)
+    assert rc == 2
+    one_line(errors, r"(crafted|latest)\.pt: refused: it names '\w+\.system', which is not a tensor")
+    assert not marker.exists()
+    assert digests(run_copy) == before and not (tmp_path / "evaluation").exists()
+    assert not list(tmp_path.glob("case*.nii.gz"))
+
+
+def test_checkpoints_hold_plain_types_and_older_ones_still_load(finished, tmp_path):
+    from gsema_fast.files import read_checkpoint
+    from gsema_fast.train import set_numpy_rng_state
+
+    state = torch.load(finished / "checkpoints" / "latest.pt", weights_only=True)  # no allow-list needed
+    numpy_state = state["rng"]["numpy"]
+    assert isinstance(numpy_state["state"]["key"], list)
+    # a checkpoint written before held numpy's own state tuple (a uint32 array): it still loads, and restores
+    old = dict(state, rng={**state["rng"], "numpy": np.random.get_state()})
+    torch.save(old, tmp_path / "old.pt")
+    restored = read_checkpoint(tmp_path / "old.pt")["rng"]["numpy"]
+    np.random.seed(5)
+    set_numpy_rng_state(restored)
+    first = np.random.random(3)
+    set_numpy_rng_state(numpy_state)
+    set_numpy_rng_state(restored)
+    np.testing.assert_array_equal(np.random.random(3), first)
+    # anything else that names a class is refused, with its name
+    torch.save({"config": {}, "array": np.zeros(2)}, tmp_path / "float64.pt")
+    with pytest.raises(ValueError, match=r"refused: it names '[\w.]*Float64DType'"):
+        read_checkpoint(tmp_path / "float64.pt")
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+
+
+def test_fresh_run_into_a_finished_run_folder_is_refused(phantoms, run_copy, caplog):
+    before = digests(run_copy)
+    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "optim.lr=0.005"))
+    assert rc == 2
+    one_line(errors, rf"run folder {re.escape(str(run_copy))} is not empty .*--resume .*--overwrite")
+    assert digests(run_copy) == before
+
+
+def test_resume_and_overwrite_together_are_refused(phantoms, run_copy, caplog):
+    before = digests(run_copy)
+    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy), "--resume", "--overwrite")
+    assert rc == 2
+    one_line(errors, r"--resume and --overwrite exclude each other")
+    assert digests(run_copy) == before
+
+
+def test_overwrite_replaces_the_previous_run(phantoms, run_copy, caplog):
+    (run_copy / "notes.txt").write_text("mine")
+    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "optim.lr=0.005"), "--overwrite")
+    assert rc == 0 and not errors
+    assert log_steps(run_copy) == [1, 2, 3, 4]  # the old records are gone, not appended to
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["optim"]["lr"] == 0.005
+    for name in ("latest", "final"):
+        state = torch.load(run_copy / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert state["config"]["optim"]["lr"] == 0.005
+    assert (run_copy / "notes.txt").read_text() == "mine"
+    assert not leftovers(run_copy) and not (run_copy / ".lock").exists()
+
+
+def test_a_second_process_on_a_run_folder_is_refused(phantoms, tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    # what a live training holds: an exclusive lock on the folder's lock file, which names it
+    with (run / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242 on elsewhere\n")
+        held.flush()
+        rc, errors = run_cli(caplog, *train_args(phantoms, run))
+        assert rc == 2
+        one_line(errors, r"is in use by process 4242 on elsewhere .*choose another --out")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+        assert (run / ".lock").read_text() == "process 4242 on elsewhere\n"
+
+
+def test_the_stale_lock_of_a_dead_process_is_taken_over(phantoms, tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("process 999999 on elsewhere\n")  # killed: nobody holds it
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    rc, errors = run_cli(caplog, *train_args(phantoms, run))
+    assert rc == 0 and not errors
+    assert "taking over the lock of process 999999 on elsewhere" in caplog.text
+    assert not (run / ".lock").exists() and (run / "checkpoints" / "final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_folder_and_ctrl_c(phantoms, tmp_path, caplog):
+    """A long run in a subprocess; a second one on its folder is refused; Ctrl-C ends the first after a whole step
+    with one line and a consistent checkpoint, from which --resume finishes with a log that has every step once."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "gsema_fast", *train_args(phantoms, run, "train.epochs=1000")]
+    first = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "latest.pt").is_file() and first.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()
+
+        rc, errors, stderr = run_subprocess(*train_args(phantoms, run, "optim.lr=0.005"))
+        assert rc == 2, stderr
+        one_line(errors, rf"run folder {re.escape(str(run))} is in use by process {first.pid} on ")
+
+        first.send_signal(signal.SIGINT)
+        stderr = first.communicate(timeout=120)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    message = one_line(error_lines(stderr), r"^interrupted at step (\d+); resume with --resume \(from step (\d+), ")
+    stopped, saved = map(int, re.search(r"step (\d+); .*from step (\d+)", message).groups())
+    assert saved <= stopped
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == saved and state["config"]["optim"]["lr"] == 0.001  # the first run's, whole
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.001
+    assert not leftovers(run) and not (run / ".lock").exists()
+
+    rc, errors = run_cli(caplog, *train_args(phantoms, run, f"train.epochs={state['epoch'] + 1}"), "--resume")
+    assert rc == 0 and not errors
+    assert log_steps(run) == list(range(1, saved + 3))  # each step once, whatever the first run had logged
+    assert len(set(log_steps(run, "val"))) == len(log_steps(run, "val"))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_refuses_settings_it_cannot_change(phantoms, run_copy, caplog):
+    before = digests(run_copy)
+    args = train_args(phantoms, run_copy, "model.channels=[8,16,32]", "ema.mode=ema", "optim.lr=0.005")
+    rc, errors = run_cli(caplog, *args, "--resume")
+    assert rc == 2
+    message = one_line(errors, r"--resume: .*latest\.pt was trained with other values of settings a run cannot change")
+    assert "model.channels: [4, 8, 16] -> [8, 16, 32]" in message and "ema.mode: 'gsema' -> 'ema'" in message
+    assert "optim.lr" not in message
+    assert digests(run_copy) == before  # config.yaml included: written only after the check
+
+
+def test_resume_changes_that_are_allowed_take_effect(phantoms, run_copy, caplog):
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "train.epochs=3", "optim.lr=0.002"), "--resume")
+    assert rc == 0 and not errors
+    assert "take effect from step 4: optim.lr: 0.001 -> 0.002; train.epochs: 2 -> 3" in caplog.text
+    records = {r["step"]: r for r in map(json.loads, (run_copy / "log.jsonl").read_text().splitlines())}
+    # the demo schedule is a cosine to 0 over the run, now 6 steps from lr 0.002
+    assert records[5]["lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert yaml.safe_load((run_copy / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(phantoms, tmp_path, caplog, monkeypatch):
+    import gsema_fast.train as train_module
+
+    run = tmp_path / "run"
+    calls = []
+    step = train_module.train_step
+
+    def stop_at_the_fourth(*args, **kwargs):  # steps 1-3 logged, the checkpoint after step 2
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train_step", stop_at_the_fourth)
+        rc, errors = run_cli(caplog, *train_args(phantoms, run))
+    assert rc == 130
+    one_line(errors, "^interrupted$")
+    assert log_steps(run) == [1, 2, 3]
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')  # a record cut short by a kill
+    rc, errors = run_cli(caplog, *train_args(phantoms, run), "--resume")
+    assert rc == 0 and not errors
+    assert log_steps(run) == [1, 2, 3, 4] and log_steps(run, "val") == [2, 4]
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+
+
+BAD_DATA = {
+    "label 7": r"case c0_00: label .*c0_00\.nii\.gz holds values \[7\] outside the label map \[0, 1, 2\]",
+    "float labels": r"case c0_00: label .*c0_00\.nii\.gz holds values \[1\.5\] outside the label map",
+    "truncated image": r"case c0_00: cannot read image file .*c0_00_0000\.nii\.gz: .*(ended|truncated|EOF)",
+    "NaN image": r"case c0_00: image .*c0_00_0000\.nii\.gz has 1 non-finite voxels",
+    "2D image": r"case c0_00: image .*c0_00_0000\.nii\.gz has shape \(24, 24\); a 3D volume is expected",
+}
+
+
+def bad_dataset(root: Path, kind: str, *, size: int = 24, per_domain: int = 4) -> Path:
+    """Three domains of ``per_domain`` cases; the first case, the first the cache loads, is bad as ``kind`` says."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries = []
+    for d in range(3):
+        for i in range(per_domain):
+            name = f"c{d}_{i:02d}"
+            image = np.zeros((size,) * 3, np.float32)
+            image[4:12, 4:12, 4:12] = 1.0
+            label = (image > 0).astype(np.uint8)
+            label[6:8, 6:8, 6:8] = 2
+            if name == "c0_00":
+                if kind == "label 7":
+                    label[0, 0, 0] = 7
+                elif kind == "float labels":
+                    label = label.astype(np.float32)
+                    label[0, 0, 0] = 1.5
+                elif kind == "NaN image":
+                    image[1, 2, 3] = np.nan
+                elif kind == "truncated image":
+                    image += _image(size, seed=1)  # noise: a file long enough to cut in the middle of its voxels
+                elif kind == "2D image":
+                    image, label = image[:, :, 0], label[:, :, 0]
+            image_file = nifti(root / "imagesTr" / f"{name}_0000.nii.gz", image)
+            nifti(root / "labelsTr" / f"{name}.nii.gz", label)
+            if name == "c0_00" and kind == "truncated image":
+                data = image_file.read_bytes()
+                image_file.write_bytes(data[: len(data) // 2])
+            entries.append({"case": name, "image": f"./{image_file.relative_to(root)}",
+                            "label": f"./labelsTr/{name}.nii.gz", "domain": str(d)})  # fmt: skip
+    meta = {"channel_names": {"0": "3DRA"}, "labels": LABELS, "file_ending": ".nii.gz", "training": entries}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def bad_data_args(root: Path, out: Path) -> list[str]:
+    sets = [f"data.root={root}", "data.val_per_domain=0", "data.patch_size=[16,16,16]", "model.channels=[4,8,16]"]
+    return ["train", *[a for kv in sets for a in ("--set", kv)], "--out", str(out)]
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATA))
+def test_bad_data_is_one_line_and_leaves_no_thread_running(kind, tmp_path, caplog):
+    root = bad_dataset(tmp_path / "data", kind)
+    before = digests(root)
+    rc, errors = run_cli(caplog, *bad_data_args(root, tmp_path / "run"))
+    assert rc == 2
+    one_line(errors, BAD_DATA[kind])
+    # the cache's loading threads are joined: one still inside torch at exit aborts the process (exit code 134)
+    assert not [t for t in threading.enumerate() if isinstance(t, DummyProcess)]
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+    assert digests(root) == before
+
+
+@pytest.mark.slow
+def test_bad_data_exits_2_every_time(tmp_path):
+    """The exit code of whole processes, one per bad dataset, all at once (a busy machine, as in real use)."""
+    runs = []
+    for kind in BAD_DATA:
+        root = bad_dataset(tmp_path / kind.replace(" ", "-"), kind)
+        args = [sys.executable, "-m", "gsema_fast", *bad_data_args(root, tmp_path / f"run-{root.name}")]
+        job = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+        runs.append((kind, job))
+    for kind, job in runs:
+        stderr = job.communicate(timeout=300)[1]
+        assert job.returncode == 2, (kind, job.returncode, stderr[-2000:])
+        one_line(error_lines(stderr), BAD_DATA[kind])
+        assert "Traceback" not in stderr and "terminate called" not in stderr
+    assert not list(tmp_path.glob("run-*"))
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+def test_read_only_output_folders(phantoms, finished, volume, tmp_path, request):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    prefix = read_only(locked, request)
+    rc, errors, stderr = run_subprocess(*train_args(phantoms, locked / "run"), prefix=prefix)
+    assert rc == 2, stderr
+    one_line(errors, rf"^cannot write {re.escape(str(locked / 'run'))}: (Read-only file system|Permission denied)$")
+    checkpoint = finished / "checkpoints" / "final.pt"
+    rc, errors, stderr = run_subprocess(
+        "predict", "--checkpoint", checkpoint, "--input", volume, "--output", locked, prefix=prefix
+    )
+    assert rc == 2, stderr
+    one_line(errors, rf"^cannot write {re.escape(str(locked))}: (Read-only file system|Permission denied)$")
+    assert list(locked.iterdir()) == []
+
+
+def test_disk_full_keeps_the_last_checkpoint(phantoms, run_copy, caplog, monkeypatch):
+    """A full disk while a resumed run writes its next checkpoint: one line naming the file, and the checkpoint of
+    before intact (no file system needs to fill: the write fails as ENOSPC does)."""
+    before = (run_copy / "checkpoints" / "latest.pt").read_bytes()
+    save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "ab") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as handle:
+            handle.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "train.epochs=3"), "--resume")
+    monkeypatch.setattr(torch, "save", save)
+    assert rc == 2
+    one_line(errors, r"^cannot write .*/checkpoints/(best|latest)\.pt: No space left on device$")
+    assert (run_copy / "checkpoints" / "latest.pt").read_bytes() == before
+    assert not leftovers(run_copy) and not (run_copy / ".lock").exists()
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs user namespaces to mount a small tmpfs")
+def test_disk_full_on_a_real_file_system(phantoms, tmp_path):
+    """Training into a 160 KiB tmpfs: the first checkpoint does not fit."""
+    folder, kept = tmp_path / "small", tmp_path / "kept"
+    folder.mkdir()
+    script = f'mount -t tmpfs -o size=160k tmpfs "$0" && "$@"; rc=$?; cp -a "$0" {kept}; exit $rc'
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(folder)]
+    rc, errors, stderr = run_subprocess(*train_args(phantoms, folder / "run"), prefix=prefix)
+    assert rc == 2, stderr
+    one_line(errors, r"^cannot write .*/run/checkpoints/best\.pt: No space left on device$")
+    assert not leftovers(kept) and not (kept / "run" / ".lock").exists()
+    assert yaml.safe_load((kept / "run" / "config.yaml").read_text())["train"]["out_dir"] == str(folder / "run")
+    assert not (kept / "run" / "checkpoints" / "best.pt").exists()
+
+
+def test_predict_output_that_is_a_file(finished, volume, tmp_path, caplog):
+    target = tmp_path / "labels.nii.gz"
+    target.write_bytes(b"mine")
+    rc, errors = run_cli(
+        caplog, "predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", volume, "--output", target
+    )
+    assert rc == 2
+    one_line(errors, rf"^--output {re.escape(str(target))} is a file; expected a folder")
+    assert target.read_bytes() == b"mine"
+
+
+def test_predict_refuses_to_replace_outputs_without_overwrite(finished, volume, tmp_path, caplog):
+    args = ["predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", volume]
+    out = tmp_path / "out"
+    assert run_cli(caplog, *args, "--output", out) == (0, [])
+    (out / "case.nii.gz").write_bytes(b"edited by hand")
+    rc, errors = run_cli(caplog, *args, "--output", out)
+    assert rc == 2
+    one_line(errors, r"--output .*out already holds 1 of the outputs \(case\.nii\.gz\); pass --overwrite")
+    assert (out / "case.nii.gz").read_bytes() == b"edited by hand"
+    assert run_cli(caplog, *args, "--output", out, "--overwrite") == (0, [])
+    assert nib.load(out / "case.nii.gz").shape == (20, 20, 20)
+
+
+def test_predict_reports_each_bad_file_in_one_line(finished, tmp_path, caplog):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nifti(inputs / "good.nii.gz", _image())
+    nifti(inputs / "flat.nii.gz", _image()[0])
+    (inputs / "junk.nii.gz").write_bytes(b"not a NIfTI file")  # MONAI tries every reader, each with a traceback
+    rc, errors = run_cli(
+        caplog, "predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", inputs, "--output",
+        tmp_path / "out",
+    )  # fmt: skip
+    assert rc == 1
+    assert len(errors) == 2 and all("\n" not in e for e in errors), errors
+    assert re.search(
+        r"flat\.nii\.gz: failed: case flat: image .* has shape \(20, 20\); a 3D volume is expected", errors[0]
+    )
+    assert re.search(
+        r"junk\.nii\.gz: failed: case junk: cannot read image file .*junk\.nii\.gz: .*not a gzip", errors[1]
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz"]
+
+
+# ------------------------------------------------------------------------------------------------ quiet oddities
+
+
+def test_single_domain_run_says_so_and_writes_its_summary(tmp_path, caplog):
+    from gsema_fast.data import synthesize
+
+    root = synthesize(tmp_path / "one", domains=1, cases_per_domain=3, size=32, seed=0)
+    run = tmp_path / "run"
+    caplog.set_level(logging.WARNING, logger="gsema_fast")
+    rc, errors = run_cli(caplog, *train_args(root, run))
+    assert rc == 0 and not errors
+    assert re.search(r"no unseen centre: .*dataset\.json has the one domain 0", caplog.text)
+    summary = strict_json(run / "summary.json")
+    assert summary["test_domain"] is None and summary["test"] is None and summary["steps"] == 4
+    assert set(summary["validation"]) == {"vessel", "aneurysm"}
+
+
+def test_summary_is_strict_json_with_nan_as_null(phantoms, tmp_path, caplog, monkeypatch):
+    import gsema_fast.train as train_module
+
+    evaluate = train_module.evaluate_teacher
+
+    def no_aneurysm_anywhere(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        result["mean"]["aneurysm"] = float("nan")
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate_teacher", no_aneurysm_anywhere)
+    run = tmp_path / "run"
+    assert run_cli(caplog, *train_args(phantoms, run)) == (0, [])
+    summary = strict_json(run / "summary.json")
+    assert summary["test"]["mean"]["aneurysm"] is None and summary["untrained"]["aneurysm"] is None
+    assert summary["test"]["mean"]["vessel"] >= 0 and not leftovers(run)
+
+
+# ------------------------------------------------------------------------------------------------ synth --out
+
+
+def test_synth_refuses_a_folder_holding_another_dataset(tmp_path, caplog):
+    other = tmp_path / "other"
+    (other / "imagesTr").mkdir(parents=True)
+    nifti(other / "imagesTr" / "p1_0000.nii.gz", _image())
+    (other / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ".nii.gz"}))
+    before = digests(other)
+    rc, errors = run_cli(caplog, "synth", "--out", other, "--domains", "2", "--cases-per-domain", "1", "--size", "24")
+    assert rc == 2
+    one_line(
+        errors, r"holds files this generator did not write \(dataset\.json, imagesTr/p1_0000\.nii\.gz\); .*--overwrite"
+    )
+    assert digests(other) == before
+
+
+def test_synth_overwrite_leaves_exactly_the_new_dataset(tmp_path, caplog):
+    other = tmp_path / "other"
+    (other / "imagesTr").mkdir(parents=True)
+    nifti(other / "imagesTr" / "p1_0000.nii.gz", _image())
+    (other / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ".nii.gz"}))
+    (other / "notes.txt").write_text("mine")
+    args = ["synth", "--out", other, "--domains", "2", "--cases-per-domain", "1", "--size", "24"]
+    assert run_cli(caplog, *args, "--overwrite") == (0, [])
+    assert sorted(p.name for p in (other / "imagesTr").iterdir()) == ["A_000_0000.nii.gz", "B_000_0000.nii.gz"]
+    assert (other / "notes.txt").read_text() == "mine" and not leftovers(other)
+    # its own dataset with other settings: regenerated without a refusal, the cases it no longer has removed
+    (other / "notes.txt").unlink()
+    assert run_cli(caplog, "synth", "--out", other, "--domains", "1", "--cases-per-domain", "1", "--size", "24") == (
+        0,
+        [],
+    )
+    assert sorted(p.name for p in (other / "labelsTr").iterdir()) == ["A_000.nii.gz"]
