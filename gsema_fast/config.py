@@ -249,6 +249,9 @@ class BaclConfig:
     tau: float = 1.0
     # symmetric: centred cube, real rfft path; reference: the public code's fftshift mask, one bin asymmetric.
     mask: Literal["symmetric", "reference"] = "symmetric"
+    # sample: mean over the batch of per-sample losses; batch_mean: one loss of the batch-mean similarities (the
+    # public code averages the cosine similarities over the batch before exp/log).
+    reduction: Literal["sample", "batch_mean"] = "sample"
 
 
 @dataclass
@@ -264,8 +267,12 @@ class EmaConfig:
     decay_conflict: float = 1.0
     # Plain EMA (mode: ema).
     decay: float = 0.999
-    # Early steps use min(decay, 1 - 1/(step + 1)) so the teacher is not stuck near its random start.
+    # Early steps use min(decay, 1 - 1/(step + 1)) so the teacher is not stuck near its random start. Only a decay
+    # below 1 is capped: decay_conflict 1.0 stays "no update".
     warmup: bool = True
+    # The warm-up's step at the first update: 0 (first alpha 0, the teacher starts as the student); the public code
+    # counts from 1 (first alpha 0.5).
+    warmup_start: int = 0
 
 
 @dataclass
@@ -724,6 +731,7 @@ def _validate_method(cfg: Config) -> None:
         value = getattr(cfg.ema, key)
         if not 0.0 <= value <= 1.0:
             _fail(f"ema.{key}", value, "expected a decay in [0, 1]")
+    _check_min("ema.warmup_start", cfg.ema.warmup_start, 0)
 
 
 def _validate_optim_train_eval(cfg: Config) -> None:

@@ -1,8 +1,9 @@
 """Teacher updaters over the fused ops: ``GSEMA`` (the paper's gradient-surgery EMA) and a plain ``EMA``.
 
 Both keep their counters on the device, so an update never waits for the GPU; read them (``aligned_fraction``,
-``int(ema.step)``) at logging time. Neither knows anything about models beyond ``parameters()`` and ``buffers()``:
-any trainer can use them.
+``int(ema.step)``) at logging time. The counters live where the teacher lives: ``to()`` moves both, and a teacher
+moved on its own takes them along at its next update. Neither knows anything about models beyond ``parameters()`` and
+``buffers()``: any trainer can use them.
 
 Typical use::
 
@@ -24,6 +25,16 @@ from torch import nn
 from gsema_fast import ops
 
 RULES = ("dot", "sign")
+
+
+def _check_warmup_start(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"warmup_start must be a non-negative int, got {value!r}")
+    return value
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _check_decay(name: str, value: float) -> float:
@@ -54,8 +65,10 @@ class GSEMA:
     ``update(stats)`` after ``optimizer.step()``: ``stats`` from :func:`gsema_fast.ops.grad_stats` of the two DCE
     gradients; aligned (``rule="dot"``: ``g_src . g_trg > 0``; ``"sign"``: positive cosine of the sign vectors)
     moves the teacher with ``decay_aligned``, a conflict with ``decay_conflict`` (1.0, the default, = no update).
-    With ``warmup`` the decay is capped at ``1 - 1/(t+1)`` at update ``t`` (the cap applies to both decays).
-    Buffers are averaged (floats) or copied (integers) together with the parameters.
+    With ``warmup`` a decay below 1 is capped at ``1 - 1/(t+1)`` at update ``t`` (counted from ``warmup_start``: 0
+    here, 1 in the public code, whose first update uses 0.5); a decay of 1 is never warmed up, so a rejected step
+    never moves the teacher. Buffers are averaged (floats) or copied (integers) together with the parameters.
+    ``to(...)`` moves the teacher and the counters (the student is the trainer's to move).
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class GSEMA:
         decay_conflict: float = 1.0,
         rule: str = "dot",
         warmup: bool = True,
+        warmup_start: int = 0,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -78,10 +92,24 @@ class GSEMA:
         self.decay_conflict = _check_decay("decay_conflict", decay_conflict)
         self.rule = rule
         self.warmup = bool(warmup)
-        device = next(self.teacher.parameters()).device
+        self.warmup_start = _check_warmup_start(warmup_start)
+        device = _device_of(self.teacher)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.num_aligned = torch.zeros((), dtype=torch.int64, device=device)
         self.last_aligned = torch.zeros((), dtype=torch.float32, device=device)
+
+    def to(self, *args, **kwargs) -> GSEMA:
+        """``teacher.to(*args, **kwargs)``, the counters following it to its device (they keep their dtypes)."""
+        self.teacher.to(*args, **kwargs)
+        self._follow_teacher()
+        return self
+
+    def _follow_teacher(self) -> None:
+        device = _device_of(self.teacher)
+        if self.step.device != device:
+            self.step = self.step.to(device)
+            self.num_aligned = self.num_aligned.to(device)
+            self.last_aligned = self.last_aligned.to(device)
 
     @torch.no_grad()
     def update(self, stats: torch.Tensor, *, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,7 +119,8 @@ class GSEMA:
         counts as a conflict without warm-up (with ``decay_conflict = 1`` the teacher is untouched) and is not
         counted, all decided on the device.
         """
-        step = self.step if self.warmup else None
+        self._follow_teacher()
+        step = (self.step + self.warmup_start if self.warmup_start else self.step) if self.warmup else None
         if skip is not None:
             stats = torch.where(skip, torch.full_like(stats, -1.0), stats)
             if step is not None:
@@ -126,6 +155,7 @@ class GSEMA:
             "decay_conflict": self.decay_conflict,
             "rule": self.rule,
             "warmup": self.warmup,
+            "warmup_start": self.warmup_start,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -138,26 +168,36 @@ class GSEMA:
             raise ValueError(f"rule must be one of {RULES}, got {state['rule']!r}")
         self.rule = state["rule"]
         self.warmup = bool(state["warmup"])
+        # Checkpoints written before the start was a setting counted from 0.
+        self.warmup_start = _check_warmup_start(state.get("warmup_start", 0))
 
 
 class EMA(nn.Module):
     """A plain exponential moving average of a model (the paper's "EMA" row; usable by any trainer).
 
     ``update(model, step=None)``: ``ema = d*ema + (1-d)*model`` with ``d = decay``, capped at ``1 - 1/(t+1)`` with
-    ``warmup`` (``t`` = ``step`` if given, else the number of updates so far, counted on the device). Float buffers
+    ``warmup`` (``t`` = ``step`` if given, else ``warmup_start`` plus the number of updates so far, counted on the
+    device; the weight is computed in fp64). ``decay = 1`` is never warmed up into a move. Float buffers
     are averaged and integer buffers copied; with ``exclude_buffers`` all buffers are copied instead. ``set(model)``
     copies the weights. Calling the module runs the averaged model.
     """
 
     def __init__(
-        self, model: nn.Module, *, decay: float = 0.9999, warmup: bool = True, exclude_buffers: bool = False
+        self,
+        model: nn.Module,
+        *,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        exclude_buffers: bool = False,
+        warmup_start: int = 0,
     ) -> None:
         super().__init__()
         self.module = _frozen_copy(model)
         self.decay = _check_decay("decay", decay)
         self.warmup = bool(warmup)
         self.exclude_buffers = bool(exclude_buffers)
-        device = next(self.module.parameters()).device
+        self.warmup_start = _check_warmup_start(warmup_start)
+        device = _device_of(self.module)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64, device=device))
 
     def forward(self, *args, **kwargs):
@@ -165,15 +205,18 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | torch.Tensor | None = None) -> None:
-        t = self.num_updates if step is None else step
-        if self.warmup:
-            t = (
-                t.to(torch.float32)
-                if isinstance(t, torch.Tensor)
-                else torch.tensor(float(t), device=self.num_updates.device)
-            )
+        device = _device_of(self.module)
+        if self.num_updates.device != device:  # the averaged module was moved on its own
+            self.num_updates = self.num_updates.to(device)
+        if self.warmup and self.decay < 1.0:  # a decay of 1 ("never move") is not warmed up into a move
+            if step is None:
+                t = self.num_updates.to(torch.float64) + self.warmup_start
+            elif isinstance(step, torch.Tensor):
+                t = step.to(device=device, dtype=torch.float64)
+            else:
+                t = torch.full((), float(step), dtype=torch.float64, device=device)
             decay = torch.clamp(1.0 - 1.0 / (t + 1.0), max=self.decay)
-            weight = (1.0 - decay).to(self.num_updates.device)
+            weight = 1.0 - decay
         else:
             weight = 1.0 - self.decay
         ops.fused_ema_(

@@ -20,8 +20,9 @@ class BACL(nn.Module):
     - ``"volume_pos"``, ``"volume_neg"``, ``"boundary_pos"``, ``"boundary_neg"``: the mean cosine similarity of the
       positive pairs (S_s,T_s), (S_t,T_t) and of the negative pairs (S_s,S_t), (T_s,T_t), (S_s,T_t), (S_t,T_s).
 
-    Options are those of :func:`gsema_fast.ops.bacl_loss` and are checked here, at construction. The backend follows
-    ``ops.use_triton``: the fused Triton passes on CUDA, the torch reference on the CPU.
+    Options are those of :func:`gsema_fast.ops.bacl_loss` and are checked here, at construction; ``reduction``
+    ``"batch_mean"`` averages the similarities over the batch before the InfoNCE, as the public code does. The
+    backend follows ``ops.use_triton``: the fused Triton passes on CUDA, the torch reference on the CPU.
     """
 
     def __init__(
@@ -32,14 +33,16 @@ class BACL(nn.Module):
         volume: bool = True,
         boundary: bool = True,
         mask: str = "symmetric",
+        reduction: str = "sample",
     ) -> None:
         super().__init__()
-        _bacl.check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
+        _bacl.check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
         self.cutoff = float(cutoff)
         self.tau = float(tau)
         self.volume = bool(volume)
         self.boundary = bool(boundary)
         self.mask = mask
+        self.reduction = reduction
 
     def forward(
         self,
@@ -59,6 +62,7 @@ class BACL(nn.Module):
             volume=self.volume,
             boundary=self.boundary,
             mask=self.mask,
+            reduction=self.reduction,
         )
         parts: dict[str, torch.Tensor] = {}
         for name, loss, sims in (
@@ -74,7 +78,8 @@ class BACL(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"cutoff={self.cutoff}, tau={self.tau}, volume={self.volume}, boundary={self.boundary}, mask={self.mask!r}"
+            f"cutoff={self.cutoff}, tau={self.tau}, volume={self.volume}, boundary={self.boundary}, "
+            f"mask={self.mask!r}, reduction={self.reduction!r}"
         )
 
 

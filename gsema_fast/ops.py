@@ -51,16 +51,27 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 def grad_stats(
     a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, accumulate_into_a: bool = False
 ) -> torch.Tensor:
-    """Statistics of two gradient lists read once: ``Tensor[6]`` float32 on ``a``'s device.
+    """Statistics of two gradient lists read once: ``Tensor[6]`` float64 on ``a``'s device.
 
     ``[a.b, |a|^2, |b|^2, sum(sign(a)*sign(b)), count(a != 0), count(b != 0)]`` over the flattened lists, fp32
-    accumulation, deterministic. With ``accumulate_into_a=True`` the same pass does ``a[i] += b[i]`` (the statistics
-    are of the values before the addition). Never synchronises with the host.
+    accumulation of each chunk, fp64 total, deterministic; the sign agreement and the counts are exact integers (a
+    NaN counts as non-zero and agrees with nothing). With ``accumulate_into_a=True`` the same pass does
+    ``a[i] += b[i]`` (the statistics are of the values before the addition). Never synchronises with the host; runs
+    on the tensors' device and its current stream, whatever the current device.
     """
     if use_triton(_first(a)):
         return _grad_stats.grad_stats(a, b, accumulate_into_a=accumulate_into_a)
     check_pairs(a, b, "a", "b")
     return _grad_stats.grad_stats_reference(a, b, accumulate_into_a=accumulate_into_a)
+
+
+def grad_cos(stats: torch.Tensor) -> torch.Tensor:
+    """The cosine of the two gradients from their ``grad_stats``: ``s0 / (sqrt(s1) * sqrt(s2))``, 0-dim, on the device.
+
+    Each norm is taken on its own, so the product of two squared norms never overflows (fp16 loss scaling makes them
+    large); NaN when a gradient is zero.
+    """
+    return stats[0] / (stats[1].sqrt() * stats[2].sqrt())
 
 
 def gsema_update_(
@@ -76,7 +87,8 @@ def gsema_update_(
     """GS-EMA teacher update in place; returns a 0-dim device tensor, 1.0 if the gradients were aligned else 0.0.
 
     ``aligned = stats[0] > 0`` (``rule="dot"``) or ``stats[3] > 0`` (``rule="sign"``);
-    ``alpha = decay_aligned if aligned else decay_conflict``, capped at ``1 - 1/(step+1)`` when ``step`` is given;
+    ``alpha = decay_aligned if aligned else decay_conflict``; when ``step`` is given, an ``alpha`` below 1 is capped
+    at ``1 - 1/(step+1)`` (a decay of 1, "no update", is never warmed up into one);
     ``teacher = alpha*teacher + (1-alpha)*student`` in fp32. ``alpha == 1`` leaves the teacher's bits untouched.
     The decision is made on the device: no host synchronisation, capturable in a CUDA graph (pass ``step`` as a
     device tensor then).
@@ -96,12 +108,14 @@ def fused_ema_(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], wei
     """``ema[i] += weight * (current[i] - ema[i])`` for every pair: the ``torch._foreach_lerp_`` contract.
 
     ``weight``: a float or a 0-dim tensor on the tensors' device. ``current`` may be of lower precision than
-    ``ema``; the maths is fp32. Non-float tensors (e.g. ``num_batches_tracked``) are copied.
+    ``ema``; the maths, the weight included, is fp32 (fp64 for a float64 EMA), as ``torch._foreach_lerp_`` with a
+    float weight, also for a bf16/fp16 EMA. Non-float tensors (e.g. ``num_batches_tracked``) are copied; strided
+    tensors are accepted.
     """
     if use_triton(_first(ema)):
         _fused_ema.fused_ema(ema, current, weight)
         return
-    check_pairs(ema, current, "ema", "current", floating="x")
+    check_pairs(ema, current, "ema", "current", floating="x", contiguous=False)
     _fused_ema.check_weight(weight, ema[0].device)
     _fused_ema.fused_ema_reference(ema, current, weight)
 
@@ -158,21 +172,32 @@ def bacl_loss(
     volume: bool = True,
     boundary: bool = True,
     mask: str = "symmetric",
+    reduction: str = "sample",
 ) -> torch.Tensor:
     """Boundary-aware contrastive loss (Eq. 3-5) of four latents ``[B, C, D, H, W]``: a 0-dim tensor.
 
     Per sample, the cosine similarities of the flattened features; positives (S_s, T_s), (S_t, T_t), negatives
     (S_s, S_t), (T_s, T_t), (S_s, T_t), (S_t, T_s); ``-log(sum_pos e^(h/tau) / sum_all e^(h/tau))`` averaged over
-    the batch, for ``z`` (``volume``) plus for ``high_pass(z, cutoff=cutoff, mask=mask)`` (``boundary``).
+    the batch (``reduction="sample"``), or of the similarities averaged over the batch (``"batch_mean"``, the public
+    code), for ``z`` (``volume``) plus for ``high_pass(z, cutoff=cutoff, mask=mask)`` (``boundary``).
     Differentiable with respect to every input that requires grad (teacher latents normally do not, and then get no
     gradient). fp32 accumulation (fp64 for fp64 inputs); any float dtype. Triton on CUDA (one fused launch per term
     forward and backward, no host sync), the torch reference on the CPU. Raises ``ValueError``/``TypeError`` for
     mismatched shapes or devices, fewer than 5 dims, ``cutoff`` outside (0, 1), ``tau <= 0``, an unknown mask or
-    both terms off.
+    reduction, or both terms off.
     """
     from gsema_fast.kernels import bacl as _bacl
 
     fn = _bacl.bacl if use_triton(z_stu_src) else _bacl.bacl_reference
     return fn(
-        z_stu_src, z_stu_trg, z_tea_src, z_tea_trg, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask
+        z_stu_src,
+        z_stu_trg,
+        z_tea_src,
+        z_tea_trg,
+        cutoff=cutoff,
+        tau=tau,
+        volume=volume,
+        boundary=boundary,
+        mask=mask,
+        reduction=reduction,
     ).loss

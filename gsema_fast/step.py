@@ -15,7 +15,8 @@ plain steps), the step runs
 then the optimizer step on A and the conditional EMA of the teacher, decided on the device. The three passes traverse
 disjoint parts of the graph (source forward, target forward, encoder), so together they cost one backward of the
 total. Nothing in the step reads a value on the host: losses and counters stay on the device until logging time, and
-a step with a non-finite loss or gradient is skipped on the device (the fused optimizer's ``found_inf``).
+a step with a non-finite loss or gradient is skipped on the device (the fused optimizer's ``found_inf``). The
+gradient checked is the one the optimizer applies: buffer A after every pass has added into it (BACL's last).
 
 Gradient buffers live in one flat tensor per dtype, copy after copy (A, B, and in a multi-process run C for BACL),
 each parameter's slice 256-byte aligned: zeroing is one kernel, and averaging across ranks is one all-reduce per
@@ -69,6 +70,13 @@ class StepContext:
             raise ValueError(f"ema.mode must be one of {MODES}, got {self.mode!r}")
         if self.world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {self.world_size}")
+        if self.scaler is None and self.optimizer.defaults.get("fused") is not True:
+            # The step skips a non-finite update through the optimizer's found_inf, which only fused torch optimizers
+            # read on the device (the others assert it is unset); a GradScaler skips for any optimizer itself.
+            raise ValueError(
+                f"optimizer must be a fused torch optimizer (e.g. torch.optim.AdamW(..., fused=True)), got "
+                f"{type(self.optimizer).__name__} with fused={self.optimizer.defaults.get('fused')!r}"
+            )
         copies = 1
         if self.mode == "gsema":
             copies = 3 if self.world_size > 1 and self.bacl is not None and self.lambda_con > 0 else 2
@@ -187,6 +195,14 @@ def _count_on_all_ranks(flag: torch.Tensor, pending: list) -> torch.Tensor:
     return count
 
 
+def _nonfinite_grads(ctx: StepContext) -> torch.Tensor:
+    """Whether the optimizer's gradient (buffer A) holds a NaN or an infinity: 0-dim bool on the device, no sync.
+
+    The largest magnitude of each flat buffer (one read, no temporary of its size; NaN propagates through it)."""
+    peaks = [torch.linalg.vector_norm(flat[:n], float("inf")).float() for flat, n in ctx.storage]
+    return ~torch.isfinite(torch.stack(peaks)).all()
+
+
 def _optimizer_step(ctx: StepContext, nonfinite: torch.Tensor) -> torch.Tensor:
     """Step the optimizer unless a loss or gradient is non-finite, decided on the device; returns the skip flag."""
     if ctx.scaler is not None:
@@ -234,9 +250,14 @@ def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | N
         stats = ops.grad_stats(ctx.grads_a, ctx.grads_b, accumulate_into_a=True)
         if has_con:
             ctx.backward(ctx.lambda_con * out["bacl"])
-    skip = _optimizer_step(ctx, nonfinite | ~torch.isfinite(stats[:3]).all())
+    # Finite statistics mean finite A and B, hence a finite A + B; BACL's pass adds to A after them, so A is checked
+    # again then (a GradScaler checks every gradient itself).
+    nonfinite = nonfinite | ~torch.isfinite(stats[:3]).all()
+    if has_con and ctx.scaler is None:
+        nonfinite = nonfinite | _nonfinite_grads(ctx)
+    skip = _optimizer_step(ctx, nonfinite)
     aligned = ctx.updater.update(stats, skip=skip)
-    out.update(total=total, skipped=skip.float(), aligned=aligned, grad_cos=stats[0] / (stats[1] * stats[2]).sqrt())
+    out.update(total=total, skipped=skip.float(), aligned=aligned, grad_cos=ops.grad_cos(stats).float())
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -257,6 +278,8 @@ def single_backward_step(
         nonfinite_ranks = _count_on_all_ranks(nonfinite, pending)
         ctx.finish_reduce(pending)
         nonfinite = nonfinite_ranks > 0
+    if ctx.scaler is None:  # a finite loss can still have a non-finite gradient (a GradScaler checks them itself)
+        nonfinite = nonfinite | _nonfinite_grads(ctx)
     skip = _optimizer_step(ctx, nonfinite)
     with torch.no_grad():
         if ctx.mode == "ema":

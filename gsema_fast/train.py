@@ -140,11 +140,16 @@ def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> 
     e = cfg.ema
     if e.mode == "gsema":
         updater = GSEMA(
-            student, decay_aligned=e.decay_aligned, decay_conflict=e.decay_conflict, rule=e.rule, warmup=e.warmup
+            student,
+            decay_aligned=e.decay_aligned,
+            decay_conflict=e.decay_conflict,
+            rule=e.rule,
+            warmup=e.warmup,
+            warmup_start=e.warmup_start,
         )
         teacher = updater.teacher
     elif e.mode == "ema":
-        updater = EMA(student, decay=e.decay, warmup=e.warmup)
+        updater = EMA(student, decay=e.decay, warmup=e.warmup, warmup_start=e.warmup_start)
         teacher = updater.module
     else:
         updater = None
@@ -153,7 +158,9 @@ def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> 
     b = cfg.bacl
     bacl = None
     if cfg.loss.lambda_con > 0 and (b.volume or b.boundary):
-        bacl = BACL(cutoff=b.cutoff, tau=b.tau, volume=b.volume, boundary=b.boundary, mask=b.mask)
+        bacl = BACL(
+            cutoff=b.cutoff, tau=b.tau, volume=b.volume, boundary=b.boundary, mask=b.mask, reduction=b.reduction
+        )
     amp_dtype = AMP_DTYPES[cfg.train.amp]
     return StepContext(
         student=student,

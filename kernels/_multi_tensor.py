@@ -13,13 +13,24 @@ compile time: a model's parameter list is one group, a mixed fp32/bf16 list a fe
 Building a table reads every tensor's ``data_ptr()`` and copies a small table to the device, so tables are cached by
 the addresses, shapes and dtypes of the pairs: a training loop whose parameters and gradient buffers stay in place
 builds its tables once, and later calls launch with no host-to-device traffic (and can be captured in a CUDA graph).
+
+CUDA graphs replay the addresses they captured, so device state that a launch reads must outlive every graph that
+captured it. Cached device state (these tables, BACL's masks) is therefore built only outside a capture: a launch
+being captured finds its state in the cache or raises, and an entry a capture used is pinned, never evicted. The
+counter a reduction needs (:func:`ticket`) is made inside a capture when one is under way, so that the graph zeroes
+and owns its own.
+
+Every launcher runs under :func:`device_guard` of its tensors' device: Triton launches on the current device's
+current stream, and the table copies and scratch allocations go to the tensors' device's current stream, so both must
+be the tensors' device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +85,78 @@ class Plan:
     other_pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # non-float pairs, handled by the caller
 
 
-_CACHE: OrderedDict[tuple, Plan] = OrderedDict()
-_CACHE_SIZE = 32
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device (hence its current stream the launch stream) for a launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work issued now for ``device`` is being captured into a CUDA graph (never on other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class GraphSafeCache:
+    """A least-recently-used cache of device state that launches read, safe under CUDA-graph capture.
+
+    Outside a capture: an ordinary LRU cache of ``size`` entries. During a capture: a missing entry raises (building
+    it would copy from host memory at replay time into memory the graph owns, and leave the cached copy unwritten
+    until then), and an entry that is found is pinned: it lives as long as the process (or until :meth:`clear`), as
+    long as any graph that captured its address.
+    """
+
+    def __init__(self, size: int, what: str) -> None:
+        self.size = size
+        self.what = what
+        self.recent: OrderedDict[Hashable, object] = OrderedDict()
+        self.pinned: dict[Hashable, object] = {}
+
+    def get(self, key: Hashable, build: Callable[[], object], device: torch.device):
+        value = self.pinned.get(key)
+        if value is not None:
+            return value
+        value = self.recent.get(key)
+        if capturing(device):
+            if value is None:
+                raise RuntimeError(
+                    f"the {self.what} for these tensors is built on their first use outside a CUDA graph capture: "
+                    "run the op once on the same tensors before capturing (the usual warm-up)"
+                )
+            self.pinned[key] = self.recent.pop(key)
+            return value
+        if value is not None:
+            self.recent.move_to_end(key)
+            return value
+        value = build()
+        self.recent[key] = value
+        if len(self.recent) > self.size:
+            self.recent.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        """Forget every entry, pinned ones too: only when no captured graph that used them will replay again."""
+        self.recent.clear()
+        self.pinned.clear()
+
+
+_PLANS = GraphSafeCache(32, "launch table")
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def ticket(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 counter for a last-program-reduces launch, which leaves it at zero again.
+
+    Outside a capture: one per device and stream, made once (launches on one stream run one after another, so they
+    share it; another stream gets its own). During a capture: a new one, zeroed by the graph itself on every replay and
+    owned by it, so no graph depends on memory zeroed only inside another graph, and two graphs never share one.
+    """
+    if capturing(device):
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 def _key(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> tuple:
@@ -87,17 +168,11 @@ def _key(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> 
 
 
 def plan_pairs(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> Plan:
-    """The cached launch plan for the pairs ``zip(xs, ys)`` (already validated by the caller)."""
-    key = _key(xs, ys, chunk)
-    plan = _CACHE.get(key)
-    if plan is not None:
-        _CACHE.move_to_end(key)
-        return plan
-    plan = _build(xs, ys, chunk)
-    _CACHE[key] = plan
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return plan
+    """The cached launch plan for the pairs ``zip(xs, ys)`` (already validated by the caller; contiguous floats).
+
+    Raises ``RuntimeError`` during a CUDA-graph capture if the plan was not built before (see :class:`GraphSafeCache`).
+    """
+    return _PLANS.get(_key(xs, ys, chunk), lambda: _build(xs, ys, chunk), xs[0].device)
 
 
 def _build(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -> Plan:
@@ -135,8 +210,8 @@ def _build(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], chunk: int) -
 
 
 def clear_cache() -> None:
-    """Forget every cached plan (tests use it; a trainer never needs to)."""
-    _CACHE.clear()
+    """Forget every cached plan (tests use it; a trainer never needs to, and must not while a graph uses them)."""
+    _PLANS.clear()
 
 
 def check_pairs(
@@ -146,11 +221,13 @@ def check_pairs(
     y_name: str,
     *,
     floating: str = "all",
+    contiguous: bool = True,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument and value unless ``zip(xs, ys)`` is a valid pair list.
 
     ``floating``: ``"all"`` (every tensor must be floating point), or ``"x"`` (non-float pairs are allowed and are
-    copied by the caller, but an integer ``x`` paired with a float ``y`` is not).
+    copied by the caller, but an integer ``x`` paired with a float ``y`` is not). ``contiguous``: float pairs must be
+    contiguous (a caller that handles strided pairs itself passes False). All tensors must be on one device.
     """
     for name, seq in ((x_name, xs), (y_name, ys)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
@@ -177,5 +254,5 @@ def check_pairs(
                     raise TypeError(f"{name}[{i}] must be float32/float16/bfloat16/float64, got {t.dtype}")
         elif x_float != y_float or (x_float and (x.dtype not in DTYPE_CODES or y.dtype not in DTYPE_CODES)):
             raise TypeError(f"{x_name}[{i}] ({x.dtype}) and {y_name}[{i}] ({y.dtype}) must both be float, or both not")
-        if x.is_floating_point() and x.numel() and not (x.is_contiguous() and y.is_contiguous()):
+        if contiguous and x.is_floating_point() and x.numel() and not (x.is_contiguous() and y.is_contiguous()):
             raise ValueError(f"{x_name}[{i}] and {y_name}[{i}] must be contiguous (strides {x.stride()}, {y.stride()})")

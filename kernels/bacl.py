@@ -34,7 +34,10 @@ Gram matrix of the flattened features:
 
 with positives :math:`P = \{(0,2), (1,3)\}` and negatives :math:`N = \{(0,1), (2,3), (0,3), (1,2)\}`.
 :math:`\max(\lVert f\rVert, \epsilon)` is ``F.cosine_similarity``'s guard (eps = 1e-8). Identical inputs give
-:math:`\log 3` per term.
+:math:`\log 3` per term. With ``reduction="batch_mean"`` (the public code) the similarities are averaged over the
+batch first, :math:`\bar h_p = \frac{1}{B}\sum_b h_{b,p}`, and :math:`L` is the one InfoNCE of :math:`\bar h`; then
+:math:`\partial L/\partial h_{b,p} = \partial L/\partial \bar h_p / B` for every sample, and the backward below is
+unchanged but for :math:`g`.
 
 **Backward.** With :math:`w = \mathrm{softmax}_{P\cup N}(s) - [p \in P]\,\mathrm{softmax}_P(s)`,
 :math:`\partial L/\partial h_p = g_p = w_p/(\tau B)`, and :math:`\partial h_{ij}/\partial f_i = f_j/(n_i n_j) -
@@ -72,8 +75,13 @@ import torch
 import triton
 import triton.language as tl
 
+from gsema_fast.kernels._multi_tensor import GraphSafeCache, device_guard, ticket
+
 EPS = 1e-8  # F.cosine_similarity's default guard on each norm
 MASKS = ("symmetric", "reference")
+# sample: the mean over the batch of per-sample losses (the paper's Eq. 5 per instance); batch_mean: one loss of the
+# similarities averaged over the batch first (the public code's ``F.cosine_similarity(...).mean()`` before exp/log).
+REDUCTIONS = ("sample", "batch_mean")
 SPATIAL = (-3, -2, -1)
 
 # Feature modes of the kernels: how the stored value turns into the feature f.
@@ -174,6 +182,163 @@ def _pick(
 
 
 @triton.jit
+def _sample_sums(
+    partials,  # [B * NUM_CHUNKS, ROW] per-program sums, row = sample * NUM_CHUNKS + chunk
+    s,  # sample
+    NUM_CHUNKS,  # programs per sample
+    ACC: tl.constexpr,  # accumulation dtype
+    ROWS: tl.constexpr,  # partial rows read per step
+):
+    # The sample's ten sums, added over its programs' rows in a fixed order.
+    cols = tl.arange(0, ROW)
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, ROW], dtype=ACC)
+    for first in range(0, NUM_CHUNKS, ROWS):
+        r = first + rows
+        offs = (s * NUM_CHUNKS + r)[:, None] * ROW + cols[None, :]
+        # .cg: read through L2, where the other programs' rows landed, never a stale L1 line.
+        acc += tl.load(
+            partials + offs,
+            mask=(r < NUM_CHUNKS)[:, None] & (cols < NUM_SUMS)[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _cosines(
+    g,  # [ROW] one sample's sums
+    EPS2: tl.constexpr,  # eps**2, floor of a squared norm
+):
+    # Squared norms, clamped norms and the six cosine similarities (positives first) of one sample.
+    cols = tl.arange(0, ROW)
+    g00 = _pick(g, cols, 0)
+    g11 = _pick(g, cols, 1)
+    g22 = _pick(g, cols, 2)
+    g33 = _pick(g, cols, 3)
+    n0 = tl.sqrt(tl.maximum(g00, EPS2))
+    n1 = tl.sqrt(tl.maximum(g11, EPS2))
+    n2 = tl.sqrt(tl.maximum(g22, EPS2))
+    n3 = tl.sqrt(tl.maximum(g33, EPS2))
+    h02 = _pick(g, cols, 4) / (n0 * n2)
+    h13 = _pick(g, cols, 5) / (n1 * n3)
+    h01 = _pick(g, cols, 6) / (n0 * n1)
+    h23 = _pick(g, cols, 7) / (n2 * n3)
+    h03 = _pick(g, cols, 8) / (n0 * n3)
+    h12 = _pick(g, cols, 9) / (n1 * n2)
+    return g00, g11, g22, g33, n0, n1, n2, n3, h02, h13, h01, h23, h03, h12
+
+
+@triton.jit
+def _pack6(
+    v0,  # values for columns 0..5 of a [ROW] vector
+    v1,  # ..
+    v2,  # ..
+    v3,  # ..
+    v4,  # ..
+    v5,  # ..
+):
+    cols = tl.arange(0, ROW)
+    out = tl.where(cols == 0, v0, 0.0)
+    out = tl.where(cols == 1, v1, out)
+    out = tl.where(cols == 2, v2, out)
+    out = tl.where(cols == 3, v3, out)
+    out = tl.where(cols == 4, v4, out)
+    out = tl.where(cols == 5, v5, out)
+    return out
+
+
+@triton.jit
+def _infonce(
+    h02,  # cosine similarities (of one sample, or averaged over the batch), positives first
+    h13,  # ..
+    h01,  # ..
+    h23,  # ..
+    h03,  # ..
+    h12,  # ..
+    inv_tau,  # 1 / tau
+    scale,  # factor of every dL/dh: inv_tau / B (the batch mean folded in)
+):
+    t02 = h02 * inv_tau
+    t13 = h13 * inv_tau
+    t01 = h01 * inv_tau
+    t23 = h23 * inv_tau
+    t03 = h03 * inv_tau
+    t12 = h12 * inv_tau
+    # L = log(1 + sum_N e^t / sum_P e^t) = softplus(lse_neg - lse_pos). Each log-sum-exp has its own maximum
+    # (a small tau cannot underflow the positive sum), and the softplus keeps the loss's relative precision
+    # when it is small: lse_all - lse_pos would cancel.
+    m_pos = tl.maximum(t02, t13)
+    m_neg = tl.maximum(tl.maximum(t01, t23), tl.maximum(t03, t12))
+    lse_pos = m_pos + tl.log(tl.exp(t02 - m_pos) + tl.exp(t13 - m_pos))
+    lse_neg = m_neg + tl.log(tl.exp(t01 - m_neg) + tl.exp(t23 - m_neg) + tl.exp(t03 - m_neg) + tl.exp(t12 - m_neg))
+    gap = lse_neg - lse_pos
+    small = tl.exp(-tl.abs(gap))
+    one_plus = 1.0 + small
+    # log1p(small) to full precision (Goldberg): log(1 + x) * x / ((1 + x) - 1).
+    log1p = tl.where(
+        one_plus == 1.0, small, tl.log(one_plus) * (small / tl.where(one_plus == 1.0, 1.0, one_plus - 1.0))
+    )
+    loss = tl.maximum(gap, 0.0) + log1p
+    lse_all = lse_pos + loss
+    # dL/dh for each pair. A positive's softmax difference is written as one product,
+    # -e^(t - lse_pos) * sum_N / sum_all, which does not cancel.
+    neg_share = tl.exp(lse_neg - lse_all)
+    d02 = -tl.exp(t02 - lse_pos) * neg_share * scale
+    d13 = -tl.exp(t13 - lse_pos) * neg_share * scale
+    d01 = tl.exp(t01 - lse_all) * scale
+    d23 = tl.exp(t23 - lse_all) * scale
+    d03 = tl.exp(t03 - lse_all) * scale
+    d12 = tl.exp(t12 - lse_all) * scale
+    return loss, d02, d13, d01, d23, d03, d12
+
+
+@triton.jit
+def _coefficients(
+    g00,  # squared norms of the sample's four features
+    g11,  # ..
+    g22,  # ..
+    g33,  # ..
+    n0,  # their clamped norms
+    n1,  # ..
+    n2,  # ..
+    n3,  # ..
+    h02,  # the sample's cosine similarities
+    h13,  # ..
+    h01,  # ..
+    h23,  # ..
+    h03,  # ..
+    h12,  # ..
+    d02,  # dL/dh of the sample's pairs
+    d13,  # ..
+    d01,  # ..
+    d23,  # ..
+    d03,  # ..
+    d12,  # ..
+    EPS2: tl.constexpr,  # eps**2, floor of a squared norm
+    ACC: tl.constexpr,  # accumulation dtype
+):
+    # The sample's gradient coefficients A as a [ROW] vector, in the column layout of the sums.
+    # A clamped norm is a constant: its sample's diagonal term drops out, as in autograd through the clamp.
+    c0 = (g00 > EPS2).to(ACC) / (n0 * n0)
+    c1 = (g11 > EPS2).to(ACC) / (n1 * n1)
+    c2 = (g22 > EPS2).to(ACC) / (n2 * n2)
+    c3 = (g33 > EPS2).to(ACC) / (n3 * n3)
+    a00 = -c0 * (d02 * h02 + d01 * h01 + d03 * h03)
+    a11 = -c1 * (d13 * h13 + d01 * h01 + d12 * h12)
+    a22 = -c2 * (d02 * h02 + d23 * h23 + d12 * h12)
+    a33 = -c3 * (d13 * h13 + d23 * h23 + d03 * h03)
+    cols = tl.arange(0, ROW)
+    out = _pack6(a00, a11, a22, a33, d02 / (n0 * n2), d13 / (n1 * n3))
+    out = tl.where(cols == 6, d01 / (n0 * n1), out)
+    out = tl.where(cols == 7, d23 / (n2 * n3), out)
+    out = tl.where(cols == 8, d03 / (n0 * n3), out)
+    out = tl.where(cols == 9, d12 / (n1 * n2), out)
+    return out
+
+
+@triton.jit
 def _finalize(
     partials,  # [B * NUM_CHUNKS, ROW] per-program sums, row = sample * NUM_CHUNKS + chunk
     coef,  # [B, ROW] out: gradient coefficients A, same column layout as the sums, divided by B
@@ -187,105 +352,55 @@ def _finalize(
     ACC: tl.constexpr,  # accumulation dtype
     ROWS: tl.constexpr,  # partial rows read per step
     ADD_TOTAL: tl.constexpr,  # total already holds the other term (launched before, same stream)
+    BATCH_MEAN: tl.constexpr,  # one InfoNCE of the batch-mean similarities instead of the mean of per-sample ones
 ):
     cols = tl.arange(0, ROW)
-    rows = tl.arange(0, ROWS)
     inv_b = tl.full([], 1.0, ACC) / B
-    total_b = tl.zeros([ROW], dtype=ACC)  # only column 0 is used; a vector keeps the loop-carried type fixed
-    for s in range(0, B):
-        acc = tl.zeros([ROWS, ROW], dtype=ACC)
-        for first in range(0, NUM_CHUNKS, ROWS):
-            r = first + rows
-            offs = (s * NUM_CHUNKS + r)[:, None] * ROW + cols[None, :]
-            # .cg: read through L2, where the other programs' rows landed, never a stale L1 line.
-            acc += tl.load(
-                partials + offs,
-                mask=(r < NUM_CHUNKS)[:, None] & (cols < NUM_SUMS)[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-        g = tl.sum(acc, axis=0)
-        g00 = _pick(g, cols, 0)
-        g11 = _pick(g, cols, 1)
-        g22 = _pick(g, cols, 2)
-        g33 = _pick(g, cols, 3)
-        n0 = tl.sqrt(tl.maximum(g00, EPS2))
-        n1 = tl.sqrt(tl.maximum(g11, EPS2))
-        n2 = tl.sqrt(tl.maximum(g22, EPS2))
-        n3 = tl.sqrt(tl.maximum(g33, EPS2))
-        h02 = _pick(g, cols, 4) / (n0 * n2)
-        h13 = _pick(g, cols, 5) / (n1 * n3)
-        h01 = _pick(g, cols, 6) / (n0 * n1)
-        h23 = _pick(g, cols, 7) / (n2 * n3)
-        h03 = _pick(g, cols, 8) / (n0 * n3)
-        h12 = _pick(g, cols, 9) / (n1 * n2)
-        t02 = h02 * inv_tau
-        t13 = h13 * inv_tau
-        t01 = h01 * inv_tau
-        t23 = h23 * inv_tau
-        t03 = h03 * inv_tau
-        t12 = h12 * inv_tau
-        # L_b = log(1 + sum_N e^t / sum_P e^t) = softplus(lse_neg - lse_pos). Each log-sum-exp has its own maximum
-        # (a small tau cannot underflow the positive sum), and the softplus keeps the loss's relative precision
-        # when it is small: lse_all - lse_pos would cancel.
-        m_pos = tl.maximum(t02, t13)
-        m_neg = tl.maximum(tl.maximum(t01, t23), tl.maximum(t03, t12))
-        lse_pos = m_pos + tl.log(tl.exp(t02 - m_pos) + tl.exp(t13 - m_pos))
-        lse_neg = m_neg + tl.log(tl.exp(t01 - m_neg) + tl.exp(t23 - m_neg) + tl.exp(t03 - m_neg) + tl.exp(t12 - m_neg))
-        gap = lse_neg - lse_pos
-        small = tl.exp(-tl.abs(gap))
-        one_plus = 1.0 + small
-        # log1p(small) to full precision (Goldberg): log(1 + x) * x / ((1 + x) - 1).
-        log1p = tl.where(
-            one_plus == 1.0, small, tl.log(one_plus) * (small / tl.where(one_plus == 1.0, 1.0, one_plus - 1.0))
+    scale = inv_tau * inv_b
+    if BATCH_MEAN:
+        # dL/dh of sample b's pair is dL/dh_mean / B for every sample: one InfoNCE, then each sample's A from its
+        # own norms and similarities (its sums are read again rather than kept: B is small, the rows are in L2).
+        h_sum = tl.zeros([ROW], dtype=ACC)
+        for s in range(0, B):
+            g = _sample_sums(partials, s, NUM_CHUNKS, ACC, ROWS)
+            _g00, _g11, _g22, _g33, _n0, _n1, _n2, _n3, h02, h13, h01, h23, h03, h12 = _cosines(g, EPS2)
+            h = _pack6(h02, h13, h01, h23, h03, h12)
+            tl.store(sims + s * 6 + cols, h, mask=cols < 6)
+            h_sum += h
+        h_mean = h_sum * inv_b
+        loss, d02, d13, d01, d23, d03, d12 = _infonce(
+            _pick(h_mean, cols, 0),
+            _pick(h_mean, cols, 1),
+            _pick(h_mean, cols, 2),
+            _pick(h_mean, cols, 3),
+            _pick(h_mean, cols, 4),
+            _pick(h_mean, cols, 5),
+            inv_tau,
+            scale,
         )
-        loss_b = tl.maximum(gap, 0.0) + log1p
-        lse_all = lse_pos + loss_b
-        total_b += tl.where(cols == 0, loss_b, 0.0)
-        # dL/dh for each pair, the batch mean folded in. A positive's softmax difference is written as one product,
-        # -e^(t - lse_pos) * sum_N / sum_all, which does not cancel.
-        scale = inv_tau * inv_b
-        neg_share = tl.exp(lse_neg - lse_all)
-        d02 = -tl.exp(t02 - lse_pos) * neg_share * scale
-        d13 = -tl.exp(t13 - lse_pos) * neg_share * scale
-        d01 = tl.exp(t01 - lse_all) * scale
-        d23 = tl.exp(t23 - lse_all) * scale
-        d03 = tl.exp(t03 - lse_all) * scale
-        d12 = tl.exp(t12 - lse_all) * scale
-        # A clamped norm is a constant: its sample's diagonal term drops out, as in autograd through the clamp.
-        c0 = (g00 > EPS2).to(ACC) / (n0 * n0)
-        c1 = (g11 > EPS2).to(ACC) / (n1 * n1)
-        c2 = (g22 > EPS2).to(ACC) / (n2 * n2)
-        c3 = (g33 > EPS2).to(ACC) / (n3 * n3)
-        a00 = -c0 * (d02 * h02 + d01 * h01 + d03 * h03)
-        a11 = -c1 * (d13 * h13 + d01 * h01 + d12 * h12)
-        a22 = -c2 * (d02 * h02 + d23 * h23 + d12 * h12)
-        a33 = -c3 * (d13 * h13 + d23 * h23 + d03 * h03)
-        a02 = d02 / (n0 * n2)
-        a13 = d13 / (n1 * n3)
-        a01 = d01 / (n0 * n1)
-        a23 = d23 / (n2 * n3)
-        a03 = d03 / (n0 * n3)
-        a12 = d12 / (n1 * n2)
-        out = tl.where(cols == 0, a00, 0.0)
-        out = tl.where(cols == 1, a11, out)
-        out = tl.where(cols == 2, a22, out)
-        out = tl.where(cols == 3, a33, out)
-        out = tl.where(cols == 4, a02, out)
-        out = tl.where(cols == 5, a13, out)
-        out = tl.where(cols == 6, a01, out)
-        out = tl.where(cols == 7, a23, out)
-        out = tl.where(cols == 8, a03, out)
-        out = tl.where(cols == 9, a12, out)
-        tl.store(coef + s * ROW + cols, out)
-        h = tl.where(cols == 0, h02, 0.0)
-        h = tl.where(cols == 1, h13, h)
-        h = tl.where(cols == 2, h01, h)
-        h = tl.where(cols == 3, h23, h)
-        h = tl.where(cols == 4, h03, h)
-        h = tl.where(cols == 5, h12, h)
-        tl.store(sims + s * 6 + cols, h, mask=cols < 6)
-    mean = total_b * inv_b
+        for s in range(0, B):
+            g = _sample_sums(partials, s, NUM_CHUNKS, ACC, ROWS)
+            g00, g11, g22, g33, n0, n1, n2, n3, h02, h13, h01, h23, h03, h12 = _cosines(g, EPS2)
+            out = _coefficients(
+                g00, g11, g22, g33, n0, n1, n2, n3, h02, h13, h01, h23, h03, h12,
+                d02, d13, d01, d23, d03, d12, EPS2, ACC,
+            )  # fmt: skip
+            tl.store(coef + s * ROW + cols, out)
+        mean = tl.where(cols == 0, loss, 0.0)
+    else:
+        total_b = tl.zeros([ROW], dtype=ACC)  # only column 0 is used; a vector keeps the loop-carried type fixed
+        for s in range(0, B):
+            g = _sample_sums(partials, s, NUM_CHUNKS, ACC, ROWS)
+            g00, g11, g22, g33, n0, n1, n2, n3, h02, h13, h01, h23, h03, h12 = _cosines(g, EPS2)
+            loss_b, d02, d13, d01, d23, d03, d12 = _infonce(h02, h13, h01, h23, h03, h12, inv_tau, scale)
+            total_b += tl.where(cols == 0, loss_b, 0.0)
+            out = _coefficients(
+                g00, g11, g22, g33, n0, n1, n2, n3, h02, h13, h01, h23, h03, h12,
+                d02, d13, d01, d23, d03, d12, EPS2, ACC,
+            )  # fmt: skip
+            tl.store(coef + s * ROW + cols, out)
+            tl.store(sims + s * 6 + cols, _pack6(h02, h13, h01, h23, h03, h12), mask=cols < 6)
+        mean = total_b * inv_b
     tl.store(term + cols, mean, mask=cols == 0)
     if ADD_TOTAL:
         mean += tl.load(total + cols, mask=cols == 0, other=0.0)
@@ -315,6 +430,7 @@ def _bacl_fwd_kernel(
     BLOCK: tl.constexpr,  # elements per tile
     ROWS: tl.constexpr,  # partial rows read per step of the final reduction
     ADD_TOTAL: tl.constexpr,  # add this term to the total written by the launch before
+    BATCH_MEAN: tl.constexpr,  # reduction "batch_mean": InfoNCE of the batch-mean similarities
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -364,7 +480,7 @@ def _bacl_fwd_kernel(
     done = tl.atomic_add(ticket, 1, sem="acq_rel")
     if done == B * NUM_CHUNKS - 1:
         # The last program to finish adds the rows in a fixed order: same inputs, same bits, one launch.
-        _finalize(partials, coef, sims, term, total, B, NUM_CHUNKS, inv_tau, EPS2, ACC, ROWS, ADD_TOTAL)
+        _finalize(partials, coef, sims, term, total, B, NUM_CHUNKS, inv_tau, EPS2, ACC, ROWS, ADD_TOTAL, BATCH_MEAN)
         tl.atomic_xchg(ticket, 0, sem="relaxed")
 
 
@@ -605,22 +721,6 @@ def _plan_cached(n, batch, mode, device_type, index, max_block, cpu_programs, ma
     return _Plan(block, chunk, num_chunks, rows, 8 if block * (2 if mode == COMPLEX_ABS else 1) >= 2048 else 4)
 
 
-_TICKETS: dict[tuple, torch.Tensor] = {}
-
-
-def _ticket(device: torch.device) -> torch.Tensor:
-    """A zeroed int32 counter per device and stream; each launch leaves it at zero again.
-
-    Launches on one stream run one after another, so they can share it; another stream gets its own.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    counter = _TICKETS.get(key)
-    if counter is None:
-        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
-
-
 def _check_features(xs: tuple[torch.Tensor, ...], mode: int) -> None:
     """The launchers' contract: four contiguous floating tensors, one shape, one device that Triton can reach."""
     if len(xs) != 4:
@@ -656,14 +756,32 @@ def _features_per_sample(x: torch.Tensor, mode: int) -> int:
     return x[0].numel() // (2 if mode == COMPLEX_ABS else 1)
 
 
-def _contrast_forward(xs, tau: float, mode: int, *, sims=None, term=None, total=None, add_total: bool = False):
+def _contrast_forward(
+    xs,
+    tau: float,
+    mode: int,
+    *,
+    sims=None,
+    term=None,
+    total=None,
+    add_total: bool = False,
+    reduction: str = "sample",
+):
     """Launch the Gram pass over four feature tensors: ``(total, sims, coef)``.
 
     Writes the term's loss to ``term`` and the total to ``total`` (the term itself, or added to what ``total``
     holds with ``add_total``), the similarities ``[B, 6]`` to ``sims``; missing outputs are allocated. ``coef``
-    ``[B, ROW]`` holds the gradient coefficients for ``_contrast_backward``.
+    ``[B, ROW]`` holds the gradient coefficients for ``_contrast_backward``. ``reduction``: ``"sample"`` (the mean
+    of per-sample losses) or ``"batch_mean"`` (one loss of the batch-mean similarities).
     """
     _check_features(xs, mode)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    with device_guard(xs[0].device):
+        return _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction)
+
+
+def _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction):
     x = xs[0]
     batch, n = x.shape[0], _features_per_sample(x, mode)
     acc = _acc_dtype(xs)
@@ -685,7 +803,7 @@ def _contrast_forward(xs, tau: float, mode: int, *, sims=None, term=None, total=
     _bacl_fwd_kernel[(batch, plan.num_chunks)](
         *xs,
         partials,
-        _ticket(x.device),
+        ticket(x.device),
         coef,
         sims,
         term,
@@ -701,6 +819,7 @@ def _contrast_forward(xs, tau: float, mode: int, *, sims=None, term=None, total=
         BLOCK=plan.block,
         ROWS=plan.rows,
         ADD_TOTAL=bool(add_total),
+        BATCH_MEAN=reduction == "batch_mean",
         num_warps=plan.num_warps,
     )
     return total, sims, coef
@@ -729,6 +848,12 @@ def _contrast_backward(xs, coef: torch.Tensor, grad_total: torch.Tensor, outs, m
     ptrs = [o if o is not None else xi for o, xi in zip(outs, xs, strict=True)]
     adds = [e if e is not None else xi for e, xi in zip(extras, xs, strict=True)] if extra else list(xs)
     plan = _plan(n, batch, mode, x.device)
+    with device_guard(x.device):
+        _launch_backward(xs, ptrs, adds, coef, grad_total, outs, n, batch, plan, mode, extra)
+    return outs
+
+
+def _launch_backward(xs, ptrs, adds, coef, grad_total, outs, n, batch, plan, mode, extra) -> None:
     _bacl_bwd_kernel[(batch, plan.num_chunks)](
         *xs,
         *ptrs,
@@ -747,7 +872,6 @@ def _contrast_backward(xs, coef: torch.Tensor, grad_total: torch.Tensor, outs, m
         BLOCK=plan.block,
         num_warps=plan.num_warps,
     )
-    return outs
 
 
 def _boundary_features(filtered: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -765,7 +889,9 @@ class _BACLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z0, z1, z2, z3, cutoff: float, tau: float, mask: str, volume: bool, boundary: bool):
+    def forward(
+        ctx, z0, z1, z2, z3, cutoff: float, tau: float, mask: str, volume: bool, boundary: bool, reduction: str
+    ):
         zs = (z0, z1, z2, z3)
         acc = _acc_dtype(zs)
         total = torch.empty((), dtype=acc, device=z0.device)
@@ -773,13 +899,15 @@ class _BACLFunction(torch.autograd.Function):
         sims = torch.empty((2, z0.shape[0], 6), dtype=acc, device=z0.device)
         coef_v = coef_b = filtered = None
         if volume:
-            _, _, coef_v = _contrast_forward(zs, tau, IDENTITY, sims=sims[0], term=terms[0], total=total)
+            _, _, coef_v = _contrast_forward(
+                zs, tau, IDENTITY, sims=sims[0], term=terms[0], total=total, reduction=reduction
+            )
         if boundary:
             filtered = _filtered_stack(zs, cutoff, mask)
             mode = COMPLEX_ABS if filtered.is_complex() else ABS
             feats = _boundary_features(filtered)
             _, _, coef_b = _contrast_forward(
-                feats, tau, mode, sims=sims[1], term=terms[1], total=total, add_total=volume
+                feats, tau, mode, sims=sims[1], term=terms[1], total=total, add_total=volume, reduction=reduction
             )
         ctx.save_for_backward(*zs, filtered, coef_v, coef_b)
         ctx.options = (cutoff, mask, volume, boundary)
@@ -792,7 +920,7 @@ class _BACLFunction(torch.autograd.Function):
         cutoff, mask, volume, boundary = ctx.options
         wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
         if not wanted:
-            return (None,) * 9
+            return (None,) * 10
         extras, extra = [None] * 4, 0
         if boundary:
             feats = _boundary_features(filtered)
@@ -814,7 +942,7 @@ class _BACLFunction(torch.autograd.Function):
                 None if e is None else (e[..., 0] if extra == 2 else e).to(z.dtype).contiguous()
                 for e, z in zip(extras, zs, strict=True)
             ]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------- high-pass (torch.fft)
@@ -836,8 +964,10 @@ def _low_band(n: int, cutoff: float, mask: str) -> torch.Tensor:
     return torch.fft.ifftshift(shifted)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_mask(size: tuple[int, int, int], cutoff: float, mask: str, dtype: torch.dtype, device: torch.device):
+_MASKS = GraphSafeCache(64, "high-pass mask")
+
+
+def _build_mask(size: tuple[int, int, int], cutoff: float, mask: str, dtype: torch.dtype, device: torch.device):
     d, h, w = (_low_band(n, cutoff, mask) for n in size)
     low = d[:, None, None] * h[None, :, None] * w[None, None, :]
     full = (1.0 - low).to(dtype)
@@ -857,7 +987,10 @@ def high_pass_mask(
     """M for spatial ``size = (D, H, W)`` in unshifted FFT order: ``[D, H, W // 2 + 1]`` (the rfftn half) for
     ``symmetric``, ``[D, H, W]`` for ``reference`` (equal to ``ifftshift`` of the public code's shifted mask)."""
     _check_cutoff_mask(cutoff, mask)
-    return _cached_mask(tuple(int(n) for n in size), float(cutoff), mask, dtype, torch.device(device))
+    key = (tuple(int(n) for n in size), float(cutoff), mask, dtype, torch.device(device))
+    # Cached (built from host values, copied once) and, being read by launches a CUDA graph may capture, kept alive
+    # for as long as such a graph (see GraphSafeCache).
+    return _MASKS.get(key, lambda: _build_mask(*key), key[-1])
 
 
 def _apply_high_pass(x: torch.Tensor, cutoff: float, mask: str, *, inplace: bool = False) -> torch.Tensor:
@@ -940,9 +1073,11 @@ def _check_cutoff_mask(cutoff, mask) -> None:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
 
 
-def check_options(*, cutoff, tau, volume, boundary, mask) -> None:
+def check_options(*, cutoff, tau, volume, boundary, mask, reduction="sample") -> None:
     """Validate the options of ``bacl``; ``ValueError`` naming the argument and the bad value."""
     _check_cutoff_mask(cutoff, mask)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if not (volume or boundary):
@@ -951,7 +1086,7 @@ def check_options(*, cutoff, tau, volume, boundary, mask) -> None:
         )
 
 
-def check_inputs(zs, *, cutoff, tau, volume, boundary, mask) -> None:
+def check_inputs(zs, *, cutoff, tau, volume, boundary, mask, reduction="sample") -> None:
     """Validate ``bacl``'s latents and options; ``ValueError``/``TypeError`` naming the argument and the bad value."""
     names = ("z_stu_src", "z_stu_trg", "z_tea_src", "z_tea_trg")
     for name, z in zip(names, zs, strict=True):
@@ -961,7 +1096,7 @@ def check_inputs(zs, *, cutoff, tau, volume, boundary, mask) -> None:
             raise ValueError(f"{name} has shape {tuple(z.shape)}, z_stu_src has {tuple(zs[0].shape)}")
         if z.device != zs[0].device:
             raise ValueError(f"{name} is on {z.device}, z_stu_src on {zs[0].device}")
-    check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
+    check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
 
 
 def _result(volume, boundary) -> BACLResult:
@@ -987,15 +1122,18 @@ def bacl(
     volume: bool = True,
     boundary: bool = True,
     mask: str = "symmetric",
+    reduction: str = "sample",
 ) -> BACLResult:
     """BACL with the fused Triton Gram/InfoNCE passes (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
     Per term one forward launch and one backward launch; no host sync. Only inputs that require grad get one.
     """
     zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
-    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
+    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
     contiguous = (z.contiguous() for z in zs)
-    total, terms, sims = _BACLFunction.apply(*contiguous, float(cutoff), float(tau), mask, bool(volume), bool(boundary))
+    total, terms, sims = _BACLFunction.apply(
+        *contiguous, float(cutoff), float(tau), mask, bool(volume), bool(boundary), reduction
+    )
     return BACLResult(
         total,
         terms[0] if volume else None,
@@ -1012,8 +1150,11 @@ _PAIR_I = (0, 1, 0, 2, 0, 1)  # positives (0,2), (1,3), then negatives (0,1), (2
 _PAIR_J = (2, 3, 1, 3, 3, 2)
 
 
-def _contrast_reference(features, tau: float):
-    """One term from four feature tensors: Gram matrix by one batched matmul, then Eq. 4-5; autograd backward."""
+def _contrast_reference(features, tau: float, reduction: str = "sample"):
+    """One term from four feature tensors: Gram matrix by one batched matmul, then Eq. 4-5; autograd backward.
+
+    ``reduction="batch_mean"`` averages the similarities over the batch before the InfoNCE, as the public code does.
+    """
     acc = _acc_dtype(features)
     batch = features[0].shape[0]
     x = torch.stack([f.reshape(batch, -1).to(acc) for f in features], dim=1)  # [B, 4, N]
@@ -1021,7 +1162,7 @@ def _contrast_reference(features, tau: float):
     norms = gram.diagonal(dim1=1, dim2=2).clamp_min(EPS * EPS).sqrt()
     i, j = list(_PAIR_I), list(_PAIR_J)
     sims = gram[:, i, j] / (norms[:, i] * norms[:, j])  # [B, 6]
-    logits = sims / tau
+    logits = (sims.mean(0, keepdim=True) if reduction == "batch_mean" else sims) / tau
     # -log(sum_P / sum_all) = softplus(lse_neg - lse_pos): no cancellation when the loss is small.
     gap = torch.logsumexp(logits[:, 2:], dim=1) - torch.logsumexp(logits[:, :2], dim=1)
     loss = torch.nn.functional.softplus(gap).mean()
@@ -1039,11 +1180,13 @@ def bacl_reference(
     volume: bool = True,
     boundary: bool = True,
     mask: str = "symmetric",
+    reduction: str = "sample",
 ) -> BACLResult:
     """The same maths in plain torch (the tests' reference and the CPU path): rfftn/irfftn or fftn/ifftn, one
     ``bmm`` for the Gram matrix of each term, autograd for the backward."""
     zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
-    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask)
-    vol = _contrast_reference(zs, tau) if volume else None
-    bnd = _contrast_reference([_filtered(z, cutoff, mask).abs() for z in zs], tau) if boundary else None
+    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
+    vol = _contrast_reference(zs, tau, reduction) if volume else None
+    boundary_features = [_filtered(z, cutoff, mask).abs() for z in zs] if boundary else None
+    bnd = _contrast_reference(boundary_features, tau, reduction) if boundary else None
     return _result(vol, bnd)

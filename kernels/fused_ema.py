@@ -4,11 +4,13 @@ r"""Exponential moving average over a whole list of tensors in one launch: ``tor
 
     e_i \leftarrow e_i + w\,(c_i - e_i) \qquad (\text{i.e. } e_i \leftarrow \alpha e_i + (1-\alpha) c_i,\; w = 1-\alpha)
 
-computed in fp32 (fp64 when the EMA tensor is float64) and rounded once to the EMA's dtype, with torch's two-sided
-lerp formula (``c - (c - e)(1 - w)`` for ``w >= 0.5``) so results match ``torch.lerp``. ``current`` may be of a
-lower precision than ``ema`` (an fp32 EMA of a bf16 model). The weight is a Python float or a 0-dim device tensor;
-a device tensor is read by the kernel, so a schedule computed on the device costs no synchronisation and the launch
-can be captured in a CUDA graph. Non-float tensors (``num_batches_tracked``) are copied.
+computed in fp32 (fp64 when the EMA tensor is float64), the weight included, and rounded once to the EMA's dtype,
+with torch's two-sided lerp formula (``c - (c - e)(1 - w)`` for ``w >= 0.5``) so results match ``torch.lerp``: the
+results of ``torch._foreach_lerp_`` with a Python float weight, whose scalar torch also takes in fp32 (fp64 for
+float64 tensors), also for a bf16 or fp16 EMA. ``current`` may be of a lower precision than ``ema`` (an fp32 EMA of
+a bf16 model). The weight is a Python float or a 0-dim device tensor; a device tensor is read by the kernel, so a
+schedule computed on the device costs no synchronisation and the launch can be captured in a CUDA graph. Non-float
+tensors (``num_batches_tracked``) are copied; strided (non-contiguous) float pairs go through the torch reference.
 
 The memory traffic is the floor for an EMA: read ``e`` and ``c`` once, write ``e`` once.
 """
@@ -21,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import INTERPRETED, as_pointer, check_pairs, plan_pairs
+from gsema_fast.kernels._multi_tensor import (
+    DTYPE_CODES,
+    INTERPRETED,
+    as_pointer,
+    check_pairs,
+    device_guard,
+    plan_pairs,
+)
 
 BLOCK = 1024
 ITERS = 2 if INTERPRETED else 8
@@ -114,7 +123,12 @@ def check_weight(weight: float | torch.Tensor, device: torch.device, name: str =
 def fused_ema_reference(
     ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], weight: float | torch.Tensor
 ) -> None:
-    """The torch reference (and CPU path): ``torch._foreach_lerp_`` per dtype group, copies for non-float tensors."""
+    """The torch reference (and CPU path): ``torch._foreach_lerp_`` per dtype group, copies for non-float tensors.
+
+    A tensor weight is used in fp32 (fp64 for a float64 EMA) as a float weight is: a bf16 or fp16 EMA is averaged in
+    fp32 and rounded once, since ``_foreach_lerp_`` would round a list weight to the tensors' dtype (bf16(0.1) =
+    0.10009765625).
+    """
     groups: dict[tuple[torch.dtype, torch.dtype], tuple[list, list]] = {}
     for e, c in zip(ema, current, strict=True):
         if not e.is_floating_point():
@@ -124,30 +138,54 @@ def fused_ema_reference(
             es.append(e)
             cs.append(c)
     for (e_dtype, c_dtype), (es, cs) in groups.items():
-        if c_dtype != e_dtype:
-            cs = [c.to(e_dtype) for c in cs]
-        if isinstance(weight, torch.Tensor):
-            # The Tensor-weight overload of _foreach_lerp_ is recent; a broadcast 0-dim weight works everywhere.
-            torch._foreach_lerp_(es, cs, [weight.to(e_dtype)] * len(es))
+        if not isinstance(weight, torch.Tensor):
+            torch._foreach_lerp_(es, cs if c_dtype == e_dtype else [c.to(e_dtype) for c in cs], float(weight))
+            continue
+        math_dtype = torch.float64 if e_dtype == torch.float64 else torch.float32
+        # The Tensor-weight overload of _foreach_lerp_ is recent; a broadcast 0-dim weight works everywhere.
+        weights = [weight.to(math_dtype)] * len(es)
+        if e_dtype == math_dtype:
+            torch._foreach_lerp_(es, cs if c_dtype == e_dtype else [c.to(e_dtype) for c in cs], weights)
         else:
-            torch._foreach_lerp_(es, cs, float(weight))
+            wide = [e.to(math_dtype) for e in es]
+            torch._foreach_lerp_(wide, [c.to(math_dtype) for c in cs], weights)
+            torch._foreach_copy_(es, wide)
 
 
 def fused_ema(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], weight: float | torch.Tensor) -> None:
     """``ema[i] += weight * (current[i] - ema[i])`` for every pair, in place, one launch per dtype pair.
 
-    Float tensors are averaged, others (integer buffers) copied. Never synchronises with the host.
+    Float tensors are averaged, others (integer buffers) copied; strided float pairs (which ``torch._foreach_lerp_``
+    accepts too) are averaged by the torch reference, with the same maths. Never synchronises with the host.
     """
-    check_pairs(ema, current, "ema", "current", floating="x")
+    check_pairs(ema, current, "ema", "current", floating="x", contiguous=False)
     device = ema[0].device
     check_weight(weight, device)
+    dense = [(e, c) for e, c in zip(ema, current, strict=True) if e.is_contiguous() and c.is_contiguous()]
+    strided = [(e, c) for e, c in zip(ema, current, strict=True) if not (e.is_contiguous() and c.is_contiguous())]
+    with device_guard(device):
+        if dense:
+            _launch([e for e, _ in dense], [c for _, c in dense], weight)
+        if strided:
+            fused_ema_reference([e for e, _ in strided], [c for _, c in strided], weight)
+
+
+def _launch(ema: list[torch.Tensor], current: list[torch.Tensor], weight: float | torch.Tensor) -> None:
     plan = plan_pairs(ema, current, CHUNK)
-    in_tensor = isinstance(weight, torch.Tensor)
+    wide_weight = None
     for group in plan.groups:
+        in_tensor = isinstance(weight, torch.Tensor)
+        group_weight = weight
+        if not in_tensor and group.x_code == DTYPE_CODES[torch.float64]:
+            # Triton passes a Python float as fp32: a float64 EMA reads its weight from a device scalar instead,
+            # filled by a kernel (no host-to-device copy, capturable).
+            if wide_weight is None:
+                wide_weight = torch.full((), float(weight), dtype=torch.float64, device=ema[0].device)
+            group_weight, in_tensor = wide_weight, True
         _fused_ema_kernel[(group.num_chunks,)](
             group.table,
             group.num_chunks,
-            weight if in_tensor else group.table,
+            group_weight if in_tensor else group.table,
             0.0 if in_tensor else float(weight),
             E_CODE=group.x_code,
             C_CODE=group.y_code,

@@ -10,7 +10,8 @@ With the statistics ``s`` of :mod:`grad_stats` (``s[0] = g_src . g_trg``, ``s[3]
     \alpha = \begin{cases} d_\mathrm{aligned} & \mathrm{aligned} \\ d_\mathrm{conflict} & \text{otherwise}
              \end{cases}
 
-with the optional warm-up :math:`\alpha \leftarrow \min(\alpha, 1 - 1/(t+1))` at step :math:`t`, then
+with the optional warm-up :math:`\alpha \leftarrow \min(\alpha, 1 - 1/(t+1))` at step :math:`t` for a decay below 1
+(a decay of 1 means "no update" and stays 1: the warm-up never moves a teacher on a step the rule rejects), then
 
 .. math:: \theta_T \leftarrow \alpha\,\theta_T + (1-\alpha)\,\theta_S
 
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import INTERPRETED, as_pointer, check_pairs, plan_pairs
+from gsema_fast.kernels._multi_tensor import INTERPRETED, as_pointer, check_pairs, device_guard, plan_pairs
 from gsema_fast.kernels.fused_ema import lerp_chunk
 
 BLOCK = 1024
@@ -40,13 +41,13 @@ RULES = ("dot", "sign")
 
 @triton.jit
 def decide(
-    stats,  # fp32 [>= 4] gradient statistics
+    stats,  # fp32 or fp64 [>= 4] gradient statistics
     step_ptr,  # 0-dim device tensor holding the step (read when STEP_IN_TENSOR)
     step_value,  # the step as a scalar argument (otherwise)
     decay_aligned,  # alpha when the gradients agree
     decay_conflict,  # alpha when they conflict
     RULE_SIGN: tl.constexpr,  # decide on the sign agreement s[3] instead of the dot product s[0]
-    WARMUP: tl.constexpr,  # cap alpha at 1 - 1/(step + 1)
+    WARMUP: tl.constexpr,  # cap an alpha below 1 at 1 - 1/(step + 1)
     STEP_IN_TENSOR: tl.constexpr,  # take the step from step_ptr
 ):
     if RULE_SIGN:
@@ -60,7 +61,8 @@ def decide(
             step = tl.load(step_ptr).to(tl.float32)
         else:
             step = step_value
-        alpha = tl.minimum(alpha, 1.0 - 1.0 / (step + 1.0))
+        # Only an update is warmed up: alpha == 1 ("no update") stays 1.
+        alpha = tl.where(alpha < 1.0, tl.minimum(alpha, 1.0 - 1.0 / (step + 1.0)), alpha)
     return aligned, alpha
 
 
@@ -68,7 +70,7 @@ def decide(
 def _gsema_update_kernel(
     table,  # int64 [3, num_chunks]: chunk address in teacher, chunk address in student, chunk length
     num_chunks,  # row stride of the table
-    stats,  # fp32 [6] gradient statistics
+    stats,  # fp32 or fp64 [6] gradient statistics
     step_ptr,  # 0-dim device tensor holding the step (read when STEP_IN_TENSOR)
     step_value,  # the step as a scalar argument (otherwise)
     decay_aligned,  # alpha when the gradients agree
@@ -78,7 +80,7 @@ def _gsema_update_kernel(
     S_CODE: tl.constexpr,  # element type of the student
     ALIGNED: tl.constexpr,  # chunk addresses are 16-byte aligned
     RULE_SIGN: tl.constexpr,  # decide on the sign agreement
-    WARMUP: tl.constexpr,  # cap alpha at 1 - 1/(step + 1)
+    WARMUP: tl.constexpr,  # cap an alpha below 1 at 1 - 1/(step + 1)
     STEP_IN_TENSOR: tl.constexpr,  # take the step from step_ptr
     WRITE_DECISION: tl.constexpr,  # this launch stores the decision (the first group's)
     BLOCK: tl.constexpr,  # elements per iteration
@@ -109,9 +111,9 @@ def check_update_args(
 ) -> None:
     if not isinstance(stats, torch.Tensor):
         raise TypeError(f"stats must be the tensor returned by grad_stats, got {type(stats).__name__}")
-    if stats.dim() != 1 or stats.numel() < 4 or stats.dtype != torch.float32:
+    if stats.dim() != 1 or stats.numel() < 4 or stats.dtype not in (torch.float32, torch.float64):
         raise ValueError(
-            f"stats must be a float32 tensor of 6 statistics, got shape {tuple(stats.shape)} {stats.dtype}"
+            f"stats must be a float64 (or float32) tensor of 6 statistics, got shape {tuple(stats.shape)} {stats.dtype}"
         )
     if stats.device != device:
         raise ValueError(f"stats is on {stats.device}, the teacher on {device}")
@@ -134,16 +136,13 @@ def check_update_args(
 def decision_reference(
     stats: torch.Tensor, decay_aligned: float, decay_conflict: float, rule: str, step: int | torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(aligned, alpha)`` as 0-dim fp32 tensors on the stats' device, computed without leaving it."""
+    """``(aligned, alpha)`` as 0-dim fp32 tensors on the stats' device, computed without leaving it: the kernel's
+    ``decide``, in the same fp32 arithmetic, with no host-to-device copy (capturable, no sync)."""
     aligned = stats[3 if rule == "sign" else 0] > 0
-    alpha = torch.where(
-        aligned,
-        torch.tensor(decay_aligned, dtype=torch.float32, device=stats.device),
-        torch.tensor(decay_conflict, dtype=torch.float32, device=stats.device),
-    )
+    alpha = torch.where(aligned, float(decay_aligned), float(decay_conflict)).to(torch.float32)
     if step is not None:
-        step_f = step.float() if isinstance(step, torch.Tensor) else torch.tensor(float(step), device=stats.device)
-        alpha = torch.minimum(alpha, 1.0 - 1.0 / (step_f + 1.0))
+        step_f = step.float() if isinstance(step, torch.Tensor) else torch.full_like(alpha, float(step))
+        alpha = torch.where(alpha < 1.0, torch.minimum(alpha, 1.0 - 1.0 / (step_f + 1.0)), alpha)
     return aligned.float(), alpha
 
 
@@ -207,8 +206,13 @@ def gsema_update(
     check_pairs(teacher, student, "teacher", "student", floating="x")
     device = teacher[0].device
     check_update_args(stats, device, decay_aligned, decay_conflict, rule, step)
+    with device_guard(device):
+        return _launch(teacher, student, stats, decay_aligned, decay_conflict, rule, step)
+
+
+def _launch(teacher, student, stats, decay_aligned, decay_conflict, rule, step) -> torch.Tensor:
     plan = plan_pairs(teacher, student, CHUNK)
-    decision = torch.empty(2, dtype=torch.float32, device=device)
+    decision = torch.empty(2, dtype=torch.float32, device=stats.device)
     step_in_tensor = isinstance(step, torch.Tensor)
     for index, group in enumerate(plan.groups):
         _gsema_update_kernel[(group.num_chunks,)](

@@ -9,12 +9,14 @@ CPU) and the torch reference that serves the CPU.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
 from gsema_fast import ops
+from gsema_fast.kernels import _multi_tensor
 from gsema_fast.kernels import bacl as K  # noqa: N812
 from gsema_fast.losses import BACL
 
@@ -61,24 +63,25 @@ def oracle_high_pass(z, cutoff=0.5, mask="symmetric"):
     return torch.fft.ifftn(torch.fft.fftn(z, dim=SPATIAL) * m, dim=SPATIAL).abs()
 
 
-def oracle_term(feats, tau):
+def oracle_term(feats, tau, reduction="sample"):
     sims = torch.stack([F.cosine_similarity(feats[i].flatten(1), feats[j].flatten(1), dim=-1) for i, j in PAIRS], 1)
-    e = torch.exp(sims / tau)
+    # batch_mean: the public code's F.cosine_similarity(...).mean() over the batch, before exp and log.
+    e = torch.exp((sims.mean(0, keepdim=True) if reduction == "batch_mean" else sims) / tau)
     pos = e[:, 0] + e[:, 1]
     neg = e[:, 2] + e[:, 3] + e[:, 4] + e[:, 5]
     return (-torch.log(pos / (pos + neg))).mean(), sims
 
 
-def oracle(zs, *, cutoff=0.5, tau=1.0, volume=True, boundary=True, mask="symmetric"):
+def oracle(zs, *, cutoff=0.5, tau=1.0, volume=True, boundary=True, mask="symmetric", reduction="sample"):
     """(loss, volume sims, boundary sims) in float64."""
     zs = [z.double() if z.dtype != torch.float64 else z for z in zs]
     loss = torch.zeros((), dtype=torch.float64, device=zs[0].device)
     sims_v = sims_b = None
     if volume:
-        lv, sims_v = oracle_term(zs, tau)
+        lv, sims_v = oracle_term(zs, tau, reduction)
         loss = loss + lv
     if boundary:
-        lb, sims_b = oracle_term([oracle_high_pass(z, cutoff, mask) for z in zs], tau)
+        lb, sims_b = oracle_term([oracle_high_pass(z, cutoff, mask) for z in zs], tau, reduction)
         loss = loss + lb
     return loss, sims_v, sims_b
 
@@ -182,6 +185,86 @@ def test_zero_latent_gives_finite_loss_and_gradients(impl):
         zs[3].zero_()  # a zero feature vector: its norm is clamped and its similarities are 0
     check_against_oracle(IMPLS[impl], zs, (1e-5, 1e-6), (1e-4, 1e-5), tau=0.5)
     assert all(torch.isfinite(z.grad).all() for z in zs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("terms", [(True, True), (False, True)])
+def test_batch_mean_reduction_matches_oracle(impl, mask, terms):
+    """``reduction="batch_mean"``: one InfoNCE of the similarities averaged over the batch (the public code)."""
+    zs = latents((3, 3, 6, 5, 4), requires=(True, True, True, False))
+    opts = dict(tau=0.5, mask=mask, volume=terms[0], boundary=terms[1], reduction="batch_mean")
+    result = check_against_oracle(IMPLS[impl], zs, (1e-5, 1e-6), (1e-4, 1e-5), **opts)
+    per_sample = IMPLS[impl](*zs, tau=0.5, mask=mask, volume=terms[0], boundary=terms[1]).loss
+    assert abs(float(result.loss.detach()) - float(per_sample.detach())) > 1e-6  # a different loss for B > 1
+    single = [z[:1].detach() for z in zs]  # and the same one for B = 1
+    torch.testing.assert_close(
+        IMPLS[impl](*single, **opts).loss, IMPLS[impl](*single, **{**opts, "reduction": "sample"}).loss
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_mean_gradcheck_float64(impl):
+    zs = [z.detach().double() for z in latents((2, 2, 4, 3, 5))]
+    for z in zs[:3]:
+        z.requires_grad_(True)
+
+    def fn(*xs):
+        return IMPLS[impl](*xs, zs[3], tau=0.7, mask="reference", reduction="batch_mean").loss
+
+    assert torch.autograd.gradcheck(fn, zs[:3], eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=impl == "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_gradients_are_fp32_gradients_rounded_as_stored(dtype):
+    """The backward kernel forms each gradient in fp32 and rounds it once to the input's dtype. Compiled Triton rounds
+    fp32 -> bf16 to nearest even, its interpreter (the CPU tests) truncates: the gradient is compared with the same
+    launch's fp32 output rounded the way this path stores, bit for bit."""
+    xs = tuple(torch.randn(2, 700, device=DEVICE).to(dtype) for _ in range(4))
+    _, _, coef = K._contrast_forward(xs, 0.5, K.IDENTITY)
+    grad = torch.full((), 3.0, device=DEVICE)
+    wide = [torch.empty(2, 700, device=DEVICE), torch.empty(2, 700, device=DEVICE), None, None]
+    low = [torch.empty(2, 700, device=DEVICE, dtype=dtype), torch.empty(2, 700, device=DEVICE, dtype=dtype), None, None]
+    K._contrast_backward(xs, coef, grad, wide, K.IDENTITY)
+    K._contrast_backward(xs, coef, grad, low, K.IDENTITY)
+    truncates = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    for w, got in zip(wide[:2], low[:2], strict=True):
+        want = (w.view(torch.int32) & -65536).view(torch.float32).to(dtype) if truncates else w.to(dtype)
+        assert torch.equal(got, want)
+
+
+def test_ticket_inside_a_capture_belongs_to_that_capture(monkeypatch):
+    """The reduction's counter: one per stream outside a capture; inside one, a counter the graph zeroes and owns, so
+    no graph relies on a zero-fill that exists only in another graph."""
+    device = torch.device(DEVICE)
+    eager = _multi_tensor.ticket(device)
+    assert _multi_tensor.ticket(device) is eager and int(eager) == 0
+    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: True)
+    first, second = _multi_tensor.ticket(device), _multi_tensor.ticket(device)
+    assert first is not eager and second is not first and int(first) == 0 and int(second) == 0
+    zs = latents((2, 3, 4, 4, 4))
+    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: False)
+    want = K.bacl(*zs).loss.detach()  # also builds the masks, outside the "capture"
+    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: True)
+    assert torch.equal(K.bacl(*zs).loss.detach(), want)
+    assert int(eager) == 0
+
+
+def test_masks_are_built_before_a_capture_and_pinned_by_it(monkeypatch):
+    K._MASKS.clear()
+    capture = [True]
+    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: capture[0])
+    with pytest.raises(RuntimeError, match="high-pass mask .* outside a CUDA graph capture"):
+        K.high_pass_mask((6, 6, 6), device=DEVICE)
+    capture[0] = False
+    mask = K.high_pass_mask((6, 6, 6), device=DEVICE)
+    capture[0] = True
+    assert K.high_pass_mask((6, 6, 6), device=DEVICE) is mask
+    capture[0] = False
+    for n in range(1, 70):  # more masks than the cache keeps
+        K.high_pass_mask((n, 2, 2), device=DEVICE)
+    capture[0] = True
+    assert K.high_pass_mask((6, 6, 6), device=DEVICE) is mask
 
 
 def test_triton_path_is_deterministic_and_chunked(monkeypatch):
@@ -337,6 +420,7 @@ BAD_BACL = [
     ("tau str", lambda zs: (zs, {"tau": "1"}), ValueError, "got '1'"),
     ("mask", lambda zs: (zs, {"mask": "centred"}), ValueError, "mask must be one of .*got 'centred'"),
     ("no term", lambda zs: (zs, {"volume": False, "boundary": False}), ValueError, "volume=False, boundary=False"),
+    ("reduction", lambda zs: (zs, {"reduction": "mean"}), ValueError, "reduction must be one of .*got 'mean'"),
 ]  # fmt: skip
 
 
@@ -366,7 +450,12 @@ def test_high_pass_rejects_bad_input(z, kwargs, exc, match):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"tau": -0.5}, "got -0.5"), ({"cutoff": 0}, "got 0"), ({"volume": False, "boundary": False}, "volume=False")],
+    [
+        ({"tau": -0.5}, "got -0.5"),
+        ({"cutoff": 0}, "got 0"),
+        ({"volume": False, "boundary": False}, "volume=False"),
+        ({"reduction": "batch"}, "reduction must be one of .*got 'batch'"),
+    ],
 )
 def test_bacl_module_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -448,3 +537,24 @@ def test_gpu_module_step_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and all(torch.isfinite(p) for p in parts.values())
+
+
+@pytest.mark.gpu
+def test_gpu_two_captured_graphs_each_own_their_ticket():
+    """Two graphs captured on the same stream after an eager warm-up on another: each zeroes its own reduction
+    counter, so either replays first and both give the eager loss, bit for bit."""
+    zs = [z.detach() for z in latents((2, 8, 8, 8, 8))]
+    for _ in range(2):  # compile, and build the masks, outside the capture
+        want = K.bacl(*zs, tau=0.5).loss.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs, losses = [], []
+    for _ in range(2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            losses.append(K.bacl(*zs, tau=0.5).loss)
+        graphs.append(graph)
+    for graph in (graphs[1], graphs[0], graphs[1]):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(loss, want) for loss in losses)

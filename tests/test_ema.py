@@ -67,15 +67,71 @@ def test_gsema_warmup_uses_the_update_count():
     torch.testing.assert_close(gsema.teacher[0].weight, 0.5 * before + 0.5 * student[0].weight)
 
 
+@pytest.mark.parametrize("rule", ["dot", "sign"])
+def test_gsema_warmup_never_moves_the_teacher_on_a_conflict(rule):
+    """Defaults (warm-up on, decay_conflict 1.0): a conflicting step leaves the teacher's bits alone, at every step
+    (the cap 1 - 1/(t+1) applies to an update, never turning "no update" into one)."""
+    student = small_net()
+    gsema = GSEMA(student, rule=rule)
+    conflict = stats(-1.0, 1.0) if rule == "dot" else stats(1.0, -1.0)
+    for _ in range(101):
+        perturb(student)
+        before = {k: v.clone() for k, v in gsema.teacher.state_dict().items()}
+        assert gsema.update(conflict).item() == 0.0
+        assert all(torch.equal(before[k], v) for k, v in gsema.teacher.state_dict().items())
+    assert int(gsema.step) == 101 and int(gsema.num_aligned) == 0
+
+
+def test_gsema_warmup_start_counts_like_the_public_code():
+    """warmup_start=1: the first update uses min(0.9, 1 - 1/2) = 0.5, the public code's first alpha."""
+    student = small_net()
+    gsema = GSEMA(student, decay_aligned=0.9, warmup_start=1)
+    perturb(student)
+    before = gsema.teacher[0].weight.clone()
+    gsema.update(stats(1.0, 1.0))
+    torch.testing.assert_close(gsema.teacher[0].weight, 0.5 * before + 0.5 * student[0].weight)
+    assert int(gsema.step) == 1  # the count of updates is not shifted, only the warm-up's step
+    ema = EMA(student, decay=0.9, warmup_start=1)
+    perturb(student)
+    before = ema.module[0].weight.clone()
+    ema.update(student)
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before + 0.5 * student[0].weight)
+
+
+def test_gsema_to_moves_teacher_and_counters():
+    student = small_net()
+    gsema = GSEMA(student, decay_aligned=0.5, warmup=False)
+    gsema.update(stats(1.0, 1.0))
+    assert gsema.to(torch.float64) is gsema
+    assert all(p.dtype == torch.float64 for p in gsema.teacher.parameters())
+    assert gsema.step.dtype == torch.int64 and int(gsema.step) == 1  # counters keep their dtype and values
+    assert gsema.to("cpu") is gsema and gsema.step.device.type == "cpu"
+    perturb(student)
+    before = gsema.teacher[0].weight.clone()
+    gsema.update(stats(1.0, 1.0))  # an fp64 teacher of an fp32 student
+    torch.testing.assert_close(gsema.teacher[0].weight, 0.5 * before + 0.5 * student[0].weight.double())
+    assert int(gsema.step) == 2 and int(gsema.num_aligned) == 2
+
+
+def test_ema_decay_one_is_never_warmed_up_into_a_move():
+    model = small_net()
+    ema = EMA(model, decay=1.0, warmup=True)
+    before = ema.module[0].weight.clone()
+    perturb(model)
+    ema.update(model)
+    ema.update(model, step=5)
+    assert torch.equal(ema.module[0].weight, before)
+
+
 def test_gsema_state_round_trip():
     student = small_net()
-    gsema = GSEMA(student, decay_aligned=0.8, rule="sign")
+    gsema = GSEMA(student, decay_aligned=0.8, rule="sign", warmup_start=1)
     perturb(student)
     gsema.update(stats(1.0, 1.0))
     gsema.update(stats(-1.0, -1.0))
     other = GSEMA(small_net())
     other.load_state_dict(gsema.state_dict())
-    assert other.rule == "sign" and other.decay_aligned == 0.8
+    assert other.rule == "sign" and other.decay_aligned == 0.8 and other.warmup_start == 1
     assert int(other.step) == 2 and int(other.num_aligned) == 1
     assert all(
         torch.equal(a, b)
@@ -90,6 +146,10 @@ def test_gsema_bad_arguments():
         GSEMA(small_net(), decay_aligned=1.2)
     with pytest.raises(ValueError, match="decay_conflict must be a finite number"):
         GSEMA(small_net(), decay_conflict=float("nan"))
+    with pytest.raises(ValueError, match="warmup_start must be a non-negative int, got -1"):
+        GSEMA(small_net(), warmup_start=-1)
+    with pytest.raises(ValueError, match="warmup_start must be a non-negative int, got 1.0"):
+        EMA(small_net(), warmup_start=1.0)
 
 
 @pytest.mark.parametrize("exclude_buffers", [False, True])
@@ -127,3 +187,27 @@ def test_ema_warmup_and_set():
     ema.set(model)
     assert torch.equal(ema.module[0].weight, model[0].weight)
     assert int(ema.num_updates) == 2
+
+
+@pytest.mark.gpu
+def test_updaters_follow_their_models_to_the_gpu():
+    """Built on the CPU, then the models moved (as a trainer moves its modules), or the updater moved with to():
+    the counters follow, and updates run on the GPU."""
+    student = small_net()
+    gsema = GSEMA(student, decay_aligned=0.5, warmup=False)
+    ema = EMA(student, decay=0.5, warmup=True)
+    student.cuda()
+    gsema.teacher.cuda()
+    ema.module.cuda()
+    perturb(student)
+    before = gsema.teacher[0].weight.clone()
+    assert gsema.update(stats(1.0, 1.0).cuda()).item() == 1.0
+    torch.testing.assert_close(gsema.teacher[0].weight, 0.5 * before + 0.5 * student[0].weight)
+    assert gsema.step.is_cuda and gsema.num_aligned.is_cuda and int(gsema.step) == 1
+    ema.update(student)
+    assert ema.num_updates.is_cuda and int(ema.num_updates) == 1
+    assert torch.equal(ema.module[0].weight, student[0].weight)  # warm-up step 0 copies
+    other = GSEMA(small_net()).to("cuda")
+    assert other.step.is_cuda and next(other.teacher.parameters()).is_cuda
+    moved = EMA(small_net()).to("cuda")
+    assert moved.num_updates.is_cuda

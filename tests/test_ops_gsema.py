@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -12,6 +13,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gsema_fast import ops
 from gsema_fast.kernels import _multi_tensor
+from gsema_fast.kernels import bacl as bacl_kernels
+from gsema_fast.kernels import fused_ema as fused_ema_kernels
+from gsema_fast.kernels import grad_stats as grad_stats_kernels
+from gsema_fast.kernels import gsema_update as gsema_update_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -50,6 +55,19 @@ def random_list(shapes, dtype=torch.float32, *, zeros=0.0):
     return out
 
 
+def round_as_stored(values: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """fp32 ``values`` rounded to ``dtype`` the way the path under test stores them.
+
+    Compiled Triton and torch round fp32 -> bf16 to nearest even; Triton's interpreter (the CPU tests) truncates,
+    dropping the low 16 bits. A bf16 result is compared with the rounding its path really does, exactly, rather than
+    with a one-ulp tolerance that would pass either.
+    """
+    values = values.float()
+    if dtype == torch.bfloat16 and backend == "triton" and INTERPRETED:
+        return (values.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return values.to(dtype)
+
+
 def stats64(a, b):
     x = torch.cat([t.reshape(-1).double() for t in a])
     y = torch.cat([t.reshape(-1).double() for t in b])
@@ -67,7 +85,7 @@ def test_grad_stats_matches_float64(backend, sizes, dtype):
     b = random_list(SIZES[sizes], torch.float32, zeros=0.1)
     got = ops.grad_stats(a, b)
     want = stats64(a, b)
-    assert got.dtype == torch.float32 and got.shape == (6,) and got.device == a[0].device
+    assert got.dtype == torch.float64 and got.shape == (6,) and got.device == a[0].device
     scale = torch.tensor([math.sqrt(want[1] * want[2]), want[1], want[2], want[4], 1, 1], dtype=torch.float64)
     err = (got.double().cpu() - want.cpu()).abs() / scale
     assert (err < RTOL[dtype]).all(), (got, want)
@@ -95,11 +113,8 @@ def test_grad_stats_accumulate_into_a(backend, dtype):
     got = ops.grad_stats(a, b, accumulate_into_a=True)
     torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-3)
     for new, old, add in zip(a, before, b, strict=True):
-        if dtype == torch.bfloat16 and INTERPRETED and backend == "triton":
-            # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest even (compiled code rounds).
-            torch.testing.assert_close(new, old + add, rtol=2**-7, atol=0)
-        else:
-            assert torch.equal(new, old + add), "a += b rounds exactly like torch"
+        # The sum of two bf16 values is formed in fp32 (exactly as torch does) and rounded as the path stores it.
+        assert torch.equal(new, round_as_stored(old.float() + add.float(), dtype, backend))
 
 
 def test_grad_stats_sign_counts_and_zeros(backend):
@@ -110,6 +125,59 @@ def test_grad_stats_sign_counts_and_zeros(backend):
     assert got[3].item() == 1.0 - 1.0 + 0.0 + 0.0 + 1.0
     assert got[4].item() == 4 and got[5].item() == 4
     assert ops.grad_stats([torch.zeros(0, device=DEVICE)], [torch.zeros(0, device=DEVICE)]).abs().sum() == 0
+
+
+def test_grad_stats_counts_are_exact_beyond_2_24(backend, monkeypatch):
+    """The counts and the sign agreement are integers: exact past 2**24 (fp32 would give 2**24 for 2**24 + 1)."""
+    # Big chunks keep the interpreter to a few programs; each chunk's fp32 count stays below 2**24, as on a GPU.
+    monkeypatch.setattr(grad_stats_kernels, "BLOCK", 1 << 20)  # Triton's largest block
+    monkeypatch.setattr(grad_stats_kernels, "ITERS", 8)
+    monkeypatch.setattr(grad_stats_kernels, "CHUNK", 1 << 23)
+    n = (1 << 24) + 1
+    a = [torch.ones(n, device=DEVICE)]
+    b = [torch.ones(n, device=DEVICE)]
+    got = ops.grad_stats(a, b).cpu()
+    assert got.dtype == torch.float64
+    assert got[3].item() == n and got[4].item() == n and got[5].item() == n
+
+
+def test_grad_stats_counts_a_nan_as_non_zero(backend):
+    """``count(a != 0)`` counts a NaN (NaN != 0) on both paths; it agrees in sign with nothing."""
+    a = [torch.tensor([1.0, float("nan"), 0.0, -2.0], device=DEVICE)]
+    b = [torch.tensor([1.0, 1.0, 1.0, -1.0], device=DEVICE)]
+    got = ops.grad_stats(a, b).cpu()
+    assert got[4].item() == 3 and got[5].item() == 4
+    assert got[3].item() == 2.0
+    assert math.isnan(got[0].item()) and math.isnan(got[1].item())
+
+
+def test_grad_stats_partial_rows_are_written_whole():
+    """The final reduction loads rows of 8 partial sums; the two padding columns are written (zeros), never read
+    stale."""
+    a, b = random_list([(5000,), (3,)]), random_list([(5000,), (3,)])
+    plan = _multi_tensor.plan_pairs(a, b, grad_stats_kernels.CHUNK)
+    partials = torch.full((plan.num_chunks, 8), float("nan"), device=DEVICE)
+    for group in plan.groups:
+        grad_stats_kernels._grad_stats_kernel[(group.num_chunks,)](
+            group.table,
+            group.num_chunks,
+            partials[group.first_chunk :],
+            A_CODE=group.x_code,
+            B_CODE=group.y_code,
+            ALIGNED=group.aligned,
+            ACCUMULATE=False,
+            BLOCK=grad_stats_kernels.BLOCK,
+            ITERS=grad_stats_kernels.ITERS,
+        )
+    assert torch.isfinite(partials).all() and (partials[:, 6:] == 0).all()
+
+
+def test_grad_cos_never_overflows():
+    # fp16 loss scaling makes squared norms large: their product (1e40) overflows fp32, their roots' product does not.
+    stats = torch.tensor([1e20, 1e20, 1e20, 0.0, 1.0, 1.0], dtype=torch.float32, device=DEVICE)
+    assert ops.grad_cos(stats).item() == pytest.approx(1.0)
+    stats = torch.tensor([-3.0, 4.0, 9.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=DEVICE)
+    assert ops.grad_cos(stats).item() == pytest.approx(-0.5)
 
 
 def test_grad_stats_bad_input():
@@ -189,9 +257,35 @@ def test_gsema_warmup_formula(backend, step, aligned):
     start = teacher[0].clone()
     stats = stats_for(1.0, 1.0) if aligned else stats_for(-1.0, -1.0)
     ops.gsema_update_(teacher, student, stats, decay_aligned=0.99, decay_conflict=1.0, step=step)
-    # The cap applies to whichever decay was chosen: early on a conflict moves the teacher too, ever more slowly.
-    alpha = min(0.99 if aligned else 1.0, 1 - 1 / (step + 1))
+    # The cap applies to an update only: a conflict with decay 1.0 ("no update") stays no update.
+    alpha = 0.99 if aligned else 1.0
+    alpha = min(alpha, 1 - 1 / (step + 1)) if alpha < 1.0 else alpha
     torch.testing.assert_close(teacher[0], alpha * start + (1 - alpha) * student[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [0, 1, 100, "tensor"])
+@pytest.mark.parametrize(("rule", "decays", "stats"), [
+    ("dot", (0.9, 1.0), (-1.0, 1.0)),  # a conflict under the default settings
+    ("sign", (0.9, 1.0), (1.0, -1.0)),
+    ("dot", (1.0, 0.999), (1.0, 1.0)),  # decay_aligned 1.0 means "no update" just as well
+])  # fmt: skip
+def test_warmup_never_turns_no_update_into_one(backend, step, rule, decays, stats):
+    teacher = random_list(SIZES["odd"])
+    student = random_list(SIZES["odd"])
+    bits = [t.clone() for t in teacher]
+    step_arg = torch.tensor(100, device=DEVICE) if step == "tensor" else step
+    ops.gsema_update_(
+        teacher, student, stats_for(*stats), decay_aligned=decays[0], decay_conflict=decays[1], rule=rule, step=step_arg
+    )
+    assert all(torch.equal(new, old) for new, old in zip(teacher, bits, strict=True))
+
+
+def test_warmup_caps_a_conflict_decay_below_one(backend):
+    """The public code's conflict decay 0.999 is an update: the warm-up caps it as any other."""
+    teacher, student = random_list([(33,)]), random_list([(33,)])
+    start = teacher[0].clone()
+    ops.gsema_update_(teacher, student, stats_for(-1.0, -1.0), decay_aligned=0.9, decay_conflict=0.999, step=3)
+    torch.testing.assert_close(teacher[0], 0.75 * start + 0.25 * student[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("sizes", ["odd", "many"])
@@ -247,7 +341,7 @@ def test_gsema_update_bad_input():
         ops.gsema_update_(t, s, good, decay_aligned=0.9, decay_conflict=1.5)
     with pytest.raises(ValueError, match="rule must be one of"):
         ops.gsema_update_(t, s, good, rule="cosine", **kwargs)
-    with pytest.raises(ValueError, match="stats must be a float32 tensor of 6"):
+    with pytest.raises(ValueError, match=r"stats must be a float64 \(or float32\) tensor of 6"):
         ops.gsema_update_(t, s, torch.ones(2, device=DEVICE), **kwargs)
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         ops.gsema_update_(t, s, good, step=-1, **kwargs)
@@ -275,15 +369,79 @@ def test_fused_ema_matches_foreach_lerp(backend, sizes, current_dtype, weight):
         torch.testing.assert_close(got.double(), (1 - w) * e0.double() + w * c.double(), rtol=0, atol=1e-6)
 
 
-def test_fused_ema_low_precision_ema_and_buffers(backend):
-    ema = [torch.randn(100, device=DEVICE).to(torch.bfloat16), torch.tensor(3, device=DEVICE)]
-    current = [torch.randn(100, device=DEVICE).to(torch.bfloat16), torch.tensor(4, device=DEVICE)]
-    want = torch.lerp(ema[0].float(), current[0].float(), 0.25).to(torch.bfloat16)
-    ops.fused_ema_(ema, current, 0.25)
-    # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest even (compiled code rounds).
-    ulp = 2**-7 if INTERPRETED and backend == "triton" else 0
-    torch.testing.assert_close(ema[0], want, rtol=ulp, atol=0)
+def lerp32(ema: torch.Tensor, current: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.lerp's two-sided formula in fp32 for an fp32 ``weight``: ``(separate multiply and add, fused
+    multiply-add)``. Triton's interpreter does the first; compiled code may contract to the second, as torch does."""
+    e, c = ema.float(), current.float()
+    w = torch.tensor(weight, dtype=torch.float32)
+    diff = c - e
+    if weight < 0.5:
+        return e + w * diff, (e.double() + w.double() * diff.double()).float()
+    return c - diff * (1 - w), (c.double() - diff.double() * (1 - w).double()).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight", [0.25, 0.75])
+def test_fused_ema_low_precision_ema_and_buffers(backend, dtype, weight):
+    ema = [torch.randn(3000, device=DEVICE).to(dtype), torch.tensor(3, device=DEVICE)]
+    current = [torch.randn(3000, device=DEVICE).to(dtype), torch.tensor(4, device=DEVICE)]
+    start = ema[0].clone()
+    ops.fused_ema_(ema, current, weight)
     assert ema[1].item() == 4
+    if backend == "torch":
+        want = [start.clone()]
+        torch._foreach_lerp_(want, [current[0]], weight)
+        assert torch.equal(ema[0], want[0])
+        return
+    # fp32 maths, rounded once as this path stores (truncation to bf16 under the interpreter, nearest-even natively).
+    plain, fused = (round_as_stored(v, dtype, backend) for v in lerp32(start, current[0], weight))
+    if INTERPRETED:
+        assert torch.equal(ema[0], plain)
+    else:
+        assert ((ema[0] == plain) | (ema[0] == fused)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight", [0.1, 0.3, 0.7])
+def test_fused_ema_tensor_weight_is_used_in_fp32(backend, dtype, weight):
+    """A 0-dim fp32 weight means what a float weight means: 0.1 stays fp32(0.1) for a bf16 EMA, not
+    bf16(0.1) = 0.10009765625 (which changes about one element in ten)."""
+    ema = [torch.randn(10_000, device=DEVICE).to(dtype)]
+    current = [torch.randn(10_000, device=DEVICE).to(dtype)]
+    w = torch.tensor(weight, dtype=torch.float32, device=DEVICE)
+    want = [ema[0].clone()]
+    if backend == "torch":
+        torch._foreach_lerp_(want, current, float(w))
+    else:  # the float weight's own rounding on this path is checked in test_fused_ema_low_precision_ema_and_buffers
+        ops.fused_ema_(want, current, float(w))
+    ops.fused_ema_(ema, current, w)
+    assert torch.equal(ema[0], want[0])
+
+
+@pytest.mark.parametrize("weight", [0.3, 0.7, "tensor"])
+def test_fused_ema_float64_weight_is_float64(backend, weight):
+    """A float64 EMA takes its weight in fp64, as ``torch._foreach_lerp_`` does (0.3, not fp32's 0.30000001192)."""
+    ema = [torch.randn(5000, dtype=torch.float64, device=DEVICE), torch.randn(7, dtype=torch.float64, device=DEVICE)]
+    current = [torch.randn_like(e) for e in ema]
+    value = 0.3 if weight == "tensor" else weight
+    want = [e.clone() for e in ema]
+    torch._foreach_lerp_(want, current, value)
+    arg = torch.tensor(value, dtype=torch.float64, device=DEVICE) if weight == "tensor" else value
+    ops.fused_ema_(ema, current, arg)
+    for got, ref in zip(ema, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-15, atol=1e-15)
+
+
+def test_fused_ema_accepts_strided_tensors_like_foreach_lerp(backend):
+    ema = [torch.randn(6, 4, device=DEVICE).t(), torch.randn(9, device=DEVICE), torch.randn(5, 3, device=DEVICE)[:, 1]]
+    current = [torch.randn(6, 4, device=DEVICE).t(), torch.randn(9, device=DEVICE).bfloat16()]
+    current.append(torch.randn(5, device=DEVICE))
+    assert not ema[0].is_contiguous() and not ema[2].is_contiguous()
+    want = [e.clone() for e in ema]
+    torch._foreach_lerp_(want, [c.float() for c in current], 0.2)
+    ops.fused_ema_(ema, current, 0.2)
+    for got, ref in zip(ema, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_fused_ema_bad_input():
@@ -313,6 +471,83 @@ def test_averaged_model_multi_avg_fn_matches_torch(backend):
         theirs.update_parameters(model)
     for x, y in zip(ours.module.state_dict().values(), theirs.module.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- devices and CUDA graphs
+
+
+def test_device_guard_makes_the_tensors_cuda_device_current():
+    guard = _multi_tensor.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_multi_tensor.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
+    """Triton launches on the current device's current stream: every launcher makes its tensors' device current
+    (tensors on cuda:1 with cuda:0 current would otherwise run on the wrong device or race its copies)."""
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    seen = []
+
+    def guard(device):
+        seen.append(torch.device(device))
+        return contextlib.nullcontext()
+
+    for module in (grad_stats_kernels, gsema_update_kernels, fused_ema_kernels, bacl_kernels):
+        monkeypatch.setattr(module, "device_guard", guard)
+    a, b = random_list([(5,), (300,)]), random_list([(5,), (300,)])
+    zs = [torch.randn(1, 2, 4, 4, 4, device=DEVICE, requires_grad=i < 2) for i in range(4)]
+    calls = {
+        "grad_stats": lambda: ops.grad_stats(a, b),
+        "gsema_update_": lambda: ops.gsema_update_(a, b, stats_for(1.0, 1.0), decay_aligned=0.9, decay_conflict=1.0),
+        "fused_ema_": lambda: ops.fused_ema_(a, b, 0.5),
+        "bacl_loss": lambda: ops.bacl_loss(*zs).backward(),
+    }
+    for name, call in calls.items():
+        seen.clear()
+        call()
+        assert seen and all(d == a[0].device for d in seen), (name, seen)
+    assert len(seen) == 4  # BACL: a forward and a backward launch per term
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x, y: ops.grad_stats(x, y), r"b\[1\] is on meta"),
+        (lambda x, y: ops.gsema_update_(x, y, stats_for(1, 1), decay_aligned=0.9, decay_conflict=1.0), r"student\[1\]"),
+        (lambda x, y: ops.fused_ema_(x, y, 0.5), r"current\[1\] is on meta"),
+        (lambda x, y: ops.fused_ema_(y, x, 0.5), r"ema\[1\] is on meta"),
+    ],
+)
+def test_lists_spread_over_devices_are_rejected(backend, call, match):
+    xs = [torch.randn(3, device=DEVICE), torch.randn(4, device=DEVICE)]
+    ys = [torch.randn(3, device=DEVICE), torch.randn(4, device="meta")]
+    with pytest.raises(ValueError, match=match):
+        call(xs, ys)
+
+
+def test_launch_tables_are_built_before_a_capture_and_pinned_by_it(monkeypatch):
+    """A CUDA graph replays the table addresses it captured: a table is never built inside a capture (its copy would
+    run only at replay, from a freed host buffer) and one that a capture used is never evicted."""
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    _multi_tensor.clear_cache()
+    capture = [False]
+    monkeypatch.setattr(_multi_tensor, "capturing", lambda device: capture[0])
+    a, b = random_list([(5,), (700,)]), random_list([(5,), (700,)])
+    capture[0] = True
+    with pytest.raises(RuntimeError, match="outside a CUDA graph capture: run the op once"):
+        ops.grad_stats(a, b)
+    capture[0] = False
+    want = ops.grad_stats(a, b)  # the warm-up builds the table
+    table = _multi_tensor.plan_pairs(a, b, grad_stats_kernels.CHUNK).groups[0].table
+    capture[0] = True
+    assert torch.equal(ops.grad_stats(a, b), want)  # the capture finds it, and pins it
+    capture[0] = False
+    for n in range(1, 41):  # more plans than the cache keeps
+        x = random_list([(n,)])
+        ops.grad_stats(x, x)
+    capture[0] = True
+    assert _multi_tensor.plan_pairs(a, b, grad_stats_kernels.CHUNK).groups[0].table is table
+    assert torch.equal(ops.grad_stats(a, b), want)
 
 
 # ------------------------------------------------------------------------------------------------ native GPU
@@ -347,3 +582,53 @@ def test_tail_runs_without_sync_and_in_a_cuda_graph(monkeypatch):
     assert torch.equal(graph_stats, want_stats) and graph_aligned.item() == 1.0
     for x, y in zip(teacher, want_teacher, strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_captured_tail_survives_launch_table_eviction(monkeypatch):
+    """Warm up, capture grad_stats + gsema_update_, push more plans through the cache than it keeps, replay: the
+    graph's tables are still the ones it captured."""
+    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+    _multi_tensor.clear_cache()
+    a, b, teacher, student = (random_list(SIZES["odd"]) for _ in range(4))
+    step = torch.tensor(3, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and build the tables outside the capture
+        ops.gsema_update_(teacher, student, ops.grad_stats(a, b), decay_aligned=0.9, decay_conflict=1.0, step=step)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        graph_stats = ops.grad_stats(a, b)
+        ops.gsema_update_(teacher, student, graph_stats, decay_aligned=0.9, decay_conflict=1.0, step=step)
+    for n in range(1, 41):
+        x = random_list([(n,)])
+        ops.grad_stats(x, x)
+    start = [t.clone() for t in teacher]
+    graph.replay()
+    torch.cuda.synchronize()
+    want = stats64(a, b)
+    torch.testing.assert_close(graph_stats.cpu(), want.cpu(), rtol=1e-5, atol=1e-3)
+    alpha = 0.75 if want[0] > 0 else 1.0  # step 3 caps 0.9 at 0.75; a conflict (decay 1.0) moves nothing
+    for new, old, s in zip(teacher, start, student, strict=True):
+        torch.testing.assert_close(new, alpha * old + (1 - alpha) * s, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_run_on_their_tensors_device_not_the_current_one(monkeypatch):
+    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+    device = torch.device("cuda", 1)
+    a, b, teacher, student = ([t.to(device) for t in random_list(SIZES["odd"])] for _ in range(4))
+    ema = [t.clone() for t in teacher]
+    want_teacher = [t.cpu().lerp(s.cpu(), 0.25) for t, s in zip(teacher, student, strict=True)]
+    with torch.cuda.device(0):
+        stats = ops.grad_stats(a, b)
+        ops.gsema_update_(teacher, student, stats_for(1.0, 1.0).to(device), decay_aligned=0.75, decay_conflict=1.0)
+        ops.fused_ema_(ema, student, 0.25)
+    torch.cuda.synchronize(device)
+    assert stats.device == device
+    torch.testing.assert_close(stats.cpu(), stats64(a, b).cpu(), rtol=1e-5, atol=1e-3)
+    for got, also, want in zip(teacher, ema, want_teacher, strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(also.cpu(), want, rtol=1e-6, atol=1e-6)
