@@ -161,7 +161,7 @@ def _config(root, **extra):
     from gsema_fast.config import load_config
 
     sets = [f"data.root={root}", "model.channels=[4,8,16]", "model.num_res_units=0", "data.patch_size=[16,16,16]",
-            "data.spacing=0.6", "eval.overlap=0.25"]
+            "data.spacing=0.6", "eval.overlap=0.25", "data.val_per_domain=1"]
     return load_config("demo", sets + [f"{k}={v}" for k, v in extra.items()])
 
 
