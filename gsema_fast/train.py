@@ -6,7 +6,8 @@ batches of source patches, the simulated target domain on the device, one teache
 checkpoints. At the end the teacher (the domain-generalised model) is evaluated on the unseen centre.
 
 Run folder (``train.out_dir``): ``config.yaml`` (resolved), ``log.jsonl`` (one record per log interval and per
-validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``.
+validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``; ``tensorboard/`` with
+``train.loggers: [jsonl, tensorboard]``.
 """
 
 from __future__ import annotations
@@ -374,10 +375,13 @@ def restore(state: dict, ctx, scheduler, transform) -> None:
 
 
 class IntervalLog:
-    """Sums the step's device scalars between log records; the host reads them once per interval."""
+    """Sums the step's device scalars between log records; the host reads them once per interval. Records go to
+    ``path`` (JSON lines, None: nowhere) and to each of ``loggers`` (``write(record)``, ``figure(name, png, step)``,
+    ``close()``)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, loggers: list = ()) -> None:
         self.path = path
+        self.loggers = list(loggers)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # some terms (the teacher's) are computed on some steps only
         self.steps = 0
@@ -422,6 +426,26 @@ class IntervalLog:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger.write(record)
+
+    def figure(self, name: str, png: Path, step: int) -> None:
+        for logger in self.loggers:
+            logger.figure(name, png, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_loggers(cfg: Config, run_dir: Path) -> list:
+    """The record sinks besides log.jsonl that ``train.loggers`` asks for."""
+    loggers = []
+    if "tensorboard" in cfg.train.loggers:
+        from gsema_fast.integrations.tensorboard import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+    return loggers
 
 
 def draw_progress(log_path: Path, out_path: Path) -> None:
@@ -500,6 +524,7 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    loggers = build_loggers(cfg, run_dir) if main else []  # before the data: a missing extra fails at once
     if cfg.note:
         log.info("%s", cfg.note)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -565,8 +590,8 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
     else:
         compile_started = None
 
-    log_path = run_dir / "log.jsonl" if main else None
-    interval = IntervalLog(log_path)
+    log_path = run_dir / "log.jsonl" if main and "jsonl" in cfg.train.loggers else None
+    interval = IntervalLog(log_path, loggers)
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -632,6 +657,7 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
         if main:
             if log_path is not None and log_path.exists():
                 draw_progress(log_path, run_dir / "progress.png")
+                interval.figure("progress", run_dir / "progress.png", step)
     bar.close()
     if stopped is not None:
         raise RuntimeError(stopped)
@@ -673,4 +699,5 @@ def _train(cfg: Config, dist_ctx: distributed.Context, *, resume: bool) -> dict:
             )
     if main:
         save_compile_cache(compile_cache)  # now with the evaluation's shapes too
+    interval.close()
     return result
