@@ -258,3 +258,21 @@ def test_gsema_module_trains_under_bf16_autocast():
     fit.fit(module, segmentation_data())
     assert fit.global_step == int(module.gsema.step) == 2
     assert all(torch.isfinite(v) for k, v in fit.callback_metrics.items() if k != "train/grad_cos")
+
+
+@pytest.mark.slow
+def test_the_readmes_gsema_script_runs_as_written(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (script,) = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "(GSEMAModule):" in b]
+    (tmp_path / "script.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as on a user's machine
+    done = subprocess.run(
+        [sys.executable, "script.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'train/aligned_fraction'" in done.stdout and (tmp_path / "teacher.pt").is_file()
