@@ -300,6 +300,63 @@ def _run_bench_step(args) -> int:
 _VERBS.append(_add_bench_step)
 
 
+def _add_nnunet_train(sub) -> None:
+    p = sub.add_parser(
+        "nnunet-train",
+        help="train nnU-Net v2 with GS-EMA (nnUNetTrainerGSEMA; needs gsema-fast[nnunet])",
+        description="nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerGSEMA, with nnU-Net's options; "
+        "the nnUNet_raw, nnUNet_preprocessed and nnUNet_results variables as nnU-Net reads them.",
+    )
+    p.add_argument("dataset", metavar="DATASET", help="dataset id or DatasetXXX_Name (planned and preprocessed)")
+    p.add_argument("configuration", metavar="CONFIGURATION", help="a 3D configuration of the plans, e.g. 3d_fullres")
+    p.add_argument("fold", metavar="FOLD", help="fold number or 'all'")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start student and teacher from")
+    p.add_argument("-device", default="cuda", help="cuda, cpu or mps (default cuda)")
+    p.add_argument("--npz", action="store_true", help="also save the final validation's softmax outputs")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (GS-EMA state included)")
+    p.add_argument("--val", action="store_true", help="only run the final validation (training must have finished)")
+    p.add_argument("--val_best", action="store_true", help="validate checkpoint_best instead of checkpoint_final")
+    p.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="GS-EMA setting: ema.*, loss.*, bacl.*, target_transform.*, train.seed (repeatable)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="nnU-Net's num_epochs (default 1000)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per epoch (default 250)")
+    p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
+    p.set_defaults(run=_run_nnunet_train)
+
+
+def _run_nnunet_train(args) -> int:
+    from gsema_fast.integrations.nnunet import run_training
+
+    run_training(
+        args.dataset,
+        args.configuration,
+        args.fold,
+        plans_identifier=args.plans,
+        pretrained_weights=args.pretrained_weights,
+        export_validation_probabilities=args.npz,
+        continue_training=args.c,
+        only_run_validation=args.val,
+        disable_checkpointing=args.disable_checkpointing,
+        val_with_best=args.val_best,
+        device=args.device,
+        overrides=args.set,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations,
+        val_iterations_per_epoch=args.val_iterations,
+    )
+    return 0
+
+
+_VERBS.append(_add_nnunet_train)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun: only rank 0 reports progress, the others problems

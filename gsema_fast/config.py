@@ -289,6 +289,9 @@ class OptimConfig:
     min_lr: float = 0.0
 
 
+LoggerName = Literal["jsonl", "tensorboard"]
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 100
@@ -311,6 +314,9 @@ class TrainConfig:
     out_dir: str = "runs/gsema"
     # Steps between log records (losses stay on the device in between).
     log_every: int = 10
+    # Where the log records go: jsonl (log.jsonl, from which progress.png is drawn) and/or tensorboard (the folder
+    # tensorboard/ in the run, needs the gsema-fast[tensorboard] extra).
+    loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl"])
     # Consecutive steps with a non-finite loss or gradient after which the run stops.
     max_nonfinite_steps: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -753,6 +759,9 @@ def _validate_optim_train_eval(cfg: Config) -> None:
     _check_min("train.dist_timeout_s", train.dist_timeout_s, 1)
     if not train.out_dir:
         _fail("train.out_dir", train.out_dir, "expected a folder")
+    known_loggers = list(typing.get_args(LoggerName))
+    if any(name not in known_loggers for name in train.loggers) or len(set(train.loggers)) < len(train.loggers):
+        _fail("train.loggers", train.loggers, f"expected each of {known_loggers} at most once")
     if not 0.0 <= evaluation.overlap < 1.0:
         _fail("eval.overlap", evaluation.overlap, "expected a fraction in [0, 1)")
     _check_min("eval.sw_batch_size", evaluation.sw_batch_size, 1)

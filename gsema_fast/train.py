@@ -6,7 +6,8 @@ batches of source patches, the simulated target domain on the device, one teache
 checkpoints. At the end the teacher (the domain-generalised model) is evaluated on the unseen centre.
 
 Run folder (``train.out_dir``): ``config.yaml`` (resolved), ``log.jsonl`` (one record per log interval and per
-validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``. One process at a time
+validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary.json``; ``tensorboard/`` with
+``train.loggers: [jsonl, tensorboard]``. One process at a time
 trains in a folder (``.lock``); a folder that holds a run is continued (``resume``) or replaced (``overwrite``),
 never mixed with another run.
 """
@@ -21,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import threading
@@ -499,6 +501,7 @@ def truncate_log(path: Path, step: int) -> None:
 LOCK_NAME = ".lock"
 # What a run writes into its folder; --overwrite removes these (and only these) of the previous run.
 RUN_FILES = ("config.yaml", "log.jsonl", "progress.png", "summary.json")
+RUN_FOLDERS = ("tensorboard",)
 CHECKPOINT_FILES = ("latest.pt", "best.pt", "final.pt")
 
 
@@ -583,6 +586,10 @@ def clear_run_folder(folder: Path) -> None:
     removed = [p for p in paths if p.is_file()]
     for path in removed:
         path.unlink()
+    for name in RUN_FOLDERS:  # the event files of the previous run would otherwise mix with the new run's
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+            removed.append(folder / name)
     if removed:
         log.info("--overwrite: removed %d file(s) of the previous run in %s", len(removed), folder)
 
@@ -629,10 +636,13 @@ def interrupted(step: int, saved_at: int | None, latest: Path) -> TrainingInterr
 
 
 class IntervalLog:
-    """Sums the step's device scalars between log records; the host reads them once per interval."""
+    """Sums the step's device scalars between log records; the host reads them once per interval. Records go to
+    ``path`` (JSON lines, None: nowhere) and to each of ``loggers`` (``write(record)``, ``figure(name, png, step)``,
+    ``close()``)."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, loggers: list = ()) -> None:
         self.path = path
+        self.loggers = list(loggers)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # some terms (the teacher's) are computed on some steps only
         self.steps = 0
@@ -677,6 +687,27 @@ class IntervalLog:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger.write(record)
+
+    def figure(self, name: str, png: Path, step: int) -> None:
+        for logger in self.loggers:
+            logger.figure(name, png, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_loggers(cfg: Config, run_dir: Path, *, resume_step: int | None = None) -> list:
+    """The record sinks besides log.jsonl that ``train.loggers`` asks for. ``resume_step``: a resumed run, whose
+    earlier records past that step are dropped, as log.jsonl's are."""
+    loggers = []
+    if "tensorboard" in cfg.train.loggers:
+        from gsema_fast.integrations.tensorboard import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(run_dir / "tensorboard", purge_step=resume_step))
+    return loggers
 
 
 def draw_progress(log_path: Path, out_path: Path) -> None:
@@ -837,6 +868,8 @@ def _train(
         if overwrite:
             clear_run_folder(run_dir)
         save_config(cfg, run_dir / "config.yaml")
+    # Once the folder is settled: a resumed run's sinks drop what was logged after its checkpoint.
+    loggers = build_loggers(cfg, run_dir, resume_step=state["step"] if resume else None) if main else []
 
     # The untrained teacher is scored on the unseen centre only after training (see train's docstring).
     initial_teacher = {k: v.detach().cpu().clone() for k, v in ctx.teacher.state_dict().items()}
@@ -866,8 +899,8 @@ def _train(
     else:
         compile_started = None
 
-    log_path = run_dir / "log.jsonl" if main else None
-    interval = IntervalLog(log_path)
+    log_path = run_dir / "log.jsonl" if main and "jsonl" in cfg.train.loggers else None
+    interval = IntervalLog(log_path, loggers)
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -939,6 +972,7 @@ def _train(
         if main:
             if log_path is not None and log_path.exists():
                 draw_progress(log_path, run_dir / "progress.png")
+                interval.figure("progress", run_dir / "progress.png", step)
     bar.close()
     interrupt.disarm()
     if stopped is not None:
@@ -985,4 +1019,5 @@ def _train(
         write_json(summary, run_dir / "summary.json")  # strict JSON: a NaN Dice (no such class) is null
     if main:
         save_compile_cache(compile_cache)  # now with the evaluation's shapes too
+    interval.close()
     return result

@@ -1,0 +1,105 @@
+"""TensorBoard logging (``train.loggers``), read back from the event files with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorboard")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tiny import tiny_run  # noqa: E402
+
+from gsema_fast.config import load_config  # noqa: E402
+from gsema_fast.integrations.tensorboard import TensorBoardLogger  # noqa: E402
+from gsema_fast.train import train  # noqa: E402
+
+
+def read_events(folder) -> EventAccumulator:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def scalar_series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_logger_writes_every_number_of_a_record_under_its_kind(tmp_path):
+    import matplotlib.pyplot as plt
+
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.write({"kind": "train", "step": 3, "epoch": 0, "total": 1.5, "aligned": 0.25, "skipped_steps": 0})
+    logger.write({"kind": "train", "step": 6, "epoch": 1, "total": 1.25, "aligned": 0.75, "skipped_steps": 1})
+    logger.write({"kind": "val", "step": 6, "epoch": 1, "dice": {"vessel": 0.5, "aneurysm": float("nan")}})
+    fig = plt.figure(figsize=(2, 1))
+    fig.savefig(tmp_path / "progress.png", dpi=50)
+    plt.close(fig)
+    logger.figure("progress", tmp_path / "progress.png", 6)
+    logger.close()
+
+    events = read_events(tmp_path / "tb")
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {
+        "train/total",
+        "train/aligned",
+        "train/skipped_steps",
+        "val/dice/vessel",
+        "val/dice/aneurysm",
+    }
+    assert scalar_series(events, "train/total") == [(3, 1.5), (6, 1.25)]
+    assert scalar_series(events, "train/aligned") == [(3, 0.25), (6, 0.75)]
+    assert scalar_series(events, "val/dice/vessel") == [(6, 0.5)]
+    assert np.isnan(scalar_series(events, "val/dice/aneurysm")[0][1])  # kept: "no aneurysm" is not "Dice 0"
+    (image,) = events.Images("progress")
+    assert image.step == 6 and (image.width, image.height) == (100, 50)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from gsema_fast.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
+
+
+def test_training_run_logs_every_record_and_the_progress_figure(phantoms, tmp_path):
+    cfg = load_config(
+        "demo", [*tiny_run(phantoms), f"train.out_dir={tmp_path / 'run'}", "train.loggers=[jsonl,tensorboard]"]
+    )
+    run = train(cfg)["run_dir"]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    events = read_events(run / "tensorboard")
+
+    train_records = [r for r in records if r["kind"] == "train"]
+    for key in ("total", "dce_student_src", "dce_student_trg", "bacl", "aligned", "grad_cos", "lr", "step_time_s"):
+        want = [(r["step"], r[key]) for r in train_records]
+        got = scalar_series(events, f"train/{key}")
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6, err_msg=key)
+    val_records = [r for r in records if r["kind"] == "val"]
+    assert len(val_records) == 2
+    for name in ("vessel", "aneurysm"):
+        got = scalar_series(events, f"val/dice/{name}")
+        assert [s for s, _ in got] == [r["step"] for r in val_records]
+        np.testing.assert_allclose([v for _, v in got], [r["dice"][name] for r in val_records], rtol=1e-6)
+    # progress.png is drawn after every epoch, and each drawing goes to TensorBoard too
+    assert [image.step for image in events.Images("progress")] == [2, 4]
+
+
+def test_tensorboard_alone_writes_no_jsonl(phantoms, tmp_path):
+    cfg = load_config(
+        "demo",
+        [
+            *tiny_run(phantoms),
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.loggers=[tensorboard]",
+            "train.epochs=1",
+            "train.val_every=0",
+        ],
+    )
+    run = train(cfg)["run_dir"]
+    assert not (run / "log.jsonl").exists() and not (run / "progress.png").exists()
+    events = read_events(run / "tensorboard")
+    assert [s for s, _ in scalar_series(events, "train/total")] == [1, 2]
