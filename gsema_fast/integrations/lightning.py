@@ -189,6 +189,11 @@ class _LightningOptimizerStep:
     def step(self):
         return self.lightning_optimizer.step()
 
+    @property
+    def defaults(self) -> dict:
+        # StepContext reads whether the optimizer can skip a step on the device (fused)
+        return self.lightning_optimizer.optimizer.defaults
+
     def __setattr__(self, name: str, value) -> None:
         setattr(self.lightning_optimizer.optimizer, name, value)
 
