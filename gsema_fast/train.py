@@ -877,7 +877,7 @@ def _train(
     if resume:
         restore(state, ctx, scheduler, transform)
         epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
-        best_val, last_val = state["best_val"], state["last_val"]
+        best_val, last_val = state.get("best_val"), state["last_val"]  # older checkpoints have no best_val
         log.info("resumed from %s at epoch %d, step %d", latest, epoch, step)
         if changes:
             apply_settings(ctx, scheduler, cfg)
@@ -963,7 +963,7 @@ def _train(
             log.info("epoch %d: validation Dice (teacher) %s", epoch, {k: round(v, 3) for k, v in val["mean"].items()})
             if score > best_score:  # the same on every rank: the metrics were gathered
                 best_score = extra["best_score"] = score
-                best_val = extra["best_val"] = {**val["mean"], "step": step}
+                best_val = extra["best_val"] = {"step": step, "dice": val["mean"]}
                 save_checkpoint(
                     ckpt_dir / "best.pt", ctx, scheduler, transform, cfg, epoch=epoch, step=step, extra=extra
                 )
@@ -996,9 +996,7 @@ def _train(
         result["test"] = test
         rows = {"untrained teacher, unseen centre": untrained, f"teacher ({chosen}), unseen centre": test["mean"]}
         if best_val:
-            rows["the same teacher, held-out training-centre cases"] = {
-                k: v for k, v in best_val.items() if k != "step"
-            }
+            rows["the same teacher, held-out training-centre cases"] = best_val["dice"]
         table = _format_table(
             f"Dice after {step} steps (ema.mode {cfg.ema.mode}); unseen centre {data.split.test_domain}, "
             f"{len(test['cases'])} cases",

@@ -194,6 +194,7 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
             "data.patch_size=[16,16,16]",
             "data.synth_domains=2",
             "data.synth_cases_per_domain=2",
+            "data.val_per_domain=1",
             "data.synth_size=20",
             "loss.lambda_con=0.3",
         ],
@@ -272,7 +273,7 @@ def test_unseen_centre_is_read_only_after_training_and_scored_like_evaluate(
     assert summary["checkpoint"] == str(result["best"])
     best = torch.load(result["best"], map_location="cpu", weights_only=False)
     assert summary["validation"]["step"] == best["step"]
-    assert summary["validation"]["vessel"] == pytest.approx(best["best_val"]["vessel"])
+    assert summary["validation"]["dice"]["vessel"] == pytest.approx(best["best_val"]["dice"]["vessel"])
     again = evaluate(result["best"], split="test", out_dir=tmp_path / "eval", device="cpu")
     by_case = {r["case"]: r["metrics"] for r in again["metric_per_case"]}
     for case in summary["test"]["cases"]:

@@ -570,7 +570,7 @@ def test_single_domain_run_says_so_and_writes_its_summary(tmp_path, caplog):
     assert re.search(r"no unseen centre: .*dataset\.json has the one domain 0", caplog.text)
     summary = strict_json(run / "summary.json")
     assert summary["test_domain"] is None and summary["test"] is None and summary["steps"] == 4
-    assert set(summary["validation"]) == {"vessel", "aneurysm"}
+    assert set(summary["validation"]["dice"]) == {"vessel", "aneurysm"}
 
 
 def test_summary_is_strict_json_with_nan_as_null(phantoms, tmp_path, caplog, monkeypatch):
