@@ -138,7 +138,8 @@ def _time(fn, device: torch.device, *, steps: int, warmup: int) -> dict:
         _sync(device)
         times.append(time.perf_counter() - started)
     times.sort()
-    quantiles = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    # inclusive: within the measured range (the default extrapolates past it, below zero for two unequal steps)
+    quantiles = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     result = {
         "median_ms": round(statistics.median(times) * 1e3, 2),
         "p20_ms": round(quantiles[0] * 1e3, 2),
