@@ -33,7 +33,14 @@ from gsema_fast.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["collect_latents", "latent_tsne", "plot_case_mips", "plot_dataset_mips", "plot_latent_tsne"]
+__all__ = [
+    "collect_latents",
+    "error_fractions",
+    "latent_tsne",
+    "plot_case_mips",
+    "plot_dataset_mips",
+    "plot_latent_tsne",
+]
 
 # Class colours (RGB) by position among the foreground classes: vessel red, aneurysm yellow, then more.
 _CLASS_COLOURS = [(0.9, 0.15, 0.1), (1.0, 0.85, 0.0), (0.2, 0.6, 1.0), (0.6, 0.3, 0.9)]
@@ -79,6 +86,14 @@ def _foreground(labels: Mapping[str, Any]) -> list[tuple[str, int]]:
             if isinstance(v, (int, np.integer)) and int(v) != 0 and name.lower() != "background"]
 
 
+def error_fractions(pred: np.ndarray, ref: np.ndarray, value: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per ray along ``axis``: the fraction of the voxels of class ``value`` (in the prediction or the reference)
+    that are false positives, and the fraction that are false negatives; 0 where the ray meets neither."""
+    in_pred, in_ref = pred == value, ref == value
+    along_ray = np.maximum((in_pred | in_ref).sum(axis=axis), 1)
+    return (in_pred & ~in_ref).sum(axis=axis) / along_ray, (in_ref & ~in_pred).sum(axis=axis) / along_ray
+
+
 def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine: np.ndarray,
                    labels: Mapping[str, Any], path: str | os.PathLike, *, title: str = "") -> Path:
     """Write a 3 x 3 figure: rows reference / prediction / errors, columns sagittal / coronal / axial MIPs.
@@ -111,11 +126,10 @@ def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine:
                 p_proj = (pred == value).any(axis=axis)
                 r_proj = (ref == value).any(axis=axis)
                 if source == "errors":
-                    in_pred, in_ref = pred == value, ref == value
-                    along_ray = np.maximum((in_pred | in_ref).sum(axis=axis), 1)
                     weight = 0.55 if k == 0 and len(classes) > 1 else 1.0
-                    for mask, err_colour in ((in_pred & ~in_ref, _FP_COLOUR), (in_ref & ~in_pred, _FN_COLOUR)):
-                        strength = (weight * mask.sum(axis=axis) / along_ray)[..., None]
+                    fractions = error_fractions(pred, ref, value, axis)
+                    for fraction, err_colour in zip(fractions, (_FP_COLOUR, _FN_COLOUR), strict=True):
+                        strength = (weight * fraction)[..., None]
                         rgb[:] = (1 - strength) * rgb + strength * err_colour
                 else:
                     shown = r_proj if source == "reference" else p_proj
