@@ -25,8 +25,7 @@ def full(request) -> bool:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, full):
     size = 128 if full else 32
-    return synthesize(tmp_path_factory.mktemp("bench_data") / "ds", domains=4, cases_per_domain=3, size=size,
-                      seed=0)
+    return synthesize(tmp_path_factory.mktemp("bench_data") / "ds", domains=4, cases_per_domain=3, size=size, seed=0)
 
 
 def test_synth_cases_per_second(benchmark, tmp_path, full):
@@ -46,8 +45,15 @@ def test_synth_cases_per_second(benchmark, tmp_path, full):
 
 def test_loader_and_target_transform_patches_per_second(benchmark, dataset, full):
     patch, batch, steps = ((96, 96, 96), 2, 20) if full else ((32, 32, 32), 3, 2)
-    data = build_loaders(dataset, train_domains=[0, 1, 2], test_domain=3, patch_size=patch, batch_size=batch,
-                         steps_per_epoch=steps, num_workers=4 if (full and ON_GPU) else 0)
+    data = build_loaders(
+        dataset,
+        train_domains=[0, 1, 2],
+        test_domain=3,
+        patch_size=patch,
+        batch_size=batch,
+        steps_per_epoch=steps,
+        num_workers=4 if (full and ON_GPU) else 0,
+    )
     T = TargetTransform(seed=0).to(DEVICE)
 
     def epoch():
@@ -74,5 +80,6 @@ def test_target_transform_on_device(benchmark, full, components):
         T = TargetTransform(seed=0, **{n: ({"p": 1.0, "kernels": [3]} if n == "gin" else False) for n in ORDER})
     ms = timed(lambda: T(x, y), warmup=2 if full else 1, iters=10 if full else 1)
     benchmark.pedantic(lambda: T(x, y), rounds=1, iterations=1)
-    benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu", shape=list(x.shape),
-                                ms=round(ms, 3))
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu", shape=list(x.shape), ms=round(ms, 3)
+    )

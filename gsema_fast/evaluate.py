@@ -89,9 +89,17 @@ def _logits_of(net: nn.Module):
     return forward
 
 
-def predict_volume(net: nn.Module, image: torch.Tensor, *, roi_size: Sequence[int] | int, overlap: float = 0.5,
-                   sw_batch_size: int = 2, mode: str = "gaussian", amp_dtype: torch.dtype | None = None,
-                   progress: bool = False) -> torch.Tensor:
+def predict_volume(
+    net: nn.Module,
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int] | int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    mode: str = "gaussian",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Logits ``[B, out_channels, D, H, W]`` (float32) of a whole volume ``image [B, C, D, H, W]``.
 
     MONAI ``sliding_window_inference`` over windows of ``roi_size`` (the training patch size) with ``overlap`` and
@@ -128,8 +136,16 @@ def predict_volume(net: nn.Module, image: torch.Tensor, *, roi_size: Sequence[in
         with torch.no_grad(), autocast:
             # Padding with the image minimum, as training pads small volumes: no signal outside the field of view.
             logits = sliding_window_inference(
-                image, roi, sw_batch_size, _logits_of(net), overlap=overlap, mode=mode, padding_mode="constant",
-                cval=float(image.min()) if image.numel() else 0.0, sw_device=net_device, device=image.device,
+                image,
+                roi,
+                sw_batch_size,
+                _logits_of(net),
+                overlap=overlap,
+                mode=mode,
+                padding_mode="constant",
+                cval=float(image.min()) if image.numel() else 0.0,
+                sw_device=net_device,
+                device=image.device,
                 progress=progress,
             )
     finally:
@@ -147,8 +163,9 @@ def _as_label_array(x: Any, name: str) -> np.ndarray:
     while arr.ndim > 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 3:
-        raise ValueError(f"{name}: expected a 3D label volume (optionally with leading size-1 axes), got shape "
-                         f"{tuple(np.shape(x))}")
+        raise ValueError(
+            f"{name}: expected a 3D label volume (optionally with leading size-1 axes), got shape {tuple(np.shape(x))}"
+        )
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"{name}: expected integer labels, got non-integer values ({arr.dtype})")
@@ -190,13 +207,19 @@ def _hd95(p: np.ndarray, r: np.ndarray, spacing: Sequence[float]) -> float:
     with warnings.catch_warnings():
         # MONAI's own internal call of a deprecated argument; nothing a user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-        hd = compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(r)[None, None],
-                                        include_background=True, percentile=95, spacing=list(spacing))
+        hd = compute_hausdorff_distance(
+            torch.from_numpy(p)[None, None],
+            torch.from_numpy(r)[None, None],
+            include_background=True,
+            percentile=95,
+            spacing=list(spacing),
+        )
     return float(hd[0, 0])
 
 
-def case_metrics(pred: Any, ref: Any, labels: Mapping[str, Any], spacing: Sequence[float] | None = None, *,
-                 hd95: bool = True) -> dict[str, dict[str, float]]:
+def case_metrics(
+    pred: Any, ref: Any, labels: Mapping[str, Any], spacing: Sequence[float] | None = None, *, hd95: bool = True
+) -> dict[str, dict[str, float]]:
     """Per-class metrics of one case: ``{class: {"dice", "sensitivity", "jaccard", "volume_similarity", "hd95",
     "tp", "fp", "fn", "ref_ml", "pred_ml"}}``.
 
@@ -292,8 +315,7 @@ _PREPROCESSING_KEYS = ("spacing", "clip_percentiles", "intensity")
 
 
 # Checkpoint entries that hold training state; everything else is small metadata.
-_STATE_KEYS = ("config", "student", "teacher", "optimizer", "scheduler", "scaler", "updater", "rng",
-               "target_transform")
+_STATE_KEYS = ("config", "student", "teacher", "optimizer", "scheduler", "scaler", "updater", "rng", "target_transform")
 
 
 @dataclasses.dataclass
@@ -318,7 +340,7 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, value in state.items():
         for prefix in ("_orig_mod.", "module."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -339,21 +361,30 @@ def _merge_config(ck_cfg, override, path: Path):
     if override is None:
         return ck_cfg
     mine, theirs = config_to_dict(ck_cfg), config_to_dict(override)
-    conflicts = [f"model.{k}: checkpoint {mine['model'][k]!r}, config {theirs['model'][k]!r}"
-                 for k in mine["model"] if mine["model"][k] != theirs["model"].get(k)]
-    conflicts += [f"data.{k}: checkpoint {mine['data'][k]!r}, config {theirs['data'][k]!r}"
-                  for k in _PREPROCESSING_KEYS if mine["data"][k] != theirs["data"][k]]
+    conflicts = [
+        f"model.{k}: checkpoint {mine['model'][k]!r}, config {theirs['model'][k]!r}"
+        for k in mine["model"]
+        if mine["model"][k] != theirs["model"].get(k)
+    ]
+    conflicts += [
+        f"data.{k}: checkpoint {mine['data'][k]!r}, config {theirs['data'][k]!r}"
+        for k in _PREPROCESSING_KEYS
+        if mine["data"][k] != theirs["data"][k]
+    ]
     if conflicts:
-        raise ValueError(f"checkpoint {path} was trained with other model or preprocessing settings than the given "
-                         f"config; drop --config or make these agree:\n  " + "\n  ".join(conflicts))
+        raise ValueError(
+            f"checkpoint {path} was trained with other model or preprocessing settings than the given "
+            f"config; drop --config or make these agree:\n  " + "\n  ".join(conflicts)
+        )
     merged = dict(mine)
     merged["data"] = theirs["data"]
     merged["eval"] = theirs["eval"]
     return config_from_dict(merged)
 
 
-def load_checkpoint(path: str | os.PathLike, *, weights: str | None = None,
-                    device: str | torch.device | None = None, config=None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | os.PathLike, *, weights: str | None = None, device: str | torch.device | None = None, config=None
+) -> LoadedCheckpoint:
     """Rebuild the ``weights`` network (``teacher`` or ``student``; None: the config's ``eval.weights``, by default
     the teacher, the domain-generalised model) of a trainer checkpoint, on ``device`` (None: CUDA if available).
 
@@ -381,8 +412,10 @@ def load_checkpoint(path: str | os.PathLike, *, weights: str | None = None,
     cfg = _merge_config(cfg, config, path)
     weights = weights or cfg.eval.weights
     if weights not in ck:
-        raise ValueError(f"checkpoint {path}: no {weights!r} weights (keys: {', '.join(map(str, ck))}); it was not "
-                         f"written by gsema-fast train")
+        raise ValueError(
+            f"checkpoint {path}: no {weights!r} weights (keys: {', '.join(map(str, ck))}); it was not "
+            f"written by gsema-fast train"
+        )
     net = build_model(cfg.model)
     state = _strip_wrappers(ck[weights])
     try:
@@ -397,8 +430,17 @@ def load_checkpoint(path: str | os.PathLike, *, weights: str | None = None,
         ) from None
     dev = _resolve_device(device)
     net.to(dev).eval()
-    return LoadedCheckpoint(net, cfg, path, weights, ck.get("step"), ck.get("epoch"), dev, _amp_dtype(cfg, dev),
-                            extra={k: v for k, v in ck.items() if k not in _STATE_KEYS})
+    return LoadedCheckpoint(
+        net,
+        cfg,
+        path,
+        weights,
+        ck.get("step"),
+        ck.get("epoch"),
+        dev,
+        _amp_dtype(cfg, dev),
+        extra={k: v for k, v in ck.items() if k not in _STATE_KEYS},
+    )
 
 
 def _amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
@@ -442,15 +484,23 @@ def _to_original_grid(transform, probs: torch.Tensor, image) -> torch.Tensor:
     return torch.as_tensor(transform.inverse({"image": pred})["image"]).as_subclass(torch.Tensor)
 
 
-def _segment(loaded: LoadedCheckpoint, transform, item: dict, *, overlap: float, sw_batch_size: int,
-             mode: str) -> tuple[torch.Tensor, dict]:
+def _segment(
+    loaded: LoadedCheckpoint, transform, item: dict, *, overlap: float, sw_batch_size: int, mode: str
+) -> tuple[torch.Tensor, dict]:
     """Preprocess one case, run sliding-window inference, and return class probabilities on its original grid."""
     data = _preprocess(transform, item)
     image = data["image"]
     batch = image[None].to(loaded.device)
     cfg = loaded.config
-    logits = predict_volume(loaded.net, batch, roi_size=cfg.data.patch_size, overlap=overlap,
-                            sw_batch_size=sw_batch_size, mode=mode, amp_dtype=loaded.amp_dtype)
+    logits = predict_volume(
+        loaded.net,
+        batch,
+        roi_size=cfg.data.patch_size,
+        overlap=overlap,
+        sw_batch_size=sw_batch_size,
+        mode=mode,
+        amp_dtype=loaded.amp_dtype,
+    )
     probs = torch.softmax(logits[0], dim=0)
     return _to_original_grid(transform, probs, image), data
 
@@ -496,33 +546,52 @@ def _select_cases(man, cfg, *, split: str, domain) -> tuple[list, list[str]]:
         if unknown:
             raise ValueError(f"domain {unknown[0]!r} has no cases in {man.path}; domains present: {man.domains}")
     test_domain = cfg.data.test_domain if cfg.data.test_domain is not None else man.domains[-1]
-    trained_on = ([str(d) for d in cfg.data.train_domains] if cfg.data.train_domains is not None
-                  else [d for d in man.domains if d != str(test_domain)])
+    trained_on = (
+        [str(d) for d in cfg.data.train_domains]
+        if cfg.data.train_domains is not None
+        else [d for d in man.domains if d != str(test_domain)]
+    )
     if split == "all":
         cases = [c for c in man.cases if wanted is None or c.domain in wanted]
     elif split == "val":
         # The trainer holds out validation cases with split_cases(seed=train.seed); the same call finds them again.
-        held_out = split_cases(man, train_domains=trained_on, test_domain=None, val_per_domain=cfg.data.val_per_domain,
-                               seed=cfg.train.seed).val
+        held_out = split_cases(
+            man, train_domains=trained_on, test_domain=None, val_per_domain=cfg.data.val_per_domain, seed=cfg.train.seed
+        ).val
         cases = [c for c in held_out if wanted is None or c.domain in wanted]
     else:
         wanted = wanted or [str(test_domain)]
         seen = [d for d in wanted if d in trained_on]
         if seen:
-            log.warning("domain(s) %s were training domains of this checkpoint: their scores are not those of an "
-                        "unseen centre", ", ".join(seen))
+            log.warning(
+                "domain(s) %s were training domains of this checkpoint: their scores are not those of an unseen centre",
+                ", ".join(seen),
+            )
         cases = [c for c in man.cases if c.domain in wanted]
     if not cases:
         raise ValueError(f"no cases to evaluate in {man.path} (split={split}, domain={domain})")
     return cases, sorted({c.domain for c in cases}, key=man.domains.index)
 
 
-def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *, domain=None,
-             split: str = "test", weights: str | None = None, out_dir: str | os.PathLike | None = None,
-             figures: bool = False, compare: Sequence[str | os.PathLike] = (), config=None,
-             device: str | torch.device | None = None, overlap: float | None = None, sw_batch_size: int | None = None,
-             save_predictions: bool = False, hd95: bool = True, tsne_cases_per_domain: int = 3,
-             tsne_patches_per_case: int = 8) -> dict[str, Any]:
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    *,
+    domain=None,
+    split: str = "test",
+    weights: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    figures: bool = False,
+    compare: Sequence[str | os.PathLike] = (),
+    config=None,
+    device: str | torch.device | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    save_predictions: bool = False,
+    hd95: bool = True,
+    tsne_cases_per_domain: int = 3,
+    tsne_patches_per_case: int = 8,
+) -> dict[str, Any]:
     """Score a checkpoint's network on whole volumes and write ``summary.json`` and ``metrics.csv`` to ``out_dir``.
 
     ``data``: dataset folder (default: the one in the checkpoint's config). ``split``: ``test`` (the cases of
@@ -560,34 +629,61 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
         from gsema_fast import figures as figs
 
         (out / "figures").mkdir(exist_ok=True)
-    transform = preprocess_transforms(labels=man.labels, spacing=cfg.data.spacing,
-                                      clip_percentiles=cfg.data.clip_percentiles, intensity=cfg.data.intensity)
-    log.info("evaluating the %s of %s (step %s) on %d case(s) of domain(s) %s (%s split) on %s", loaded.weights,
-             loaded.path, loaded.step, len(cases), ", ".join(domains), split, loaded.device)
+    transform = preprocess_transforms(
+        labels=man.labels,
+        spacing=cfg.data.spacing,
+        clip_percentiles=cfg.data.clip_percentiles,
+        intensity=cfg.data.intensity,
+    )
+    log.info(
+        "evaluating the %s of %s (step %s) on %d case(s) of domain(s) %s (%s split) on %s",
+        loaded.weights,
+        loaded.path,
+        loaded.step,
+        len(cases),
+        ", ".join(domains),
+        split,
+        loaded.device,
+    )
 
     records = []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=None):
         t0 = time.perf_counter()
         item = {"image": str(case.image), "label": str(case.label), "case": case.name}
-        probs, _ = _segment(loaded, transform, item, overlap=overlap, sw_batch_size=sw_batch_size,
-                            mode=cfg.eval.mode)
+        probs, _ = _segment(loaded, transform, item, overlap=overlap, sw_batch_size=sw_batch_size, mode=cfg.eval.mode)
         pred = probs.argmax(0).numpy().astype(np.uint8)
         ref_img = _load_nifti(case.label)
         ref = np.asarray(ref_img.dataobj).astype(np.int64).reshape(ref_img.shape[:3])
         if pred.shape != ref.shape:
-            raise ValueError(f"case {case.name}: the prediction mapped back to the image grid has shape {pred.shape} "
-                             f"but the label {case.label} has shape {ref.shape}")
+            raise ValueError(
+                f"case {case.name}: the prediction mapped back to the image grid has shape {pred.shape} "
+                f"but the label {case.label} has shape {ref.shape}"
+            )
         spacing = _voxel_spacing(ref_img.affine)
         metrics = case_metrics(pred, ref, man.labels, spacing, hd95=hd95)
-        record = {"case": case.name, "domain": case.domain, "image": case.image, "reference": case.label,
-                  "spacing": spacing, "metrics": metrics, "seconds": time.perf_counter() - t0}
+        record = {
+            "case": case.name,
+            "domain": case.domain,
+            "image": case.image,
+            "reference": case.label,
+            "spacing": spacing,
+            "metrics": metrics,
+            "seconds": time.perf_counter() - t0,
+        }
         if save_predictions:
             record["prediction"] = out / "predictions" / f"{case.name}{man.file_ending}"
             _save_nifti_like(pred, ref_img, record["prediction"])
         if figures:
             image = np.asarray(_load_nifti(case.image).dataobj, dtype=np.float32).reshape(ref.shape)
-            figs.plot_case_mips(image, pred, ref, ref_img.affine, man.labels, out / "figures" / f"{case.name}.png",
-                                title=f"{case.name} (centre {case.domain}), {loaded.weights} of {loaded.path.name}")
+            figs.plot_case_mips(
+                image,
+                pred,
+                ref,
+                ref_img.affine,
+                man.labels,
+                out / "figures" / f"{case.name}.png",
+                title=f"{case.name} (centre {case.domain}), {loaded.weights} of {loaded.path.name}",
+            )
         log.debug("%s: %s", case.name, {c: round(m["dice"], 4) for c, m in metrics.items()})
         records.append(record)
 
@@ -601,8 +697,12 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
         "domains": domains,
         "labels": man.labels,
         "device": str(loaded.device),
-        "inference": {"roi_size": list(cfg.data.patch_size), "overlap": overlap, "sw_batch_size": sw_batch_size,
-                      "mode": cfg.eval.mode},
+        "inference": {
+            "roi_size": list(cfg.data.patch_size),
+            "overlap": overlap,
+            "sw_batch_size": sw_batch_size,
+            "mode": cfg.eval.mode,
+        },
         "conventions": "0/0 metrics are NaN (null here) and skipped by the means; n counts the cases in each mean",
         **summarize(records),
         "metric_per_case": records,
@@ -610,17 +710,34 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike | None = Non
     if figures:
         # The t-SNE is of teacher latents whichever weights were scored.
         first = loaded if loaded.weights == "teacher" else loaded.path
-        figs.latent_tsne([first, *compare], man, out / "figures" / "tsne.png", cases_per_domain=tsne_cases_per_domain,
-                         patches_per_case=tsne_patches_per_case, device=loaded.device, config=config)
+        figs.latent_tsne(
+            [first, *compare],
+            man,
+            out / "figures" / "tsne.png",
+            cases_per_domain=tsne_cases_per_domain,
+            patches_per_case=tsne_patches_per_case,
+            device=loaded.device,
+            config=config,
+        )
     summary["seconds"] = time.perf_counter() - started
     write_json(summary, out / "summary.json")
-    rows = [{"case": r["case"], "domain": r["domain"], "class": name, **m}
-            for r in records for name, m in r["metrics"].items()]
-    write_csv(rows, out / "metrics.csv",
-               ["case", "domain", "class", *METRICS, "tp", "fp", "fn", "ref_ml", "pred_ml"])
+    rows = [
+        {"case": r["case"], "domain": r["domain"], "class": name, **m}
+        for r in records
+        for name, m in r["metrics"].items()
+    ]
+    write_csv(rows, out / "metrics.csv", ["case", "domain", "class", *METRICS, "tp", "fp", "fn", "ref_ml", "pred_ml"])
     for name, m in summary["mean"].items():
-        log.info("%-10s dice %.4f  sens %.4f  jacc %.4f  vs %.4f  hd95 %.2f mm  (n=%d)", name, m["dice"],
-                 m["sensitivity"], m["jaccard"], m["volume_similarity"], m["hd95"], summary["n"][name]["dice"])
+        log.info(
+            "%-10s dice %.4f  sens %.4f  jacc %.4f  vs %.4f  hd95 %.2f mm  (n=%d)",
+            name,
+            m["dice"],
+            m["sensitivity"],
+            m["jaccard"],
+            m["volume_similarity"],
+            m["hd95"],
+            summary["n"][name]["dice"],
+        )
     log.info("wrote %s and %s (%.1f s)", out / "summary.json", out / "metrics.csv", summary["seconds"])
     result = jsonable(summary)
     result["out_dir"] = out
@@ -665,9 +782,19 @@ def _refuse_existing_outputs(out: Path, names: Sequence[str], *, probabilities: 
         )
 
 
-def predict(checkpoint: str | os.PathLike, inputs, output_dir: str | os.PathLike, *, probabilities: bool = False,
-            weights: str | None = None, device: str | torch.device | None = None, overlap: float | None = None,
-            sw_batch_size: int | None = None, config=None, overwrite: bool = False) -> dict[str, Any]:
+def predict(
+    checkpoint: str | os.PathLike,
+    inputs,
+    output_dir: str | os.PathLike,
+    *,
+    probabilities: bool = False,
+    weights: str | None = None,
+    device: str | torch.device | None = None,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    config=None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Segment NIfTI files (a file, a folder of them, or a list) and write ``<case>.nii.gz`` label volumes.
 
     Each output has its input's voxel grid, affine and header (uint8 labels; ``case_0000.nii.gz`` gives
@@ -691,8 +818,9 @@ def predict(checkpoint: str | os.PathLike, inputs, output_dir: str | os.PathLike
     check_writable(out)
     overlap = cfg.eval.overlap if overlap is None else overlap
     sw_batch_size = cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size
-    transform = preprocess_transforms(labels=None, spacing=cfg.data.spacing,
-                                      clip_percentiles=cfg.data.clip_percentiles, intensity=cfg.data.intensity)
+    transform = preprocess_transforms(
+        labels=None, spacing=cfg.data.spacing, clip_percentiles=cfg.data.clip_percentiles, intensity=cfg.data.intensity
+    )
     names = [_case_name(f) for f in files]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -702,20 +830,28 @@ def predict(checkpoint: str | os.PathLike, inputs, output_dir: str | os.PathLike
     log.info("predicting %d file(s) with the %s of %s on %s", len(files), loaded.weights, loaded.path, loaded.device)
     for path, name in tqdm(list(zip(files, names, strict=True)), desc="predict", unit="file", disable=None):
         try:
-            probs, _ = _segment(loaded, transform, {"image": str(path), "case": name}, overlap=overlap,
-                                sw_batch_size=sw_batch_size, mode=cfg.eval.mode)
+            probs, _ = _segment(
+                loaded,
+                transform,
+                {"image": str(path), "case": name},
+                overlap=overlap,
+                sw_batch_size=sw_batch_size,
+                mode=cfg.eval.mode,
+            )
             like = _load_nifti(path)
             grid = tuple(like.shape[:3])
             if tuple(probs.shape[1:]) != grid:
-                raise ValueError(f"the prediction mapped back to the image grid has shape {tuple(probs.shape[1:])}, "
-                                 f"the image {grid}")
+                raise ValueError(
+                    f"the prediction mapped back to the image grid has shape {tuple(probs.shape[1:])}, the image {grid}"
+                )
             target = out / f"{name}.nii.gz"
             _save_nifti_like(probs.argmax(0).numpy().astype(np.uint8), like, target)
             written.append(target)
             if probabilities:
                 target = out / f"{name}_probabilities.nii.gz"
-                _save_nifti_like(np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), like,
-                                 target)
+                _save_nifti_like(
+                    np.ascontiguousarray(probs.permute(1, 2, 3, 0).numpy(), dtype=np.float32), like, target
+                )
                 written.append(target)
         except WriteError:
             raise

@@ -82,8 +82,11 @@ def _window(mip: np.ndarray) -> np.ndarray:
 
 
 def _foreground(labels: Mapping[str, Any]) -> list[tuple[str, int]]:
-    return [(name, int(v)) for name, v in labels.items()
-            if isinstance(v, (int, np.integer)) and int(v) != 0 and name.lower() != "background"]
+    return [
+        (name, int(v))
+        for name, v in labels.items()
+        if isinstance(v, (int, np.integer)) and int(v) != 0 and name.lower() != "background"
+    ]
 
 
 def error_fractions(pred: np.ndarray, ref: np.ndarray, value: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +97,16 @@ def error_fractions(pred: np.ndarray, ref: np.ndarray, value: int, axis: int) ->
     return (in_pred & ~in_ref).sum(axis=axis) / along_ray, (in_ref & ~in_pred).sum(axis=axis) / along_ray
 
 
-def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine: np.ndarray,
-                   labels: Mapping[str, Any], path: str | os.PathLike, *, title: str = "") -> Path:
+def plot_case_mips(
+    image: np.ndarray,
+    pred: np.ndarray,
+    ref: np.ndarray,
+    affine: np.ndarray,
+    labels: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+) -> Path:
     """Write a 3 x 3 figure: rows reference / prediction / errors, columns sagittal / coronal / axial MIPs.
 
     ``image``, ``pred``, ``ref``: arrays on the same voxel grid whose affine is ``affine`` (the image's own grid,
@@ -150,8 +161,13 @@ def plot_case_mips(image: np.ndarray, pred: np.ndarray, ref: np.ndarray, affine:
     return _save(fig, path)
 
 
-def plot_dataset_mips(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], labels: Mapping[str, Any],
-                      path: str | os.PathLike, *, title: str = "") -> Path:
+def plot_dataset_mips(
+    cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    labels: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+) -> Path:
     """Write one row per case: the image's axial and coronal MIPs, then the same with the label overlaid.
 
     ``cases``: ``(caption, image, label, affine)`` per row, each pair on its own grid (any storage orientation,
@@ -191,8 +207,9 @@ def plot_dataset_mips(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndar
 
 
 # ----------------------------------------------------------------------------------------------------- latents
-def _patch_starts(label: torch.Tensor | None, shape: Sequence[int], roi: Sequence[int], count: int,
-                  rng: np.random.Generator) -> list[tuple[int, ...]]:
+def _patch_starts(
+    label: torch.Tensor | None, shape: Sequence[int], roi: Sequence[int], count: int, rng: np.random.Generator
+) -> list[tuple[int, ...]]:
     """Corners of ``count`` windows, centred on random foreground voxels where there are any (the vessels are
     what the network has to represent; a background-only patch says little about a centre's appearance of them)."""
     if label is not None and bool((label > 0).any()):
@@ -200,13 +217,21 @@ def _patch_starts(label: torch.Tensor | None, shape: Sequence[int], roi: Sequenc
     else:
         points = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
     chosen = points[rng.choice(len(points), size=count, replace=len(points) < count)]
-    return [tuple(int(min(max(c - r // 2, 0), s - r)) for c, r, s in zip(centre, roi, shape, strict=True))
-            for centre in chosen]
+    return [
+        tuple(int(min(max(c - r // 2, 0), s - r)) for c, r, s in zip(centre, roi, shape, strict=True))
+        for centre in chosen
+    ]
 
 
-def collect_latents(net: torch.nn.Module, volumes: Iterable[tuple[torch.Tensor, torch.Tensor | None, str]], *,
-                    roi_size: Sequence[int], patches_per_case: int = 8, seed: int = 0,
-                    batch_size: int = 4) -> tuple[np.ndarray, list[str]]:
+def collect_latents(
+    net: torch.nn.Module,
+    volumes: Iterable[tuple[torch.Tensor, torch.Tensor | None, str]],
+    *,
+    roi_size: Sequence[int],
+    patches_per_case: int = 8,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> tuple[np.ndarray, list[str]]:
     """Spatially averaged latents ``[N, C]`` of ``patches_per_case`` windows per volume, and each one's domain.
 
     ``volumes``: ``(image [1, D, H, W], label [1, D, H, W] or None, domain)`` preprocessed as for the network;
@@ -233,11 +258,12 @@ def collect_latents(net: torch.nn.Module, volumes: Iterable[tuple[torch.Tensor, 
             if label is not None:
                 label = torch.as_tensor(label).as_subclass(torch.Tensor)
             starts = _patch_starts(label, shape, roi, patches_per_case, rng)
-            crops = torch.stack([image[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]]
-                                 for s in starts])
+            crops = torch.stack(
+                [image[:, s[0] : s[0] + roi[0], s[1] : s[1] + roi[1], s[2] : s[2] + roi[2]] for s in starts]
+            )
             with torch.no_grad():
                 for i in range(0, len(crops), batch_size):
-                    _, latent = net(crops[i:i + batch_size].to(device))
+                    _, latent = net(crops[i : i + batch_size].to(device))
                     features.append(latent.float().mean(dim=(2, 3, 4)).cpu().numpy())
             domains += [str(domain)] * len(starts)
     finally:
@@ -245,8 +271,13 @@ def collect_latents(net: torch.nn.Module, volumes: Iterable[tuple[torch.Tensor, 
     return np.concatenate(features) if features else np.zeros((0, 0), np.float32), domains
 
 
-def plot_latent_tsne(panels: Mapping[str, tuple[np.ndarray, Sequence[str]]], path: str | os.PathLike, *,
-                     unseen: Sequence[str] = (), seed: int = 0) -> Path:
+def plot_latent_tsne(
+    panels: Mapping[str, tuple[np.ndarray, Sequence[str]]],
+    path: str | os.PathLike,
+    *,
+    unseen: Sequence[str] = (),
+    seed: int = 0,
+) -> Path:
     """One t-SNE panel per entry of ``panels`` (title -> (features [N, C], domain of each row)), coloured by domain;
     ``unseen`` domains are drawn as triangles. Each title gets the domain silhouette of its standardised features."""
     from sklearn.manifold import TSNE
@@ -269,13 +300,29 @@ def plot_latent_tsne(panels: Mapping[str, tuple[np.ndarray, Sequence[str]]], pat
         for k, d in enumerate(all_domains):
             sel = doms == d
             if sel.any():
-                ax.scatter(emb[sel, 0], emb[sel, 1], s=22, color=colours[k % len(colours)], alpha=0.8,
-                           marker="^" if d in unseen else "o", edgecolors="none")
+                ax.scatter(
+                    emb[sel, 0],
+                    emb[sel, 1],
+                    s=22,
+                    color=colours[k % len(colours)],
+                    alpha=0.8,
+                    marker="^" if d in unseen else "o",
+                    edgecolors="none",
+                )
         ax.set_title(f"{title}\ndomain silhouette {score:.3f} (lower: centres overlap more)", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Line2D([], [], linestyle="", marker="^" if d in unseen else "o", color=colours[k % len(colours)],
-                      label=f"centre {d}{' (unseen)' if d in unseen else ''}") for k, d in enumerate(all_domains)]
+    handles = [
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="^" if d in unseen else "o",
+            color=colours[k % len(colours)],
+            label=f"centre {d}{' (unseen)' if d in unseen else ''}",
+        )
+        for k, d in enumerate(all_domains)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle("t-SNE of teacher latents (patch means), coloured by centre")
     return _save(fig, path)
@@ -287,9 +334,18 @@ def _tab10() -> list:
     return list(colormaps["tab10"].colors)
 
 
-def latent_tsne(checkpoints: Sequence[Any], data: Any, path: str | os.PathLike, *, cases_per_domain: int = 3,
-                patches_per_case: int = 8, device: str | torch.device | None = None, config=None,
-                unseen: Sequence[str] | None = None, seed: int = 0) -> Path:
+def latent_tsne(
+    checkpoints: Sequence[Any],
+    data: Any,
+    path: str | os.PathLike,
+    *,
+    cases_per_domain: int = 3,
+    patches_per_case: int = 8,
+    device: str | torch.device | None = None,
+    config=None,
+    unseen: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """t-SNE figure of the teacher latents of ``checkpoints`` (paths or loaded checkpoints, one panel each) on up to
     ``cases_per_domain`` cases of every centre of ``data`` (a dataset folder or a loaded manifest).
 
@@ -303,21 +359,29 @@ def latent_tsne(checkpoints: Sequence[Any], data: Any, path: str | os.PathLike, 
     prepared: dict[tuple, list] = {}
     panels: dict[str, tuple[np.ndarray, list[str]]] = {}
     for entry in checkpoints:
-        loaded = entry if isinstance(entry, LoadedCheckpoint) else load_checkpoint(
-            entry, weights="teacher", device=device, config=config)
+        loaded = (
+            entry
+            if isinstance(entry, LoadedCheckpoint)
+            else load_checkpoint(entry, weights="teacher", device=device, config=config)
+        )
         cfg = loaded.config
         if unseen is None:
             unseen = [str(cfg.data.test_domain) if cfg.data.test_domain is not None else man.domains[-1]]
         key = (tuple(cfg.data.spacing or ()), tuple(cfg.data.clip_percentiles or ()), cfg.data.intensity)
         if key not in prepared:  # checkpoints of one study share their preprocessing: load the volumes once
-            transform = preprocess_transforms(labels=man.labels, spacing=cfg.data.spacing,
-                                              clip_percentiles=cfg.data.clip_percentiles, intensity=cfg.data.intensity)
+            transform = preprocess_transforms(
+                labels=man.labels,
+                spacing=cfg.data.spacing,
+                clip_percentiles=cfg.data.clip_percentiles,
+                intensity=cfg.data.intensity,
+            )
             prepared[key] = []
             for c in chosen:
                 item = _preprocess(transform, {"image": str(c.image), "label": str(c.label), "case": c.name})
                 prepared[key].append((item["image"], item["label"], c.domain))
-        feats, doms = collect_latents(loaded.net, prepared[key], roi_size=cfg.data.patch_size,
-                                      patches_per_case=patches_per_case, seed=seed)
+        feats, doms = collect_latents(
+            loaded.net, prepared[key], roi_size=cfg.data.patch_size, patches_per_case=patches_per_case, seed=seed
+        )
         title = f"{loaded.path.parent.name}/{loaded.path.name}: ema.mode={cfg.ema.mode}"
         while title in panels:
             title += "'"

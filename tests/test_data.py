@@ -34,15 +34,19 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
     """Four centres, three cases each, small enough for a few seconds."""
-    return synthesize(tmp_path_factory.mktemp("synth") / "ds", domains=4, cases_per_domain=3, size=48, seed=0,
-                      workers=1)
+    return synthesize(
+        tmp_path_factory.mktemp("synth") / "ds", domains=4, cases_per_domain=3, size=48, seed=0, workers=1
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- synth
@@ -242,8 +246,10 @@ def test_synth_rejects_bad_arguments(tmp_path):
 
 
 def test_cli_synth(tmp_path):
-    assert cli_main(["synth", "--out", str(tmp_path / "ds"), "--domains", "2", "--cases-per-domain", "1",
-                     "--size", "24"]) == 0
+    assert (
+        cli_main(["synth", "--out", str(tmp_path / "ds"), "--domains", "2", "--cases-per-domain", "1", "--size", "24"])
+        == 0
+    )
     assert len(load_manifest(tmp_path / "ds").cases) == 2
     assert cli_main(["synth", "--out", str(tmp_path / "bad"), "--size", "4"]) == 2
 
@@ -252,8 +258,15 @@ def test_cli_synth(tmp_path):
 
 
 def test_loaders_shapes_balance_and_splits(synth_root):
-    data = build_loaders(synth_root, train_domains=[0, 1, 2], test_domain=3, patch_size=(64, 64, 64),
-                         batch_size=3, steps_per_epoch=3, seed=0)
+    data = build_loaders(
+        synth_root,
+        train_domains=[0, 1, 2],
+        test_domain=3,
+        patch_size=(64, 64, 64),
+        batch_size=3,
+        steps_per_epoch=3,
+        seed=0,
+    )
     assert data.domains == ["0", "1", "2"] and data.num_classes == 3
     assert {c.domain for c in data.split.val} == {"0", "1", "2"} and len(data.split.val) == 3
     assert {c.domain for c in data.split.test} == {"3"} and len(data.split.test) == 3
@@ -279,8 +292,7 @@ def test_loaders_shapes_balance_and_splits(synth_root):
 
 
 def test_loaders_reproducible_per_epoch(synth_root):
-    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(32, 32, 32), batch_size=3, steps_per_epoch=2,
-              seed=4)
+    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(32, 32, 32), batch_size=3, steps_per_epoch=2, seed=4)
     a = build_loaders(synth_root, **kw)
     b = build_loaders(synth_root, **kw)
     a.set_epoch(2)
@@ -316,9 +328,14 @@ def test_resampling_to_a_spacing_and_back(synth_root):
 
 def test_class_ratios_oversample_aneurysms(synth_root):
     kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(16, 16, 16), batch_size=3, steps_per_epoch=4)
-    has_aneurysm = {c.name: e["aneurysms"] > 0 for c, e in zip(
-        load_manifest(synth_root).cases, json.loads((synth_root / "dataset.json").read_text())["training"],
-        strict=True)}
+    has_aneurysm = {
+        c.name: e["aneurysms"] > 0
+        for c, e in zip(
+            load_manifest(synth_root).cases,
+            json.loads((synth_root / "dataset.json").read_text())["training"],
+            strict=True,
+        )
+    }
     for b in build_loaders(synth_root, class_ratios=(0, 0, 1), **kw).train:
         for case, label in zip(b["case"], b["label"], strict=True):
             # cases without an aneurysm fall back to the classes they have instead of failing
@@ -328,8 +345,15 @@ def test_class_ratios_oversample_aneurysms(synth_root):
 
 
 def test_disk_cache_is_written_atomically_and_survives_corruption(synth_root, tmp_path, caplog):
-    kw = dict(train_domains=[0, 1], test_domain=None, patch_size=(32, 32, 32), batch_size=2, steps_per_epoch=2,
-              cache_dir=tmp_path / "cache", seed=0)
+    kw = dict(
+        train_domains=[0, 1],
+        test_domain=None,
+        patch_size=(32, 32, 32),
+        batch_size=2,
+        steps_per_epoch=2,
+        cache_dir=tmp_path / "cache",
+        seed=0,
+    )
     first = [b["image"] for b in build_loaders(synth_root, **kw).train]
     files = sorted((tmp_path / "cache").iterdir())
     assert files and all(f.suffix == ".pt" and not f.name.startswith(".") for f in files)
@@ -356,8 +380,7 @@ def _raw_dataset(root: Path, cases: dict[str, str], *, label_value: int = 1, siz
         affine = np.diag([0.5, 0.5, 0.5, 1.0])
         nib.save(nib.Nifti1Image(img, affine), root / "imagesTr" / f"{name}_0000.nii.gz")
         nib.save(nib.Nifti1Image(lab, affine), root / "labelsTr" / f"{name}.nii.gz")
-    meta = {"channel_names": {"0": "3DRA"}, "labels": dict(LABELS), "numTraining": len(cases),
-            "file_ending": ".nii.gz"}
+    meta = {"channel_names": {"0": "3DRA"}, "labels": dict(LABELS), "numTraining": len(cases), "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -372,8 +395,15 @@ def test_nnunet_raw_with_csv_or_json_domain_map(tmp_path):
     for m in ("map.csv", "map.json"):
         man = load_manifest(root, tmp_path / m)
         assert man.domains == ["north", "south"] and len(man.cases) == 4
-    data = build_loaders(root, manifest=tmp_path / "map.csv", train_domains=["north"], test_domain="south",
-                         patch_size=(32, 32, 32), batch_size=1, val_per_domain=1)
+    data = build_loaders(
+        root,
+        manifest=tmp_path / "map.csv",
+        train_domains=["north"],
+        test_domain="south",
+        patch_size=(32, 32, 32),
+        batch_size=1,
+        val_per_domain=1,
+    )
     b = next(iter(data.train))
     assert b["image"].shape == (1, 1, 32, 32, 32)  # 20^3 volume padded
     with pytest.raises(ValueError, match="gives no 'domain'"):
@@ -400,13 +430,15 @@ def test_missing_and_unreadable_files(tmp_path):
 def test_shape_and_affine_mismatch(tmp_path):
     (tmp_path / "map.json").write_text(json.dumps(CASES))
     root = _raw_dataset(tmp_path / "a", CASES)
-    nib.save(nib.Nifti1Image(np.zeros((20, 20, 19), np.uint8), np.diag([0.5, 0.5, 0.5, 1])),
-             root / "labelsTr" / "p1.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.zeros((20, 20, 19), np.uint8), np.diag([0.5, 0.5, 0.5, 1])), root / "labelsTr" / "p1.nii.gz"
+    )
     with pytest.raises(ValueError, match=r"case p1: label .*p1\.nii\.gz has shape \(20, 20, 19\)"):
         load_manifest(root, tmp_path / "map.json")
     root = _raw_dataset(tmp_path / "b", CASES)
-    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.diag([0.6, 0.5, 0.5, 1])),
-             root / "labelsTr" / "p4.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.diag([0.6, 0.5, 0.5, 1])), root / "labelsTr" / "p4.nii.gz"
+    )
     with pytest.raises(ValueError, match="case p4: label .* different affines"):
         load_manifest(root, tmp_path / "map.json")
 
@@ -415,10 +447,11 @@ def test_shape_and_affine_mismatch(tmp_path):
 def test_bad_voxels_name_the_case(tmp_path, cache):
     (tmp_path / "map.json").write_text(json.dumps(CASES))
     root = _raw_dataset(tmp_path / "a", CASES)
-    nib.save(nib.Nifti1Image(np.full((20, 20, 20), 5, np.uint8), np.diag([0.5, 0.5, 0.5, 1])),
-             root / "labelsTr" / "p3.nii.gz")
-    kw = dict(manifest=tmp_path / "map.json", patch_size=(16, 16, 16), batch_size=1, val_per_domain=0,
-              cache=cache)
+    nib.save(
+        nib.Nifti1Image(np.full((20, 20, 20), 5, np.uint8), np.diag([0.5, 0.5, 0.5, 1])),
+        root / "labelsTr" / "p3.nii.gz",
+    )
+    kw = dict(manifest=tmp_path / "map.json", patch_size=(16, 16, 16), batch_size=1, val_per_domain=0, cache=cache)
     with pytest.raises(ValueError, match=r"case p3: label .*p3\.nii\.gz holds values \[5\] outside the label map"):
         list(build_loaders(root, **kw).train)
     root = _raw_dataset(tmp_path / "b", CASES)

@@ -35,8 +35,9 @@ def test_metrics_agree_with_monai_on_random_masks(seed):
     yp, y = _onehot(pred), _onehot(ref)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(yp, y)[0]
     iou = MeanIoU(include_background=False, reduction="none", ignore_empty=False)(yp, y)[0]
-    sens_metric = ConfusionMatrixMetric(include_background=False, metric_name="sensitivity", reduction="none",
-                                        compute_sample=True)
+    sens_metric = ConfusionMatrixMetric(
+        include_background=False, metric_name="sensitivity", reduction="none", compute_sample=True
+    )
     sens_metric(yp, y)
     sens = sens_metric.aggregate()[0][0]
     hd = compute_hausdorff_distance(yp, y, include_background=False, percentile=95, spacing=list(spacing))[0]
@@ -160,8 +161,15 @@ def dataset(tmp_path_factory):
 def _config(root, **extra):
     from gsema_fast.config import load_config
 
-    sets = [f"data.root={root}", "model.channels=[4,8,16]", "model.num_res_units=0", "data.patch_size=[16,16,16]",
-            "data.spacing=0.6", "eval.overlap=0.25", "data.val_per_domain=1"]
+    sets = [
+        f"data.root={root}",
+        "model.channels=[4,8,16]",
+        "model.num_res_units=0",
+        "data.patch_size=[16,16,16]",
+        "data.spacing=0.6",
+        "eval.overlap=0.25",
+        "data.val_per_domain=1",
+    ]
     return load_config("demo", sets + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -170,8 +178,9 @@ def _save_checkpoint(path, cfg, net=None):
 
     net = net or build_model(cfg.model)
     teacher = {k: v + 0.01 if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    torch.save({"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": teacher, "step": 7,
-                "epoch": 1}, path)
+    torch.save(
+        {"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": teacher, "step": 7, "epoch": 1}, path
+    )
     return path
 
 
@@ -296,8 +305,16 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
     from gsema_fast.evaluate import evaluate
 
     out = tmp_path / "eval"
-    summary = evaluate(checkpoint, out_dir=out, save_predictions=True, figures=True, compare=[checkpoint],
-                       device="cpu", tsne_cases_per_domain=2, tsne_patches_per_case=3)
+    summary = evaluate(
+        checkpoint,
+        out_dir=out,
+        save_predictions=True,
+        figures=True,
+        compare=[checkpoint],
+        device="cpu",
+        tsne_cases_per_domain=2,
+        tsne_patches_per_case=3,
+    )
     assert summary["domains"] == ["1"] and summary["split"] == "test" and summary["weights"] == "teacher"
     on_disk = json.loads((out / "summary.json").read_text())
     assert [c["case"] for c in on_disk["metric_per_case"]] == ["B_000", "B_001"]
@@ -320,8 +337,14 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
         evaluate(checkpoint, domain="7", out_dir=tmp_path / "x", device="cpu")
     # A checkpoint of a run on the built-in phantoms names no folder: evaluation finds the same built-in dataset
     # (here the fixture's, whose settings match), or takes the one given.
-    builtin = {"data.root": "null", "data.synth_dir": str(dataset), "data.synth_domains": 2,
-               "data.synth_cases_per_domain": 2, "data.synth_size": 20, "data.synth_seed": 0}
+    builtin = {
+        "data.root": "null",
+        "data.synth_dir": str(dataset),
+        "data.synth_domains": 2,
+        "data.synth_cases_per_domain": 2,
+        "data.synth_size": 20,
+        "data.synth_seed": 0,
+    }
     no_root = _save_checkpoint(tmp_path / "noroot.pt", _config(dataset, **builtin))
     found = evaluate(no_root, out_dir=tmp_path / "z", device="cpu", hd95=False)
     assert found["domains"] == ["1"] and [c["case"] for c in found["metric_per_case"]] == ["B_000", "B_001"]
@@ -331,11 +354,40 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
 def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
     from gsema_fast.cli import main
 
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e"), "--device", "cpu",
-                 "--domain", "0", "--no-hd95"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "e"),
+                "--device",
+                "cpu",
+                "--domain",
+                "0",
+                "--no-hd95",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "e" / "summary.json").is_file()
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     image = next((dataset / "imagesTr").glob("A_*"))
-    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output",
-                 str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(image),
+                "--output",
+                str(tmp_path / "p"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "p" / image.name.replace("_0000", "")).is_file()

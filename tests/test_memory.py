@@ -34,4 +34,3 @@ def second_round_faults(mode: str) -> int:
 def test_freed_blocks_are_reused_without_page_faults():
     off, on = second_round_faults("off"), second_round_faults("on")
     assert on * 10 < off, (on, off)  # off: the kernel maps and zeroes every page of the second block afresh
-

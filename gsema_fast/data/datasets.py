@@ -133,15 +133,20 @@ def _check_headers(case: Case) -> None:
     if "label" in headers:
         label = headers["label"]
         if tuple(label.shape[:3]) != tuple(image.shape[:3]):
-            raise ValueError(f"case {case.name}: label {case.label} has shape {tuple(label.shape)} but image "
-                             f"{case.image} has shape {tuple(image.shape)}")
+            raise ValueError(
+                f"case {case.name}: label {case.label} has shape {tuple(label.shape)} but image "
+                f"{case.image} has shape {tuple(image.shape)}"
+            )
         if not np.allclose(label.affine, image.affine, rtol=1e-4, atol=1e-3):
-            raise ValueError(f"case {case.name}: label {case.label} and image {case.image} have different affines "
-                             f"(voxel grids):\n{label.affine}\nvs\n{image.affine}")
+            raise ValueError(
+                f"case {case.name}: label {case.label} and image {case.image} have different affines "
+                f"(voxel grids):\n{label.affine}\nvs\n{image.affine}"
+            )
 
 
-def load_manifest(root: str | os.PathLike, manifest: str | os.PathLike | None = None, *,
-                  check: bool = True) -> Manifest:
+def load_manifest(
+    root: str | os.PathLike, manifest: str | os.PathLike | None = None, *, check: bool = True
+) -> Manifest:
     """Read a dataset: ``root`` is its folder (or its ``dataset.json``).
 
     ``manifest``: another ``dataset.json`` to use instead of ``root/dataset.json``, or a case-to-domain map
@@ -205,8 +210,13 @@ def load_manifest(root: str | os.PathLike, manifest: str | os.PathLike | None = 
     if domain_map is not None:
         unknown = sorted(set(domain_map) - {c.name for c in cases})
         if unknown:
-            log.warning("domain map %s names %d case(s) not in %s, e.g. %s", domain_map_path, len(unknown), json_path,
-                        unknown[:3])
+            log.warning(
+                "domain map %s names %d case(s) not in %s, e.g. %s",
+                domain_map_path,
+                len(unknown),
+                json_path,
+                unknown[:3],
+            )
     if check:
         for c in cases:
             for kind, path in (("image", c.image), ("label", c.label)):
@@ -227,8 +237,14 @@ class Split:
     test_domain: str | None
 
 
-def split_cases(manifest: Manifest, *, train_domains: Sequence | None = None, test_domain=None,
-                val_per_domain: int = 1, seed: int = 0) -> Split:
+def split_cases(
+    manifest: Manifest,
+    *,
+    train_domains: Sequence | None = None,
+    test_domain=None,
+    val_per_domain: int = 1,
+    seed: int = 0,
+) -> Split:
     """Split by domain: ``test_domain``'s cases are the test set; of each training domain, ``val_per_domain``
     cases (chosen from ``seed``) are held out for validation. ``train_domains`` defaults to every other domain."""
     present = manifest.domains
@@ -248,8 +264,10 @@ def split_cases(manifest: Manifest, *, train_domains: Sequence | None = None, te
     for d in train:
         cases = manifest.cases_of(d)
         if len(cases) <= val_per_domain:
-            raise ValueError(f"domain {d!r} has {len(cases)} case(s) in {manifest.path}: too few to hold out "
-                             f"{val_per_domain} for validation and still train on it")
+            raise ValueError(
+                f"domain {d!r} has {len(cases)} case(s) in {manifest.path}: too few to hold out "
+                f"{val_per_domain} for validation and still train on it"
+            )
         order = rng.permutation(len(cases))
         va += [cases[i] for i in sorted(order[:val_per_domain])]
         tr += [cases[i] for i in sorted(order[val_per_domain:])]
@@ -267,8 +285,7 @@ class _LoadCase(Transform):
     """
 
     def __init__(self, label_values: Sequence[int] | None):
-        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True,
-                                dtype=np.float32)
+        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
         self.label_values = None if label_values is None else np.asarray(sorted(label_values), np.float32)
 
     def _read(self, case: str, kind: str, path) -> torch.Tensor:
@@ -295,16 +312,20 @@ class _LoadCase(Transform):
         if self.label_values is not None and d.get("label") is not None:
             label = self._read(case, "label", d["label"])
             if label.shape != image.shape:
-                raise ValueError(f"case {case}: label {d['label']} has shape {tuple(label.shape[1:])} but image "
-                                 f"{d['image']} has shape {tuple(image.shape[1:])}")
+                raise ValueError(
+                    f"case {case}: label {d['label']} has shape {tuple(label.shape[1:])} but image "
+                    f"{d['image']} has shape {tuple(image.shape[1:])}"
+                )
             if not np.allclose(label.affine.numpy(), image.affine.numpy(), rtol=1e-4, atol=1e-3):
                 raise ValueError(f"case {case}: label {d['label']} and image {d['image']} have different affines")
             values = torch.unique(label).numpy()
             bad = values[~np.isin(values, self.label_values)]
             if bad.size:
                 shown = [int(v) if float(v).is_integer() else float(v) for v in bad[:8]]
-                raise ValueError(f"case {case}: label {d['label']} holds values {shown} outside the label map "
-                                 f"{self.label_values.astype(int).tolist()}")
+                raise ValueError(
+                    f"case {case}: label {d['label']} holds values {shown} outside the label map "
+                    f"{self.label_values.astype(int).tolist()}"
+                )
             d["label"] = label.to(torch.uint8)
         d["image"] = image
         return d
@@ -363,9 +384,13 @@ class _TrainItem(Transform):
         }
 
 
-def preprocess_transforms(*, labels: Mapping[str, int] | None = None, spacing: Sequence[float] | None = None,
-                          clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-                          intensity: str = "zscore") -> Compose:
+def preprocess_transforms(
+    *,
+    labels: Mapping[str, int] | None = None,
+    spacing: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = (0.5, 99.5),
+    intensity: str = "zscore",
+) -> Compose:
     """Deterministic preprocessing of ``{"image": path, "label": path, "case": name}`` items (label optional):
     load and check, orient to RAS, resample to ``spacing`` (mm, None keeps each image's grid), clip intensities to
     the per-image percentiles and normalise (``zscore`` | ``minmax`` | ``none``). Invertible with MONAI ``Invertd``
@@ -374,13 +399,18 @@ def preprocess_transforms(*, labels: Mapping[str, int] | None = None, spacing: S
         raise ValueError(f"intensity={intensity!r}: expected one of {INTENSITY_MODES}")
     keys = ["image", "label"] if labels is not None else ["image"]
     modes = ["bilinear", "nearest"][: len(keys)]
-    xforms: list = [_LoadCase(None if labels is None else labels.values()),
-                    Orientationd(keys=keys, axcodes="RAS", labels=None, allow_missing_keys=True)]
+    xforms: list = [
+        _LoadCase(None if labels is None else labels.values()),
+        Orientationd(keys=keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+    ]
     if spacing is not None:
         if len(spacing) != 3 or min(spacing) <= 0:
             raise ValueError(f"spacing={spacing}: expected three positive voxel sizes in mm")
-        xforms.append(Spacingd(keys=keys, pixdim=[float(s) for s in spacing], mode=modes, dtype=np.float32,
-                               allow_missing_keys=True))
+        xforms.append(
+            Spacingd(
+                keys=keys, pixdim=[float(s) for s in spacing], mode=modes, dtype=np.float32, allow_missing_keys=True
+            )
+        )
         if labels is not None:  # resampling computes in float; labels go back to their compact type
             xforms.append(CastToTyped(keys="label", dtype=torch.uint8))
     if clip_percentiles is not None:
@@ -485,8 +515,12 @@ def _items(cases: Sequence[Case], domain_index: Mapping[str, int] | None = None)
         # size and modification time: a changed file misses the disk cache instead of reading stale data
         stats = [p.stat() for p in (c.image, c.label) if p is not None and p.exists()]
         stamp = "-".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats)
-        item = {"image": str(c.image), "case": c.name, "stamp": stamp,
-                "domain": domain_index[c.domain] if domain_index is not None else c.domain}
+        item = {
+            "image": str(c.image),
+            "case": c.name,
+            "stamp": stamp,
+            "domain": domain_index[c.domain] if domain_index is not None else c.domain,
+        }
         if c.label is not None:
             item["label"] = str(c.label)
         items.append(item)
@@ -501,21 +535,30 @@ def _dataset(items: list[dict], transform: Compose, *, cache: bool, cache_dir, f
         path.mkdir(parents=True, exist_ok=True)
         return _AtomicPersistentDataset(items, transform, path, fingerprint)
     workers = max(1, min(4, os.cpu_count() or 1))
-    return _CheckedCacheDataset(items, transform, num_workers=workers, copy_cache=False,
-                                progress=log.isEnabledFor(logging.INFO))
+    return _CheckedCacheDataset(
+        items, transform, num_workers=workers, copy_cache=False, progress=log.isEnabledFor(logging.INFO)
+    )
 
 
-def volume_loader(cases: Sequence[Case], *, labels: Mapping[str, int] | None = None,
-                  spacing: Sequence[float] | None = None, clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-                  intensity: str = "zscore", cache: bool = True, num_workers: int = 0) -> DataLoader:
+def volume_loader(
+    cases: Sequence[Case],
+    *,
+    labels: Mapping[str, int] | None = None,
+    spacing: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = (0.5, 99.5),
+    intensity: str = "zscore",
+    cache: bool = True,
+    num_workers: int = 0,
+) -> DataLoader:
     """Whole preprocessed volumes, one per batch, for validation, evaluation and prediction.
 
     Items: ``image`` MetaTensor [1, 1, D, H, W] (float32, affine and applied transforms attached), ``label``
     [1, 1, D, H, W] uint8 when ``labels`` is given, ``case`` and ``domain`` (lists of one name). ``cache`` keeps
     the preprocessed volumes in memory after their first load (loading then happens in this process).
     """
-    transform = preprocess_transforms(labels=labels, spacing=spacing, clip_percentiles=clip_percentiles,
-                                      intensity=intensity)
+    transform = preprocess_transforms(
+        labels=labels, spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity
+    )
     items = _items(cases)
     if labels is None:
         for it in items:
@@ -538,8 +581,16 @@ class DomainBalancedSampler(torch.utils.data.Sampler):
     would. Within a global batch no case repeats while its domain has unused cases (a domain's next pick skips the
     cases the batch already holds), so ranks never train on the same case in one step."""
 
-    def __init__(self, domains: Sequence[int], num_samples: int, seed: int = 0, *, batch_size: int = 1,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        domains: Sequence[int],
+        num_samples: int,
+        seed: int = 0,
+        *,
+        batch_size: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank={rank}: expected 0 <= rank < num_replicas={num_replicas}")
         self.by_domain = [np.flatnonzero(np.asarray(domains) == d) for d in sorted(set(domains))]
@@ -582,8 +633,11 @@ class DomainBalancedSampler(torch.utils.data.Sampler):
                 in_batch.add(index)
                 order.append(index)
         order = order[:total]
-        mine = [i for g in range(0, total, global_batch)
-                for i in order[g + self.rank * self.batch_size: g + (self.rank + 1) * self.batch_size]]
+        mine = [
+            i
+            for g in range(0, total, global_batch)
+            for i in order[g + self.rank * self.batch_size : g + (self.rank + 1) * self.batch_size]
+        ]
         return iter(mine)
 
 
@@ -628,14 +682,28 @@ class Loaders:
         self._generator.manual_seed(s)
 
 
-def build_loaders(root: str | os.PathLike, *, manifest: str | os.PathLike | None = None,
-                  train_domains: Sequence | None = None, test_domain=None,
-                  patch_size: Sequence[int] = (96, 96, 96), spacing: Sequence[float] | None = None,
-                  batch_size: int = 2, samples_per_volume: int = 1,
-                  class_ratios: Sequence[float] | None = None, clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-                  intensity: str = "zscore", val_per_domain: int = 1, steps_per_epoch: int | None = None,
-                  cache: bool = True, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
-                  seed: int = 0, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loaders(
+    root: str | os.PathLike,
+    *,
+    manifest: str | os.PathLike | None = None,
+    train_domains: Sequence | None = None,
+    test_domain=None,
+    patch_size: Sequence[int] = (96, 96, 96),
+    spacing: Sequence[float] | None = None,
+    batch_size: int = 2,
+    samples_per_volume: int = 1,
+    class_ratios: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = (0.5, 99.5),
+    intensity: str = "zscore",
+    val_per_domain: int = 1,
+    steps_per_epoch: int | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Loaders:
     """Training patches balanced over the source domains, plus validation and unseen-domain test volumes.
 
     ``root``/``manifest``: see :func:`load_manifest`. Domains: see :func:`split_cases`. Each training item is a
@@ -656,32 +724,50 @@ def build_loaders(root: str | os.PathLike, *, manifest: str | os.PathLike | None
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
     man = load_manifest(root, manifest)
-    split = split_cases(man, train_domains=train_domains, test_domain=test_domain, val_per_domain=val_per_domain,
-                        seed=seed)
+    split = split_cases(
+        man, train_domains=train_domains, test_domain=test_domain, val_per_domain=val_per_domain, seed=seed
+    )
     patch = [int(p) for p in patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ValueError(f"patch_size={list(patch_size)}: expected three positive sizes")
     if batch_size < 1 or samples_per_volume < 1 or batch_size % samples_per_volume:
-        raise ValueError(f"batch_size={batch_size}, samples_per_volume={samples_per_volume}: the batch must hold a "
-                         f"whole number of volumes' samples")
+        raise ValueError(
+            f"batch_size={batch_size}, samples_per_volume={samples_per_volume}: the batch must hold a "
+            f"whole number of volumes' samples"
+        )
     ratios = [1.0] * man.num_classes if class_ratios is None else [float(r) for r in class_ratios]
     if len(ratios) != man.num_classes or min(ratios) < 0 or sum(ratios) <= 0:
-        raise ValueError(f"class_ratios={class_ratios}: expected {man.num_classes} non-negative weights, one per "
-                         f"label value, not all zero")
+        raise ValueError(
+            f"class_ratios={class_ratios}: expected {man.num_classes} non-negative weights, one per "
+            f"label value, not all zero"
+        )
 
-    pre = preprocess_transforms(labels=man.labels, spacing=spacing, clip_percentiles=clip_percentiles,
-                                intensity=intensity)
-    train_xform = Compose([
-        *pre.transforms,
-        _PadToPatch(patch),
-        ClassesToIndicesd(keys="label", num_classes=man.num_classes, max_samples_per_class=_MAX_INDICES),
-        _CropByClass(keys=["image", "label"], label_key="label", spatial_size=patch, ratios=ratios,
-                     num_classes=man.num_classes, num_samples=samples_per_volume, indices_key="label_cls_indices",
-                     warn=False),
-        _TrainItem(),
-    ])
-    fingerprint = hashlib.sha1(json.dumps([spacing and list(spacing), clip_percentiles and list(clip_percentiles),
-                                           intensity, patch, man.labels]).encode()).hexdigest()[:16]
+    pre = preprocess_transforms(
+        labels=man.labels, spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity
+    )
+    train_xform = Compose(
+        [
+            *pre.transforms,
+            _PadToPatch(patch),
+            ClassesToIndicesd(keys="label", num_classes=man.num_classes, max_samples_per_class=_MAX_INDICES),
+            _CropByClass(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=patch,
+                ratios=ratios,
+                num_classes=man.num_classes,
+                num_samples=samples_per_volume,
+                indices_key="label_cls_indices",
+                warn=False,
+            ),
+            _TrainItem(),
+        ]
+    )
+    fingerprint = hashlib.sha1(
+        json.dumps(
+            [spacing and list(spacing), clip_percentiles and list(clip_percentiles), intensity, patch, man.labels]
+        ).encode()
+    ).hexdigest()[:16]
     domain_index = {d: i for i, d in enumerate(split.train_domains)}
     items = _items(split.train, domain_index)
     if world_size > 1 and cache and cache_dir is None:
@@ -690,19 +776,49 @@ def build_loaders(root: str | os.PathLike, *, manifest: str | os.PathLike | None
     train_ds = _dataset(items, train_xform, cache=cache, cache_dir=cache_dir, fingerprint=fingerprint)
 
     per_batch = batch_size // samples_per_volume
-    n_items = (steps_per_epoch * per_batch if steps_per_epoch
-               else max(-(-len(items) // (per_batch * world_size)), 1) * per_batch)
-    sampler = DomainBalancedSampler([it["domain"] for it in items], n_items, seed, batch_size=per_batch,
-                                    num_replicas=world_size, rank=rank)
+    n_items = (
+        steps_per_epoch * per_batch
+        if steps_per_epoch
+        else max(-(-len(items) // (per_batch * world_size)), 1) * per_batch
+    )
+    sampler = DomainBalancedSampler(
+        [it["domain"] for it in items], n_items, seed, batch_size=per_batch, num_replicas=world_size, rank=rank
+    )
     generator = torch.Generator().manual_seed(_seed_for(seed, 0, rank))
-    train = DataLoader(train_ds, batch_size=per_batch, sampler=sampler, num_workers=num_workers, drop_last=True,
-                       generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
-    common = dict(spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity, cache=cache,
-                  num_workers=min(num_workers, 2))
+    train = DataLoader(
+        train_ds,
+        batch_size=per_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=True,
+        generator=generator,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    common = dict(
+        spacing=spacing,
+        clip_percentiles=clip_percentiles,
+        intensity=intensity,
+        cache=cache,
+        num_workers=min(num_workers, 2),
+    )
     val_cases, test_cases = split.val[rank::world_size], split.test[rank::world_size]
     val = volume_loader(val_cases, labels=man.labels, **common) if val_cases else None
     test = volume_loader(test_cases, labels=man.labels, **common) if test_cases else None
-    data = Loaders(man, split, list(split.train_domains), train, val, test, pre, seed, man.num_classes,
-                   rank=rank, world_size=world_size, _sampler=sampler, _generator=generator)
+    data = Loaders(
+        man,
+        split,
+        list(split.train_domains),
+        train,
+        val,
+        test,
+        pre,
+        seed,
+        man.num_classes,
+        rank=rank,
+        world_size=world_size,
+        _sampler=sampler,
+        _generator=generator,
+    )
     data.set_epoch(0)
     return data

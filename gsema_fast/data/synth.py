@@ -69,18 +69,126 @@ class CentreStyle:
 # Centre 3 is the conventional unseen centre: its low contrast, strong blur, coarse grid, metal streaks and Rician
 # noise lie outside the range the other three span, so a model trained on 0-2 visibly loses accuracy there.
 CENTRES: tuple[CentreStyle, ...] = (
-    CentreStyle("A", (1.0, 1.0, 1.0), "RAS", 0.22, 0.10, 1.00, 0.15, 0.90, 1.00, 0.04, 0.10, "gaussian", 0.035,
-                "", 0.0, "uint16", 3000.0, 100.0),
-    CentreStyle("B", (0.875, 0.875, 0.875), "LPS", 0.38, 0.30, 0.75, 0.30, 0.80, 0.75, 0.04, 0.25, "poisson", 0.09,
-                "rings", 0.05, "int16", 2000.0, -600.0),
-    CentreStyle("C", (1.0, 1.0, 0.75), "RAS", 0.30, 0.06, 1.00, 0.25, 0.70, 1.50, 0.08, 0.18, "correlated", 0.07,
-                "", 0.0, "float32", 1.0, 0.0),
-    CentreStyle("D", (0.75, 0.75, 0.75), "LPS", 0.50, 0.25, 0.70, 0.40, 0.65, 0.70, 0.10, 0.40, "rician", 0.07,
-                "streaks", 0.15, "int16", 1200.0, 0.0),
-    CentreStyle("E", (0.8, 0.8, 1.0), "RAS", 0.45, 0.06, 1.10, 0.50, 1.00, 1.70, 0.05, 0.30, "gaussian", 0.08,
-                "rings", 0.08, "uint16", 4000.0, 0.0),
-    CentreStyle("F", (0.9, 0.9, 0.9), "RAS", 0.28, 0.25, 0.70, 0.20, 0.75, 0.90, 0.16, 0.15, "correlated", 0.05,
-                "streaks", 0.10, "float32", 1.0, -0.25),
+    CentreStyle(
+        "A",
+        (1.0, 1.0, 1.0),
+        "RAS",
+        0.22,
+        0.10,
+        1.00,
+        0.15,
+        0.90,
+        1.00,
+        0.04,
+        0.10,
+        "gaussian",
+        0.035,
+        "",
+        0.0,
+        "uint16",
+        3000.0,
+        100.0,
+    ),
+    CentreStyle(
+        "B",
+        (0.875, 0.875, 0.875),
+        "LPS",
+        0.38,
+        0.30,
+        0.75,
+        0.30,
+        0.80,
+        0.75,
+        0.04,
+        0.25,
+        "poisson",
+        0.09,
+        "rings",
+        0.05,
+        "int16",
+        2000.0,
+        -600.0,
+    ),
+    CentreStyle(
+        "C",
+        (1.0, 1.0, 0.75),
+        "RAS",
+        0.30,
+        0.06,
+        1.00,
+        0.25,
+        0.70,
+        1.50,
+        0.08,
+        0.18,
+        "correlated",
+        0.07,
+        "",
+        0.0,
+        "float32",
+        1.0,
+        0.0,
+    ),
+    CentreStyle(
+        "D",
+        (0.75, 0.75, 0.75),
+        "LPS",
+        0.50,
+        0.25,
+        0.70,
+        0.40,
+        0.65,
+        0.70,
+        0.10,
+        0.40,
+        "rician",
+        0.07,
+        "streaks",
+        0.15,
+        "int16",
+        1200.0,
+        0.0,
+    ),
+    CentreStyle(
+        "E",
+        (0.8, 0.8, 1.0),
+        "RAS",
+        0.45,
+        0.06,
+        1.10,
+        0.50,
+        1.00,
+        1.70,
+        0.05,
+        0.30,
+        "gaussian",
+        0.08,
+        "rings",
+        0.08,
+        "uint16",
+        4000.0,
+        0.0,
+    ),
+    CentreStyle(
+        "F",
+        (0.9, 0.9, 0.9),
+        "RAS",
+        0.28,
+        0.25,
+        0.70,
+        0.20,
+        0.75,
+        0.90,
+        0.16,
+        0.15,
+        "correlated",
+        0.05,
+        "streaks",
+        0.10,
+        "float32",
+        1.0,
+        -0.25,
+    ),
 )
 
 _DS_MM = 0.4  # centreline step
@@ -127,8 +235,15 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
     r_cap = float(fov.min()) / 10  # small fields of view still hold more than one vessel
     roots = []
     entry = np.array([rng.uniform(0.3, 0.7) * fov[0], rng.uniform(0.3, 0.7) * fov[1], 0.0])
-    roots.append((entry, _unit(np.array([0.0, 0.0, 1.0]) + 0.35 * rng.standard_normal(3) * [1, 1, 0]),
-                  min(rng.uniform(1.5, 2.3), r_cap), 0, 0.0))
+    roots.append(
+        (
+            entry,
+            _unit(np.array([0.0, 0.0, 1.0]) + 0.35 * rng.standard_normal(3) * [1, 1, 0]),
+            min(rng.uniform(1.5, 2.3), r_cap),
+            0,
+            0.0,
+        )
+    )
     if rng.random() < 0.6:  # a second trunk entering through a side face
         axis = int(rng.integers(0, 2))
         p = rng.uniform(0.25, 0.75, 3) * fov
@@ -185,8 +300,15 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
             if rc >= _R_MIN_MM:
                 dj = _unit(pts[j + 1] - pts[j])
                 flare_c = rng.uniform(*_INFUNDIBULUM_FLARE) - 1.0 if rng.random() < 0.25 else 0.0
-                queue.append((pts[j], _rotate_towards(dj, _perpendicular(rng, dj), np.deg2rad(rng.uniform(50, 85))),
-                              rc, gen + 1, flare_c))
+                queue.append(
+                    (
+                        pts[j],
+                        _rotate_towards(dj, _perpendicular(rng, dj), np.deg2rad(rng.uniform(50, 85))),
+                        rc,
+                        gen + 1,
+                        flare_c,
+                    )
+                )
 
         r_end = float(radii[-1])
         if left or gen >= 4 or r_end < 1.5 * _R_MIN_MM:
@@ -198,8 +320,9 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
         bifurcations.append((p.copy(), d.copy(), r_end))
         for ratio, angle, side in ((a1, rng.uniform(20, 40), 1.0), (q * a1, rng.uniform(35, 65), -1.0)):
             if r_end * ratio >= _R_MIN_MM:
-                queue.append((p.copy(), _rotate_towards(d, side * axis, np.deg2rad(angle)), r_end * ratio, gen + 1,
-                              0.0))
+                queue.append(
+                    (p.copy(), _rotate_towards(d, side * axis, np.deg2rad(angle)), r_end * ratio, gen + 1, 0.0)
+                )
     _add_crossing_vessels(rng, branches, fov)
     return _Tree(branches, bifurcations)
 
@@ -207,9 +330,12 @@ def _grow_tree(rng: np.random.Generator, fov: np.ndarray) -> _Tree:
 def _add_crossing_vessels(rng: np.random.Generator, branches: list, fov: np.ndarray) -> None:
     """One or two straight-ish vessels that pass in contact with an existing one at a steep angle (vessels
     overlapping in the reconstruction: a bright knot at the contact that is not a sac)."""
-    wide = [(pts[j], _unit(pts[j + 1] - pts[j]), float(radii[j]))
-            for pts, radii in branches for j in range(2, len(pts) - 2, 3) if radii[j] >= 0.7
-            and np.all(pts[j] > 2.0) and np.all(pts[j] < fov - 2.0)]
+    wide = [
+        (pts[j], _unit(pts[j + 1] - pts[j]), float(radii[j]))
+        for pts, radii in branches
+        for j in range(2, len(pts) - 2, 3)
+        if radii[j] >= 0.7 and np.all(pts[j] > 2.0) and np.all(pts[j] < fov - 2.0)
+    ]
     for _ in range(int(rng.integers(1, 3)) if wide else 0):
         p, d, r = wide[int(rng.integers(len(wide)))]
         rc = rng.uniform(0.5, 1.0) * r
@@ -248,8 +374,12 @@ def _place_aneurysms(rng: np.random.Generator, tree: _Tree, fov: np.ndarray, cou
     """``count`` saccular aneurysms whose sac overlaps the parent vessel through a neck, at apices or on walls,
     inside the box. A dome too large for every site is shrunk step by step until it fits (never below 2 mm), so
     the count is met whenever the tree has a site."""
-    walls = [(pts[j], _unit(pts[j + 1] - pts[j]), float(radii[j]))
-             for pts, radii in tree.branches for j in range(1, len(pts) - 1, 4) if radii[j] >= 0.6]
+    walls = [
+        (pts[j], _unit(pts[j + 1] - pts[j]), float(radii[j]))
+        for pts, radii in tree.branches
+        for j in range(1, len(pts) - 1, 4)
+        if radii[j] >= 0.6
+    ]
     out: list[_Aneurysm] = []
     for _ in range(count):
         R = min(dome_diameter(rng) / 2, float(fov.min()) / 5)
@@ -312,7 +442,7 @@ def _rasterise_tree(tree: _Tree, shape: tuple, spacing: np.ndarray) -> tuple[np.
     owner = np.zeros(shape, np.float32)
     for pts, radii in tree.branches:
         for c in range(0, len(pts) - 1, _CHUNK):
-            P, R = pts[c:c + _CHUNK + 1], radii[c:c + _CHUNK + 1]
+            P, R = pts[c : c + _CHUNK + 1], radii[c : c + _CHUNK + 1]
             box = _box(P.min(0) - R.max(), P.max(0) + R.max(), shape, spacing)
             if box is None:
                 continue
@@ -350,8 +480,10 @@ def _rasterise_aneurysms(aneurysms: list[_Aneurysm], shape: tuple, spacing: np.n
         lo, hi = box
         x, y, z = _axes(lo, hi, spacing)
         rel = (x - an.centre[0], y - an.centre[1], z - an.centre[2])
-        q = sum(((rel[0] * an.rotation[0, i] + rel[1] * an.rotation[1, i] + rel[2] * an.rotation[2, i])
-                 / an.axes[i]) ** 2 for i in range(3))
+        q = sum(
+            ((rel[0] * an.rotation[0, i] + rel[1] * an.rotation[1, i] + rel[2] * an.rotation[2, i]) / an.axes[i]) ** 2
+            for i in range(3)
+        )
         dep = an.axes.min() * (1.0 - np.sqrt(q))
         for lc, lr in an.lobes:
             dep = np.maximum(dep, lr - np.sqrt((x - lc[0]) ** 2 + (y - lc[1]) ** 2 + (z - lc[2]) ** 2))
@@ -409,8 +541,9 @@ def _rings(rng: np.random.Generator, shape: tuple, spacing: np.ndarray, level: f
     return (level * field)[:, :, None]
 
 
-def _metal_and_streaks(rng: np.random.Generator, shape: tuple, spacing: np.ndarray, level: float,
-                       vessel_depth: np.ndarray) -> np.ndarray:
+def _metal_and_streaks(
+    rng: np.random.Generator, shape: tuple, spacing: np.ndarray, level: float, vessel_depth: np.ndarray
+) -> np.ndarray:
     """A dense object (clip or coil, labelled background) and the bright/dark streaks it casts in its axial slices."""
     n = np.asarray(shape)
     for _ in range(20):  # put it away from the vessels so that it never hides labelled voxels
@@ -420,8 +553,9 @@ def _metal_and_streaks(rng: np.random.Generator, shape: tuple, spacing: np.ndarr
     c = (idx + 0.5) * spacing
     x, y, z = _axes(np.zeros(3, int), n, spacing)
     r_obj = rng.uniform(0.8, 1.6)
-    obj = 2.5 * np.clip((r_obj - np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)) / spacing.mean() + 0.5,
-                        0, 1)
+    obj = 2.5 * np.clip(
+        (r_obj - np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)) / spacing.mean() + 0.5, 0, 1
+    )
     streak = np.zeros((shape[0], shape[1]), np.float32)
     width = 0.8 * float(spacing[:2].mean())
     for theta in rng.uniform(0, np.pi, int(rng.integers(6, 12))):
@@ -441,8 +575,9 @@ def _noise(rng: np.random.Generator, signal: np.ndarray, kind: str, level: float
         return np.sqrt((signal + level * g) ** 2 + (level * rng.standard_normal(signal.shape, dtype=np.float32)) ** 2)
     if kind == "correlated":  # reconstruction kernels correlate noise between neighbouring voxels
         c = ndimage.gaussian_filter(g, 0.9)
-        return signal + level * (c / max(float(c.std()), 1e-6) * 0.8 + 0.6 * rng.standard_normal(
-            signal.shape, dtype=np.float32))
+        return signal + level * (
+            c / max(float(c.std()), 1e-6) * 0.8 + 0.6 * rng.standard_normal(signal.shape, dtype=np.float32)
+        )
     raise ValueError(f"unknown noise model {kind!r}; expected gaussian, poisson, rician or correlated")
 
 
@@ -457,8 +592,9 @@ def _acquire(rng, style: CentreStyle, tree: _Tree, aneurysms: list[_Aneurysm], s
     h = float(spacing.mean())  # linear partial-volume ramp one voxel wide
     r_ref = 1.5
     vfill = 1.0 - style.distal_fade * np.clip((r_ref - vradius) / (r_ref - _R_MIN_MM), 0.0, 1.0)
-    lumen = np.maximum(np.clip(vdepth / h + 0.5, 0, 1) * vfill,
-                       np.clip(adepth / h + 0.5, 0, 1) * afill * style.sac_fill)
+    lumen = np.maximum(
+        np.clip(vdepth / h + 0.5, 0, 1) * vfill, np.clip(adepth / h + 0.5, 0, 1) * afill * style.sac_fill
+    )
     signal = style.background + style.contrast * lumen
     if style.texture:
         signal += style.texture * (_smooth_field(rng, shape, 6.0) + 0.5 * _smooth_field(rng, shape, 2.0))
@@ -610,8 +746,16 @@ def _remove_stale(out: Path, entries: dict[str, dict]) -> None:
         log.info("removed %d file(s) of the dataset %s held before", len(stale), out)
 
 
-def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain: int = 6, size: int = 128,
-               seed: int = 0, workers: int | None = None, overwrite: bool = False) -> Path:
+def synthesize(
+    out_dir: str | os.PathLike,
+    *,
+    domains: int = 4,
+    cases_per_domain: int = 6,
+    size: int = 128,
+    seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a synthetic multi-centre 3DRA dataset in the nnU-Net raw layout and return its folder.
 
     ``out_dir/imagesTr/{case}_0000.nii.gz``, ``out_dir/labelsTr/{case}.nii.gz`` (0 background, 1 vessel,
@@ -638,8 +782,13 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
     if size < 16:
         raise ValueError(f"size={size}: volumes smaller than 16 voxels cannot hold a vessel tree")
     out = Path(out_dir)
-    params = {"domains": domains, "cases_per_domain": cases_per_domain, "size": size, "seed": seed,
-              "version": FORMAT_VERSION}
+    params = {
+        "domains": domains,
+        "cases_per_domain": cases_per_domain,
+        "size": size,
+        "seed": seed,
+        "version": FORMAT_VERSION,
+    }
     if not overwrite and _complete(out, params):
         log.info("%s already holds this synthetic dataset; nothing to do", out)
         return out
@@ -660,8 +809,15 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = usable if len(jobs) * size**3 >= 4 * 128**3 else 1
     workers = max(1, min(workers, len(jobs)))
-    log.info("synthesising %d cases (%d centres, size %d, seed %d) into %s with %d process(es)",
-             len(jobs), domains, size, seed, out, workers)
+    log.info(
+        "synthesising %d cases (%d centres, size %d, seed %d) into %s with %d process(es)",
+        len(jobs),
+        domains,
+        size,
+        seed,
+        out,
+        workers,
+    )
     entries: dict[str, dict] = {}
     with tqdm(total=len(jobs), desc="synth", unit="case", disable=None) as bar:
         if workers == 1:
@@ -672,8 +828,9 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
         else:
             # fork starts workers at once; but a parent that imported torch may hold OpenMP thread pools that a
             # forked child must not inherit, so it pays for spawn (a fresh interpreter per worker)
-            method = "fork" if "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods() \
-                else "spawn"
+            method = (
+                "fork" if "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            )
             ctx = multiprocessing.get_context(method)
             try:
                 with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -707,8 +864,14 @@ def synthesize(out_dir: str | os.PathLike, *, domains: int = 4, cases_per_domain
     return out
 
 
-def builtin_dataset(*, domains: int = 4, cases_per_domain: int = 6, size: int = 128, seed: int = 0,
-                    folder: str | os.PathLike | None = None) -> Path:
+def builtin_dataset(
+    *,
+    domains: int = 4,
+    cases_per_domain: int = 6,
+    size: int = 128,
+    seed: int = 0,
+    folder: str | os.PathLike | None = None,
+) -> Path:
     """The built-in multi-centre dataset with these settings, synthesised on first use and reused afterwards.
 
     ``folder`` None: a per-user cache folder named after the settings (``$XDG_CACHE_HOME/gsema-fast`` or
@@ -728,5 +891,10 @@ def dataset_folder(data) -> Path:
         if not root.is_dir():
             raise FileNotFoundError(f"data.root: {root} is not a folder")
         return root
-    return builtin_dataset(domains=data.synth_domains, cases_per_domain=data.synth_cases_per_domain,
-                           size=data.synth_size, seed=data.synth_seed, folder=data.synth_dir)
+    return builtin_dataset(
+        domains=data.synth_domains,
+        cases_per_domain=data.synth_cases_per_domain,
+        size=data.synth_size,
+        seed=data.synth_seed,
+        folder=data.synth_dir,
+    )

@@ -31,8 +31,14 @@ import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 
 DEFAULTS: dict[str, dict] = {
-    "geometric": {"enabled": True, "p": 0.8, "rotate_deg": 15.0, "scale": (0.85, 1.15), "isotropic": True,
-                  "image_mode": "bilinear"},
+    "geometric": {
+        "enabled": True,
+        "p": 0.8,
+        "rotate_deg": 15.0,
+        "scale": (0.85, 1.15),
+        "isotropic": True,
+        "image_mode": "bilinear",
+    },
     "gin": {"enabled": True, "p": 0.5, "layers": 4, "channels": 2, "kernels": (1, 3), "negative_slope": 0.01},
     "bias": {"enabled": True, "p": 0.5, "order": 3, "coeff": 0.3},
     "intensity": {"enabled": True, "p": 0.8, "gamma": (0.6, 1.6), "contrast": (0.75, 1.25), "shift": (-0.2, 0.2)},
@@ -228,7 +234,7 @@ class TargetTransform(nn.Module):
             if k == 1:
                 h = torch.einsum("boc,bc...->bo...", w.flatten(2), h) + b.view(B, cout, 1, 1, 1)
             else:
-                h = torch.cat([F.conv3d(h[j:j + 1], w[j], b[j], padding=k // 2) for j in range(B)])
+                h = torch.cat([F.conv3d(h[j : j + 1], w[j], b[j], padding=k // 2) for j in range(B)])
             if i < len(widths) - 2:
                 h = F.leaky_relu(h, float(cfg["negative_slope"]))
         alpha = _per_sample(torch.rand(B, generator=gen, device=dev), 5)
@@ -244,8 +250,13 @@ class TargetTransform(nn.Module):
         i = torch.arange(order + 1, device=dev)
         degree = i.view(-1, 1, 1) + i.view(1, -1, 1) + i.view(1, 1, -1)
         c = c * ((degree <= order) & (degree > 0))  # no constant term: the field leaves the mean gain near 1
-        field = torch.einsum("bijk,id,jh,kw->bdhw", c, _legendre(D, order, dev), _legendre(H, order, dev),
-                             _legendre(W, order, dev)).exp().unsqueeze(1)
+        field = (
+            torch.einsum(
+                "bijk,id,jh,kw->bdhw", c, _legendre(D, order, dev), _legendre(H, order, dev), _legendre(W, order, dev)
+            )
+            .exp()
+            .unsqueeze(1)
+        )
         lo = _per_sample(x.flatten(1).amin(1), 5)
         return lo + (x - lo) * field
 
