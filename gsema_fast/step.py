@@ -40,6 +40,40 @@ from gsema_fast.losses import BACL
 MODES = ("none", "ema", "gsema")
 
 
+def updater_from_config(ema, student: nn.Module, teacher: nn.Module | None = None) -> GSEMA | EMA | None:
+    """The teacher updater an ``ema`` config section asks for: :class:`GSEMA` (``mode: gsema``, over ``teacher``
+    when given), :class:`EMA` (``mode: ema``) or None (``mode: none``). One place for every trainer, so that each
+    setting of the section reaches the updater."""
+    if ema.mode == "gsema":
+        return GSEMA(
+            student,
+            teacher,
+            decay_aligned=ema.decay_aligned,
+            decay_conflict=ema.decay_conflict,
+            rule=ema.rule,
+            warmup=ema.warmup,
+            warmup_start=ema.warmup_start,
+        )
+    if ema.mode == "ema":
+        return EMA(student, decay=ema.decay, warmup=ema.warmup, warmup_start=ema.warmup_start)
+    return None
+
+
+def bacl_from_config(loss, bacl) -> BACL | None:
+    """The contrastive loss the ``loss`` and ``bacl`` config sections ask for; None when it is off (weight 0 or
+    neither term)."""
+    if loss.lambda_con <= 0 or not (bacl.volume or bacl.boundary):
+        return None
+    return BACL(
+        cutoff=bacl.cutoff,
+        tau=bacl.tau,
+        volume=bacl.volume,
+        boundary=bacl.boundary,
+        mask=bacl.mask,
+        reduction=bacl.reduction,
+    )
+
+
 @dataclass
 class StepContext:
     """What a step needs, built once by the trainer (and by benchmarks and tests)."""

@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 
 from gsema_fast import distributed
 from gsema_fast.config import Config, config_from_dict, config_to_dict, resolve_auto, save_config
-from gsema_fast.ema import EMA, GSEMA
+from gsema_fast.ema import GSEMA
 from gsema_fast.files import WriteError, atomic_path, read_checkpoint, write_json
-from gsema_fast.losses import BACL, DiceCE
+from gsema_fast.losses import DiceCE
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, repeated_blocks
-from gsema_fast.step import StepContext, train_step
+from gsema_fast.step import StepContext, bacl_from_config, train_step, updater_from_config
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +140,13 @@ def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> 
     student = build_model(cfg.model).to(device)
     distributed.broadcast_module_(student)
     e = cfg.ema
-    if e.mode == "gsema":
-        updater = GSEMA(
-            student,
-            decay_aligned=e.decay_aligned,
-            decay_conflict=e.decay_conflict,
-            rule=e.rule,
-            warmup=e.warmup,
-            warmup_start=e.warmup_start,
-        )
-        teacher = updater.teacher
-    elif e.mode == "ema":
-        updater = EMA(student, decay=e.decay, warmup=e.warmup, warmup_start=e.warmup_start)
-        teacher = updater.module
-    else:
-        updater = None
+    updater = updater_from_config(e, student)
+    if updater is None:
         teacher = GSEMA(student).teacher  # a frozen copy that mirrors the student
+    else:
+        teacher = updater.teacher if isinstance(updater, GSEMA) else updater.module
     teacher.eval()
-    b = cfg.bacl
-    bacl = None
-    if cfg.loss.lambda_con > 0 and (b.volume or b.boundary):
-        bacl = BACL(
-            cutoff=b.cutoff, tau=b.tau, volume=b.volume, boundary=b.boundary, mask=b.mask, reduction=b.reduction
-        )
+    bacl = bacl_from_config(cfg.loss, cfg.bacl)
     amp_dtype = AMP_DTYPES[cfg.train.amp]
     return StepContext(
         student=student,

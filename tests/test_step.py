@@ -105,3 +105,27 @@ def test_step_context_rejects_an_optimizer_that_cannot_skip_on_the_device():
     # A GradScaler skips a non-finite step itself, for any optimizer.
     scaled = dataclasses.replace(ctx, optimizer=plain, scaler=torch.amp.GradScaler("cpu"))
     assert scaled.optimizer is plain
+
+
+@pytest.mark.parametrize("mode", ["none", "ema", "gsema"])
+def test_builders_pass_every_setting_of_their_config_sections(mode):
+    """Every trainer (this package's, nnU-Net's, Lightning's) builds its updater and BACL through these two, so a
+    config key added to the sections reaches them all."""
+    from gsema_fast.config import load_config
+    from gsema_fast.models import build_model
+    from gsema_fast.step import bacl_from_config, updater_from_config
+
+    cfg = load_config("reference", [f"ema.mode={mode}", "ema.warmup_start=3", "ema.decay_aligned=0.8"])
+    updater = updater_from_config(cfg.ema, build_model(name="unet", channels=[4, 8, 16], num_res_units=0))
+    if mode == "none":
+        assert updater is None
+    else:
+        assert updater.warmup_start == 3 and updater.warmup == cfg.ema.warmup
+    if mode == "gsema":
+        assert (updater.decay_aligned, updater.decay_conflict, updater.rule) == (0.8, 0.999, "sign")
+    if mode == "ema":
+        assert updater.decay == cfg.ema.decay
+    bacl = bacl_from_config(cfg.loss, cfg.bacl)
+    assert (bacl.reduction, bacl.mask, bacl.volume, bacl.boundary) == ("batch_mean", "reference", False, True)
+    off = load_config("reference", ["loss.lambda_con=0"])
+    assert bacl_from_config(off.loss, off.bacl) is None

@@ -24,8 +24,8 @@ from gsema_fast.config import Config, config_to_dict
 from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.integrations import MissingExtraError
-from gsema_fast.losses import BACL, DiceCE
-from gsema_fast.step import StepContext, train_step
+from gsema_fast.losses import DiceCE
+from gsema_fast.step import StepContext, bacl_from_config, train_step, updater_from_config
 
 try:
     import lightning.pytorch as pl
@@ -236,12 +236,8 @@ class GSEMAModule(pl.LightningModule):
         self.gsema_config = cfg
         self.student = student
         self.teacher = GSEMA(student).teacher
-        self.dce = DiceCE()
-        b = cfg.bacl
-        use_bacl = cfg.loss.lambda_con > 0 and (b.volume or b.boundary)
-        self.bacl = (
-            BACL(cutoff=b.cutoff, tau=b.tau, volume=b.volume, boundary=b.boundary, mask=b.mask) if use_bacl else None
-        )
+        self.dce = DiceCE(batch=cfg.loss.batch_dice)
+        self.bacl = bacl_from_config(cfg.loss, cfg.bacl)
         self.target_transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"])
         self.gsema: GSEMA | None = None  # built at fit start, on the training device
         self.step_context: StepContext | None = None
@@ -272,15 +268,8 @@ class GSEMAModule(pl.LightningModule):
         optimizer = self.optimizers()
         if isinstance(optimizer, list):
             raise ValueError(f"GSEMAModule: configure_optimizers must return one optimizer, got {len(optimizer)}")
-        e, loss = self.gsema_config.ema, self.gsema_config.loss
-        self.gsema = GSEMA(
-            self.student,
-            self.teacher,
-            decay_aligned=e.decay_aligned,
-            decay_conflict=e.decay_conflict,
-            rule=e.rule,
-            warmup=e.warmup,
-        )
+        loss = self.gsema_config.loss
+        self.gsema = updater_from_config(self.gsema_config.ema, self.student, self.teacher)
         if self._pending_counters is not None:
             self.gsema.step.copy_(self._pending_counters["step"])
             self.gsema.num_aligned.copy_(self._pending_counters["num_aligned"])

@@ -40,8 +40,7 @@ from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import GSEMA
 from gsema_fast.files import atomic_path
 from gsema_fast.integrations import MissingExtraError
-from gsema_fast.losses import BACL
-from gsema_fast.step import StepContext, train_step
+from gsema_fast.step import StepContext, bacl_from_config, train_step, updater_from_config
 
 try:
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -225,15 +224,10 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
             raise ValueError(f"ema.mode: nnUNetTrainerGSEMA trains with 'gsema', got {cfg.ema.mode!r}")
         super().initialize()
         stage = self.latent_stage()
-        e, b = cfg.ema, cfg.bacl
-        self.gsema = GSEMA(
-            self.network, decay_aligned=e.decay_aligned, decay_conflict=e.decay_conflict, rule=e.rule, warmup=e.warmup
-        )
+        self.gsema = updater_from_config(cfg.ema, self.network)
         self.teacher = self.gsema.teacher.eval()
         self.target_transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"])
-        bacl = None
-        if cfg.loss.lambda_con > 0 and (b.volume or b.boundary):
-            bacl = BACL(cutoff=b.cutoff, tau=b.tau, volume=b.volume, boundary=b.boundary, mask=b.mask)
+        bacl = bacl_from_config(cfg.loss, cfg.bacl)
         self.step_context = StepContext(
             student=LatentUNet(self.network, stage),
             teacher=LatentUNet(self.teacher, stage),
