@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import make_ctx, params_of, tiny_batch
+from tiny import make_ctx, params_of, recorded_grad_stats, tiny_batch
 
 from gsema_fast import ops
 from gsema_fast.ema import GSEMA
@@ -78,18 +78,8 @@ def test_warmup_never_moves_the_teacher_on_a_conflicting_step(monkeypatch):
 
 def test_step_reports_the_overflow_free_cosine():
     ctx = make_ctx("gsema")
-    seen = {}
-    grad_stats = ops.grad_stats
-
-    def spy(a, b, **kwargs):
-        seen["stats"] = grad_stats(a, b, **kwargs)
-        return seen["stats"]
-
-    ops.grad_stats = spy
-    try:
+    with recorded_grad_stats() as seen:
         out = train_step(ctx, *tiny_batch())
-    finally:
-        ops.grad_stats = grad_stats
     assert seen["stats"].dtype == torch.float64
     assert out["grad_cos"].dtype == torch.float32
     assert out["grad_cos"].item() == pytest.approx(ops.grad_cos(seen["stats"]).item(), rel=1e-6)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_ctx, params_of, tiny_batch, tiny_run
+from tiny import make_ctx, params_of, recorded_grad_stats, tiny_batch, tiny_run
 
-from gsema_fast import ops
 from gsema_fast.config import load_config
 from gsema_fast.losses import DiceCE
 from gsema_fast.models import repeated_blocks
@@ -69,18 +68,8 @@ def test_step_statistics_equal_separate_autograd_gradients():
     ctx = make_ctx("gsema")
     twin, twin_teacher = copy.deepcopy(ctx.student), copy.deepcopy(ctx.teacher)
     batch = tiny_batch()
-    seen = {}
-    grad_stats = ops.grad_stats
-
-    def spy(a, b, **kwargs):
-        seen["stats"] = grad_stats(a, b, **kwargs)
-        return seen["stats"]
-
-    ops.grad_stats = spy
-    try:
+    with recorded_grad_stats() as seen:
         train_step(ctx, *batch)
-    finally:
-        ops.grad_stats = grad_stats
     ref_ctx = copy.copy(ctx)
     ref_ctx.student, ref_ctx.teacher = twin, twin_teacher
     ref = forward_all(ref_ctx, *batch)

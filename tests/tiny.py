@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 
+from gsema_fast import ops
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.losses import BACL, DiceCE
 from gsema_fast.models import build_model
@@ -77,3 +79,20 @@ def tiny_run(phantoms, *, batch_size: int = 2) -> list[str]:
         "train.val_every=1",
         "eval.overlap=0",
     ]
+
+
+@contextlib.contextmanager
+def recorded_grad_stats():
+    """While active, every ``ops.grad_stats`` result is also kept in the yielded dict under ``"stats"``."""
+    seen = {}
+    grad_stats = ops.grad_stats
+
+    def spy(a, b, **kwargs):
+        seen["stats"] = grad_stats(a, b, **kwargs)
+        return seen["stats"]
+
+    ops.grad_stats = spy
+    try:
+        yield seen
+    finally:
+        ops.grad_stats = grad_stats
