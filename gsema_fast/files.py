@@ -80,6 +80,14 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
         tmp.unlink(missing_ok=True)
 
 
+def cache_root() -> Path:
+    """The per-user folder under which gsema-fast keeps what it can rebuild (synthesised datasets, preprocessed
+    volumes, compiled models): ``$XDG_CACHE_HOME/gsema-fast``, or ``~/.cache/gsema-fast`` where that is unset or
+    empty. Read from the environment on every call; the folder is not created."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gsema-fast"
+
+
 def check_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if missing and make sure a file can be written in it, before work whose results would
     otherwise be lost at the first write; a ``WriteError`` names the folder and the cause."""

@@ -43,7 +43,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
-from gsema_fast.files import atomic_path, first_line
+from gsema_fast.files import atomic_path, cache_root, first_line
 
 log = logging.getLogger(__name__)
 
@@ -644,8 +644,7 @@ class DomainBalancedSampler(torch.utils.data.Sampler):
 def shared_cache_dir() -> Path:
     """The per-user folder where processes share preprocessed training volumes (``$XDG_CACHE_HOME/gsema-fast/
     preprocessed`` or ``~/.cache/...``); files are keyed by case path, file stamp and preprocessing settings."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gsema-fast" / "preprocessed"
+    return cache_root() / "preprocessed"
 
 
 def _seed_for(seed: int, epoch: int, rank: int = 0) -> int:

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from gsema_fast.files import atomic_path
+from gsema_fast.files import atomic_path, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -878,8 +878,7 @@ def builtin_dataset(
     ``~/.cache/gsema-fast``), so training, evaluation and later runs all find the same cases.
     """
     if folder is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(cache, "gsema-fast", f"phantoms-d{domains}-n{cases_per_domain}-s{size}-seed{seed}")
+        folder = cache_root() / f"phantoms-d{domains}-n{cases_per_domain}-s{size}-seed{seed}"
     return synthesize(folder, domains=domains, cases_per_domain=cases_per_domain, size=size, seed=seed)
 
 
