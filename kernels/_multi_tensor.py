@@ -1,11 +1,12 @@
-"""Multi-tensor launch tables shared by the GS-EMA kernels.
+"""Multi-tensor launch tables and the chunk layout shared by the GS-EMA kernels.
 
-A list of tensor pairs ``(x_i, y_i)`` is cut into chunks of ``CHUNK`` elements that never straddle two tensors.
-Each chunk is one program of a single launch and is described by one column of an int64 table::
+A list of tensor pairs ``(x_i, y_i)`` is cut into chunks of ``chunk`` elements (:data:`CHUNK` for every kernel) that
+never straddle two tensors. Each chunk is one program of a single launch and is described by one column of an int64
+table::
 
     table[0, c] = address of the chunk's first element in x      (bytes)
     table[1, c] = address of the chunk's first element in y      (bytes)
-    table[2, c] = number of elements in the chunk                (CHUNK, or fewer for a tensor's last chunk)
+    table[2, c] = number of elements in the chunk                (chunk, or fewer for a tensor's last chunk)
 
 Pairs are grouped by their ``(x.dtype, y.dtype)`` so that each group is one launch with the element types known at
 compile time: a model's parameter list is one group, a mixed fp32/bf16 list a few; never one launch per tensor.
@@ -37,9 +38,19 @@ import torch
 import triton
 import triton.language as tl
 
+# Read once at import, as Triton reads it when the kernels are decorated.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The chunk layout of every multi-tensor kernel (fused_ema, grad_stats, gsema_update): a program covers CHUNK =
+# BLOCK * ITERS elements of one tensor in ITERS iterations of BLOCK lanes, with NUM_WARPS warps. One layout for all:
+# the launch tables are cached per chunk size, so launches over the same pairs (the EMA and the teacher update of one
+# teacher/student list) share one table, and gsema_update runs fused_ema's lerp_chunk loop.
+BLOCK = 1024
 # Under Triton's interpreter (CPU tests) every iteration is a round of numpy calls: shorter chunks keep the tests
 # quick while still running the multi-iteration loop and the masked tail.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ITERS = 2 if INTERPRETED else 8
+CHUNK = BLOCK * ITERS
+NUM_WARPS = 4
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -75,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import GraphSafeCache, device_guard, ticket
+from gsema_fast.kernels._multi_tensor import DTYPE_CODES, INTERPRETED, GraphSafeCache, device_guard, ticket
 
 EPS = 1e-8  # F.cosine_similarity's default guard on each norm
 MASKS = ("symmetric", "reference")
@@ -91,13 +90,15 @@ COMPLEX_ABS = 2  # f = |w| of a complex tensor stored as interleaved (re, im) (r
 
 NUM_SUMS = tl.constexpr(10)  # 4 squared norms + 6 cross products per sample
 ROW = tl.constexpr(16)  # a row of sums padded to a power of two for 2-D loads
+# BACL's own launch shape, not the multi-tensor chunk layout: its programs reduce one sample of four equally shaped
+# feature tensors, so the tile and the number of programs are chosen per shape and device (_plan), with 8 warps for
+# the widest tiles.
 MAX_BLOCK = 2048  # elements per tile: 8 KiB of fp32 per tensor, 16-byte loads with 8 warps
 MAX_CHUNKS = 1024  # programs per sample, bounds the final reduction
 MAX_ROWS = 256  # partial rows per step of the final reduction
 CPU_PROGRAMS = 2  # programs per launch under the interpreter, where each one costs Python time
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read when the kernels below are decorated
-_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+_FLOATS = frozenset(DTYPE_CODES)  # the float types every kernel of the package loads
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -744,7 +745,7 @@ def _check_features(xs: tuple[torch.Tensor, ...], mode: int) -> None:
         raise ValueError(f"features must be [B, ...] with B >= 1 and at least one element, got {tuple(x.shape)}")
     if mode == COMPLEX_ABS and (x.dim() < 3 or x.shape[-1] != 2):
         raise ValueError(f"COMPLEX_ABS features are view_as_real tensors [B, ..., 2], got {tuple(x.shape)}")
-    if x.device.type != "cuda" and not _INTERPRET:
+    if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
 
 

@@ -24,18 +24,16 @@ import triton
 import triton.language as tl
 
 from gsema_fast.kernels._multi_tensor import (
+    BLOCK,
+    CHUNK,
     DTYPE_CODES,
-    INTERPRETED,
+    ITERS,
+    NUM_WARPS,
     as_pointer,
     check_pairs,
     device_guard,
     plan_pairs,
 )
-
-BLOCK = 1024
-ITERS = 2 if INTERPRETED else 8
-CHUNK = BLOCK * ITERS
-NUM_WARPS = 4
 
 
 @triton.jit

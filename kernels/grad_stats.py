@@ -28,15 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import INTERPRETED, as_pointer, check_pairs, device_guard, plan_pairs
+from gsema_fast.kernels._multi_tensor import (
+    BLOCK,
+    CHUNK,
+    ITERS,
+    NUM_WARPS,
+    as_pointer,
+    check_pairs,
+    device_guard,
+    plan_pairs,
+)
 
 NUM_STATS = 6
 STATS_DTYPE = torch.float64  # exact counts (see above); six numbers, so the width costs nothing
 _PARTIAL_STRIDE = 8  # partial rows padded to a power of two for the 2-D load of the final reduction
-BLOCK = 1024
-ITERS = 2 if INTERPRETED else 8
-CHUNK = BLOCK * ITERS
-NUM_WARPS = 4
 
 
 @triton.jit
@@ -251,5 +256,6 @@ def grad_stats(
                 ITERS=ITERS,
                 num_warps=NUM_WARPS,
             )
+        # One program over the per-chunk rows, not a chunk of the tensors: its shape is its own.
         _sum_rows_kernel[(1,)](partials, plan.num_chunks, out, ROWS=64, num_warps=4)
     return out

@@ -29,13 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import INTERPRETED, as_pointer, check_pairs, device_guard, plan_pairs
+from gsema_fast.kernels._multi_tensor import (
+    BLOCK,
+    CHUNK,
+    ITERS,
+    NUM_WARPS,
+    as_pointer,
+    check_pairs,
+    device_guard,
+    plan_pairs,
+)
 from gsema_fast.kernels.fused_ema import lerp_chunk
 
-BLOCK = 1024
-ITERS = 2 if INTERPRETED else 8
-CHUNK = BLOCK * ITERS
-NUM_WARPS = 4
 RULES = ("dot", "sign")
 
 
