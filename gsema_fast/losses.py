@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gsema_fast import ops
-from gsema_fast.kernels import bacl as _bacl
+from gsema_fast.kernels.bacl import check_options
 
 
 class BACL(nn.Module):
@@ -22,7 +22,8 @@ class BACL(nn.Module):
 
     Options are those of :func:`gsema_fast.ops.bacl_loss` and are checked here, at construction; ``reduction``
     ``"batch_mean"`` averages the similarities over the batch before the InfoNCE, as the public code does. The
-    backend follows ``ops.use_triton``: the fused Triton passes on CUDA, the torch reference on the CPU.
+    backend is chosen by :func:`gsema_fast.ops.bacl_terms`: the fused Triton passes on CUDA, the torch reference on
+    the CPU.
     """
 
     def __init__(
@@ -36,7 +37,7 @@ class BACL(nn.Module):
         reduction: str = "sample",
     ) -> None:
         super().__init__()
-        _bacl.check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
+        check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
         self.cutoff = float(cutoff)
         self.tau = float(tau)
         self.volume = bool(volume)
@@ -51,8 +52,7 @@ class BACL(nn.Module):
         z_tea_src: torch.Tensor,
         z_tea_trg: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        fn = _bacl.bacl if ops.use_triton(z_stu_src) else _bacl.bacl_reference
-        result = fn(
+        result = ops.bacl_terms(
             z_stu_src,
             z_stu_trg,
             z_tea_src,

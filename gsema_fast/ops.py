@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gsema_fast.kernels import bacl as _bacl
 from gsema_fast.kernels import fused_ema as _fused_ema
 from gsema_fast.kernels import grad_stats as _grad_stats
 from gsema_fast.kernels import gsema_update as _gsema_update
@@ -156,9 +157,39 @@ def high_pass(z: torch.Tensor, *, cutoff: float = 0.5, mask: str = "symmetric") 
     0.5), bit for bit; complex path. torch.fft on every backend (cuFFT on CUDA); differentiable.
     Raises ``TypeError``/``ValueError`` for a non-float or non-5-D ``z``, ``cutoff`` outside (0, 1) or an unknown mask.
     """
-    from gsema_fast.kernels import bacl as _bacl
-
     return _bacl.high_pass(z, cutoff=cutoff, mask=mask)
+
+
+def bacl_terms(
+    z_stu_src: torch.Tensor,
+    z_stu_trg: torch.Tensor,
+    z_tea_src: torch.Tensor,
+    z_tea_trg: torch.Tensor,
+    *,
+    cutoff: float = 0.5,
+    tau: float = 1.0,
+    volume: bool = True,
+    boundary: bool = True,
+    mask: str = "symmetric",
+    reduction: str = "sample",
+) -> _bacl.BACLResult:
+    """:func:`bacl_loss` with its parts for logging: a ``BACLResult`` (``gsema_fast.kernels.bacl``) of the loss
+    (the only differentiable field), each term's detached loss and its ``[B, 6]`` detached cosine similarities
+    (positives first), ``None`` for a switched-off term. Same arguments, backends and errors as :func:`bacl_loss`.
+    """
+    fn = _bacl.bacl if use_triton(z_stu_src) else _bacl.bacl_reference
+    return fn(
+        z_stu_src,
+        z_stu_trg,
+        z_tea_src,
+        z_tea_trg,
+        cutoff=cutoff,
+        tau=tau,
+        volume=volume,
+        boundary=boundary,
+        mask=mask,
+        reduction=reduction,
+    )
 
 
 def bacl_loss(
@@ -186,10 +217,7 @@ def bacl_loss(
     mismatched shapes or devices, fewer than 5 dims, ``cutoff`` outside (0, 1), ``tau <= 0``, an unknown mask or
     reduction, or both terms off.
     """
-    from gsema_fast.kernels import bacl as _bacl
-
-    fn = _bacl.bacl if use_triton(z_stu_src) else _bacl.bacl_reference
-    return fn(
+    return bacl_terms(
         z_stu_src,
         z_stu_trg,
         z_tea_src,

@@ -362,15 +362,21 @@ def test_high_pass_gradcheck(mask):
 # ------------------------------------------------------------------------------------------- dispatch and module
 
 
+@pytest.mark.parametrize("op", ["bacl_loss", "bacl_terms", "module"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bacl_loss_dispatch(backend, monkeypatch):
+def test_bacl_dispatch(backend, op, monkeypatch):
     monkeypatch.setenv(ops.BACKEND_ENV, backend)
     called = []
     for name in ("bacl", "bacl_reference"):
         original = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _o=original, _n=name, **k: called.append(_n) or _o(*a, **k))
     zs = latents((1, 2, 4, 4, 4))
-    loss = ops.bacl_loss(*zs, tau=0.5)
+    if op == "bacl_loss":
+        loss = ops.bacl_loss(*zs, tau=0.5)
+    elif op == "bacl_terms":
+        loss = ops.bacl_terms(*zs, tau=0.5).loss
+    else:
+        loss = BACL(tau=0.5)(*zs)[0]
     assert called == ["bacl" if backend == "triton" else "bacl_reference"]
     torch.testing.assert_close(loss, oracle([z.detach() for z in zs], tau=0.5)[0].float())
 
