@@ -108,8 +108,9 @@ class DataConfig:
     synth_seed: int = 0
 
 
-# The target-transform sections mirror gsema_fast.data.target.DEFAULTS (names, keys and default values), so that
-# ``TargetTransform(seed=..., **config_to_dict(cfg)["target_transform"])`` builds the configured transform.
+# The target-transform sections are the one home of the transform's components, their settings and defaults:
+# gsema_fast.data.target derives its DEFAULTS and ORDER from TargetTransformConfig, and
+# ``TargetTransform.from_config(cfg.target_transform, seed=...)`` builds the configured transform.
 @dataclass
 class GeometricConfig:
     """Rotation about the patch centre and scaling, image and label together (nearest neighbour for the label)."""

@@ -6,6 +6,7 @@ import pytest
 
 from gsema_fast.config import (
     Config,
+    TargetTransformConfig,
     builtin_config_names,
     config_from_dict,
     config_to_dict,
@@ -233,14 +234,17 @@ def test_resolve_auto(monkeypatch):
         resolve_auto(load_config("gpu", ["train.device=cuda"]))
 
 
-def test_target_transform_section_mirrors_the_transform_defaults():
-    from gsema_fast.data.target import DEFAULTS
+def test_target_transform_from_a_config_resolves_as_the_keyword_form():
+    from gsema_fast.data.target import ORDER, TargetTransform
 
-    configured = config_to_dict(Config())["target_transform"]
-    assert list(configured) == list(DEFAULTS), "same components, in the order they are applied"
-    for name, defaults in DEFAULTS.items():
-        expected = {key: list(value) if isinstance(value, tuple) else value for key, value in defaults.items()}
-        assert configured[name] == expected, name
+    assert list(ORDER) == [f.name for f in dataclasses.fields(TargetTransformConfig)], "applied in the config's order"
+    assert TargetTransform.from_config(Config().target_transform, seed=0).cfg == TargetTransform().cfg
+    cfg = config_from_dict({}, ["target_transform.gin.kernels=[3]", "target_transform.noise.enabled=false"])
+    built = TargetTransform.from_config(cfg.target_transform, seed=4)
+    assert built.seed == 4
+    assert built.cfg == TargetTransform(gin={"kernels": (3,)}, noise=False).cfg
+    with pytest.raises(TypeError, match="got Config"):
+        TargetTransform.from_config(cfg, seed=0)
 
 
 def test_config_from_dict_leaves_the_callers_dict_alone():

@@ -23,6 +23,7 @@ the same outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -30,21 +31,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import nn
 
+from gsema_fast.config import TargetTransformConfig
+
+# Each component's default settings: those of the config's target_transform section (its one home), ranges and
+# kernel lists as tuples, the form the settings take once resolved.
 DEFAULTS: dict[str, dict] = {
-    "geometric": {
-        "enabled": True,
-        "p": 0.8,
-        "rotate_deg": 15.0,
-        "scale": (0.85, 1.15),
-        "isotropic": True,
-        "image_mode": "bilinear",
-    },
-    "gin": {"enabled": True, "p": 0.5, "layers": 4, "channels": 2, "kernels": (1, 3), "negative_slope": 0.01},
-    "bias": {"enabled": True, "p": 0.5, "order": 3, "coeff": 0.3},
-    "intensity": {"enabled": True, "p": 0.8, "gamma": (0.6, 1.6), "contrast": (0.75, 1.25), "shift": (-0.2, 0.2)},
-    "histogram": {"enabled": True, "p": 0.5, "control_points": (5, 12)},
-    "smooth": {"enabled": True, "p": 0.3, "sigma": (0.4, 1.5)},
-    "noise": {"enabled": True, "p": 0.5, "std": (0.02, 0.2)},
+    name: {key: tuple(value) if isinstance(value, list) else value for key, value in section.items()}
+    for name, section in dataclasses.asdict(TargetTransformConfig()).items()
 }
 ORDER = tuple(DEFAULTS)
 _RANGES = {"scale", "gamma", "contrast", "shift", "control_points", "sigma", "std"}
@@ -68,6 +61,8 @@ def _resolve(name: str, given: Mapping | None) -> dict:
             if not isinstance(value, Sequence) or len(value) != 2 or not value[0] <= value[1]:
                 raise ValueError(f"target_transform.{name}.{key}={value!r}: expected a range [low, high]")
             value = tuple(value)
+        elif isinstance(cfg[key], tuple) and isinstance(value, Sequence) and not isinstance(value, str):
+            value = tuple(value)  # a list from YAML resolves as the default's tuple does
         cfg[key] = value
     if not 0.0 <= float(cfg["p"]) <= 1.0:
         raise ValueError(f"target_transform.{name}.p={cfg['p']!r}: a probability in [0, 1]")
@@ -111,7 +106,7 @@ class TargetTransform(nn.Module):
     ``x``: [B, C, D, H, W] float images; ``y``: [B, 1, D, H, W] or [B, D, H, W] integer labels. Returns a float32
     image and a label of ``y``'s dtype and shape, on the input's device. Keyword arguments are the components'
     settings (mappings that override :data:`DEFAULTS`, or ``False`` to switch one off), e.g.
-    ``TargetTransform(gin={"p": 1.0}, noise=False, seed=3)``.
+    ``TargetTransform(gin={"p": 1.0}, noise=False, seed=3)``; :meth:`from_config` builds the one a config describes.
     """
 
     def __init__(self, *, seed: int = 0, **components: Mapping | bool):
@@ -124,6 +119,14 @@ class TargetTransform(nn.Module):
         self._host = torch.Generator().manual_seed(self.seed)  # shapes and kernel sizes: host-side integers
         self._gens: dict[str, torch.Generator] = {}
         self._pending: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, tt: TargetTransformConfig, *, seed: int) -> TargetTransform:
+        """The transform that a config's ``target_transform`` section describes, its random streams seeded by
+        ``seed``. ``tt``: a :class:`gsema_fast.config.TargetTransformConfig` (``cfg.target_transform``)."""
+        if not isinstance(tt, TargetTransformConfig):
+            raise TypeError(f"tt must be a TargetTransformConfig, got {type(tt).__name__}")
+        return cls(seed=seed, **dataclasses.asdict(tt))
 
     def extra_repr(self) -> str:
         on = [n for n in ORDER if self.cfg[n]["enabled"] and self.cfg[n]["p"] > 0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gsema_fast.config import Config, config_to_dict
+from gsema_fast.config import Config
 from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.integrations import MissingExtraError
@@ -238,7 +238,7 @@ class GSEMAModule(pl.LightningModule):
         self.teacher = GSEMA(student).teacher
         self.dce = DiceCE(batch=cfg.loss.batch_dice)
         self.bacl = bacl_from_config(cfg.loss, cfg.bacl)
-        self.target_transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"])
+        self.target_transform = TargetTransform.from_config(cfg.target_transform, seed=cfg.train.seed)
         self.gsema: GSEMA | None = None  # built at fit start, on the training device
         self.step_context: StepContext | None = None
         self._pending_counters: dict | None = None

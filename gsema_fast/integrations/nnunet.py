@@ -226,7 +226,7 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
         stage = self.latent_stage()
         self.gsema = updater_from_config(cfg.ema, self.network)
         self.teacher = self.gsema.teacher.eval()
-        self.target_transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"])
+        self.target_transform = TargetTransform.from_config(cfg.target_transform, seed=cfg.train.seed)
         bacl = bacl_from_config(cfg.loss, cfg.bacl)
         self.step_context = StepContext(
             student=LatentUNet(self.network, stage),
