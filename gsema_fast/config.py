@@ -54,6 +54,7 @@ __all__ = [
     "save_config",
     "validate_config",
     "validate_model_config",
+    "with_overrides",
 ]
 
 DEFAULT_CONFIG_NAME = "demo"
@@ -560,6 +561,21 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
     for text in overrides:
         _apply_override(raw, text)
     return _build_section(Config, raw, "")
+
+
+def with_overrides(cfg: Config, *overrides: str) -> Config:
+    """A new validated :class:`Config` equal to ``cfg`` with ``"a.b=c"`` overrides applied in order: the syntax,
+    YAML values and errors of ``--set``. ``cfg`` is left as it was; no overrides give an equal copy.
+
+    Raises ``TypeError`` for a ``cfg`` that is not a Config or an override that is not a string, and ``ValueError``
+    naming the dotted key for an unknown key or a bad value.
+    """
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
+    for text in overrides:
+        if not isinstance(text, str):
+            raise TypeError(f"overrides must be 'a.b=c' strings, got {text!r} ({type(text).__name__})")
+    return config_from_dict(config_to_dict(cfg), overrides)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -15,7 +15,6 @@ of this many cases and seeds; one that includes 0 is no evidence of an effect ei
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gsema_fast.config import Config, config_from_dict, config_to_dict, load_config
+from gsema_fast.config import Config, TargetTransformConfig, load_config, with_overrides
 from gsema_fast.data import load_manifest, synthesize
 from gsema_fast.evaluate import METRICS, evaluate, mean_sd
 from gsema_fast.files import atomic_path, jsonable, write_csv, write_json
@@ -49,7 +48,7 @@ __all__ = [
 ]
 
 # The components of the simulated target domain T (config section target_transform).
-_TARGET_COMPONENTS = ("geometric", "gin", "bias", "intensity", "histogram", "smooth", "noise")
+_TARGET_COMPONENTS = tuple(f.name for f in dataclasses.fields(TargetTransformConfig))
 
 # The paper's ablation rows (Table 1), a baseline that never sees the simulated target domain, and the paper's
 # nnU-Net baseline, as overrides of the base config. Rows with BACL get loss.lambda_con from the base config (the
@@ -479,10 +478,7 @@ def lodo(
     if seeds < 1:
         raise ValueError(f"seeds={seeds}: expected at least 1")
     overrides = (*(study.overrides if study else ()), *overrides)
-    if isinstance(config, Config):
-        base = config_from_dict(config_to_dict(config), overrides) if overrides else config
-    else:
-        base = load_config(config, overrides)
+    base = with_overrides(config, *overrides) if isinstance(config, Config) else load_config(config, overrides)
     if rows is None:
         rows = list(study.rows) if study else list(ABLATION_ROWS) if ablation else ["as configured"]
     else:
@@ -501,8 +497,8 @@ def lodo(
     root_out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    raw = config_to_dict(base)
-    if base.data.root is None:
+    root = base.data.root
+    if root is None:
         synth_dir = Path(base.data.synth_dir) if base.data.synth_dir else root_out / "synth"
         synthesize(
             synth_dir,
@@ -511,14 +507,13 @@ def lodo(
             size=base.data.synth_size,
             seed=base.data.synth_seed,
         )
-        raw["data"]["root"] = str(synth_dir)
-    man = load_manifest(raw["data"]["root"], base.data.manifest)
+        root = str(synth_dir)
+    man = load_manifest(root, base.data.manifest)
     centres = [str(d) for d in domains] if domains is not None else man.domains
     missing = [d for d in centres if d not in man.domains]
     if missing:
         raise ValueError(f"domains: {missing[0]!r} has no cases in {man.path}; domains present: {man.domains}")
     seed_list = [base.train.seed + k for k in range(seeds)]
-    raw["data"]["train_domains"] = None  # every centre but the unseen one
 
     runs = [(row, d, s) for row in rows for d in centres for s in seed_list]
     log.info(
@@ -534,7 +529,7 @@ def lodo(
         for k, (row, centre, seed) in enumerate(runs, 1):
             run_dir = root_out / _slug(row) / f"centre-{_slug(centre)}" / f"seed-{seed}"
             record = _lodo_run(
-                raw, row, centre, seed, run_dir, base=base, checkpoint=checkpoint, tag=f"{k}/{len(runs)}"
+                root, row, centre, seed, run_dir, base=base, checkpoint=checkpoint, tag=f"{k}/{len(runs)}"
             )
             records.append(record)
             journal.write(json.dumps(jsonable({k: v for k, v in record.items() if k != "unseen_cases"})) + "\n")
@@ -563,7 +558,7 @@ def lodo(
 
 
 def _lodo_run(
-    raw: Mapping[str, Any], row: str, centre: str, seed: int, run_dir: Path, *, base: Config, checkpoint: str, tag: str
+    root: str, row: str, centre: str, seed: int, run_dir: Path, *, base: Config, checkpoint: str, tag: str
 ) -> dict[str, Any]:
     test_json = run_dir / "evaluation" / "summary.json"
     val_json = run_dir / "evaluation-val" / "summary.json"
@@ -583,12 +578,11 @@ def _lodo_run(
             record.update(json.loads(timing.read_text()))
         return record
 
-    # A deep copy: overrides are applied to the nested sections in place, and must not leak into the next row.
-    run_raw = copy.deepcopy(dict(raw))
-    run_raw["data"]["test_domain"] = centre
-    run_raw["train"].update(out_dir=str(run_dir), seed=seed)
-    overrides = _row_overrides(row, base) if row in ABLATION_ROWS else ()
-    cfg = config_from_dict(run_raw, overrides)
+    # The run's own data and folder are set as values (a path is not YAML), the row's settings as overrides. Every
+    # centre but the unseen one trains.
+    data = dataclasses.replace(base.data, root=root, train_domains=None, test_domain=centre)
+    run = dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, out_dir=str(run_dir), seed=seed))
+    cfg = with_overrides(run, *(_row_overrides(row, base) if row in ABLATION_ROWS else ()))
     log.info("[%s] %s, unseen centre %s, seed %d: training into %s", tag, row, centre, seed, run_dir)
     t0 = time.perf_counter()
     # The trainer's own end-of-run evaluation would read the unseen centre a second time: lodo scores it below. A run

@@ -1,5 +1,6 @@
 """Config: YAML round trip, overrides, and errors that name the key and the value."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -13,6 +14,7 @@ from gsema_fast.config import (
     load_config,
     resolve_auto,
     save_config,
+    with_overrides,
 )
 
 SHIPPED = ("demo", "gpu", "paper", "reference")
@@ -239,12 +241,66 @@ def test_target_transform_from_a_config_resolves_as_the_keyword_form():
 
     assert list(ORDER) == [f.name for f in dataclasses.fields(TargetTransformConfig)], "applied in the config's order"
     assert TargetTransform.from_config(Config().target_transform, seed=0).cfg == TargetTransform().cfg
-    cfg = config_from_dict({}, ["target_transform.gin.kernels=[3]", "target_transform.noise.enabled=false"])
+    cfg = with_overrides(Config(), "target_transform.gin.kernels=[3]", "target_transform.noise.enabled=false")
     built = TargetTransform.from_config(cfg.target_transform, seed=4)
     assert built.seed == 4
     assert built.cfg == TargetTransform(gin={"kernels": (3,)}, noise=False).cfg
     with pytest.raises(TypeError, match="got Config"):
         TargetTransform.from_config(cfg, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ((), {}),
+        (("target_transform.gin.p=1.0",), {("target_transform", "gin", "p"): 1.0}),
+        (
+            ("ema.mode=none", "data.patch_size=32", "ema.mode=ema"),  # in order: the last one wins
+            {("ema", "mode"): "ema", ("data", "patch_size"): [32, 32, 32]},
+        ),
+        (("bacl={tau: 2}",), {("bacl", "tau"): 2.0}),  # a mapping merges into its section: the rest stays
+    ],
+)
+def test_with_overrides_applies_them_to_a_copy(overrides, expected):
+    original = load_config("demo")
+    before = copy.deepcopy(original)
+    derived = with_overrides(original, *overrides)
+    assert original == before, "the original is left as it was"
+    assert derived is not original and derived.data is not original.data
+    changed = config_to_dict(original)
+    for path, value in expected.items():
+        node = changed
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    assert config_to_dict(derived) == changed
+    assert derived == load_config("demo", list(overrides)), "the same as --set"
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "fragments"),
+    [
+        ("target_transform.gin.kernel=[3]", ValueError, ["unknown key 'target_transform.gin.kernel'", "kernels"]),
+        ("nonsense=1", ValueError, ["unknown key 'nonsense'"]),
+        ("bacl.tau=warm", ValueError, ["bacl.tau", "'warm'"]),
+        ("bacl.tau=0", ValueError, ["bacl.tau", "got 0.0"]),
+        ("ema.mode=sometimes", ValueError, ["ema.mode", "'sometimes'"]),
+        ("bacl.tau", ValueError, ["expected KEY=VALUE", "'bacl.tau'"]),
+        (["bacl.tau=2"], TypeError, ["'a.b=c' strings", "['bacl.tau=2']"]),
+    ],
+)
+def test_with_overrides_rejects_bad_overrides(override, error, fragments):
+    original = Config()
+    with pytest.raises(error) as err:
+        with_overrides(original, override)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+    assert original == Config()
+
+
+def test_with_overrides_takes_a_config():
+    with pytest.raises(TypeError, match="cfg must be a Config, got dict"):
+        with_overrides(config_to_dict(Config()), "bacl.tau=2")
 
 
 def test_config_from_dict_leaves_the_callers_dict_alone():

@@ -3,6 +3,7 @@ unseen centre unseen until the end."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -14,7 +15,7 @@ from tiny import tiny_run
 
 import gsema_fast.lodo as lodo_mod
 import gsema_fast.train as train_mod
-from gsema_fast.config import config_from_dict, config_to_dict, load_config
+from gsema_fast.config import config_to_dict, load_config, with_overrides
 from gsema_fast.data import synthesize
 from gsema_fast.evaluate import evaluate
 from gsema_fast.lodo import ABLATION_ROWS, PRESETS, lodo, paired_bootstrap, write_lodo_table
@@ -150,9 +151,7 @@ def test_presets_name_real_rows_and_fit_their_purpose():
 
 
 def test_no_t_row_turns_every_target_component_off():
-    cfg = config_from_dict(
-        config_to_dict(load_config("demo")), lodo_mod._row_overrides("no EMA, no T", load_config("demo"))
-    )
+    cfg = with_overrides(load_config("demo"), *lodo_mod._row_overrides("no EMA, no T", load_config("demo")))
     raw = config_to_dict(cfg)["target_transform"]
     assert raw and not any(section["enabled"] for section in raw.values())
     assert cfg.ema.mode == "none" and cfg.loss.lambda_con == 0
@@ -199,7 +198,9 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
             "loss.lambda_con=0.3",
         ],
     )
+    before = copy.deepcopy(cfg)
     result = lodo(cfg, seeds=2, rows=["no EMA", "gs-ema-bacl"], out_dir=tmp_path / "lodo")
+    assert cfg == before, "the caller's config is left alone"
     assert len(calls) == 2 * 2 * 2 and len(result["records"]) == 8
     seen = {(c.ema.mode, str(c.data.test_domain), c.train.seed) for c in calls}
     assert seen == {(m, d, s) for m in ("none", "gsema") for d in ("0", "1") for s in (0, 1)}
@@ -212,9 +213,10 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
         "bacl.volume=false",
         "bacl.boundary=true",
     )
-    no_bacl = config_from_dict(config_to_dict(cfg), ["loss.lambda_con=0"])
+    no_bacl = with_overrides(cfg, "loss.lambda_con=0")
     assert lodo_mod._row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
     assert all(c.data.root == str(tmp_path / "lodo" / "synth") and c.data.train_domains is None for c in calls)
+    assert all(c.train.out_dir.endswith(f"centre-{c.data.test_domain}/seed-{c.train.seed}") for c in calls)
     record = result["records"][0]
     assert set(record["unseen"]) == {"vessel", "aneurysm"} and set(record["held_out"]) == {"vessel", "aneurysm"}
     assert len(record["unseen_cases"]) == 2  # per case, for the paired intervals

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gsema_fast.config import Config
+from gsema_fast.config import Config, with_overrides
 from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.integrations import MissingExtraError
@@ -229,7 +228,7 @@ class GSEMAModule(pl.LightningModule):
 
     def __init__(self, student: nn.Module, config: Config | None = None) -> None:
         super().__init__()
-        cfg = Config() if config is None else dataclasses.replace(config)  # replace() validates the sections again
+        cfg = Config() if config is None else with_overrides(config)  # a validated copy, the caller's left alone
         if cfg.ema.mode != "gsema":
             raise ValueError(f"ema.mode: GSEMAModule trains with 'gsema', got {cfg.ema.mode!r}")
         self.automatic_optimization = False

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsema_fast.config import Config, config_from_dict, config_to_dict, parse_override
+from gsema_fast.config import Config, config_to_dict, parse_override, with_overrides
 from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import GSEMA
 from gsema_fast.files import atomic_path
@@ -130,7 +130,7 @@ def method_config(overrides: Sequence[str] = ()) -> Config:
                 f"--set {text}: nnunet-train takes only {', '.join(k + '.*' for k in METHOD_KEYS[:-1])} and "
                 f"train.seed; nnU-Net's plans decide the rest"
             )
-    cfg = config_from_dict({}, overrides)
+    cfg = with_overrides(Config(), *overrides)
     if cfg.ema.mode != "gsema":
         raise ValueError(f"ema.mode: nnUNetTrainerGSEMA trains with 'gsema', got {cfg.ema.mode!r}")
     return cfg
