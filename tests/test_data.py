@@ -28,7 +28,9 @@ from gsema_fast.data import (
     volume_loader,
 )
 from gsema_fast.data import synth as synth_mod
+from gsema_fast.data.datasets import shared_cache_dir
 from gsema_fast.data.target import ORDER
+from gsema_fast.files import cache_root
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -243,6 +245,19 @@ def test_synth_rejects_bad_arguments(tmp_path):
         synthesize(tmp_path, size=8)
     with pytest.raises(ValueError, match="cases_per_domain"):
         synthesize(tmp_path, cases_per_domain=0)
+
+
+def test_cached_data_lives_under_the_per_user_cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "gsema-fast"
+    assert shared_cache_dir() == cache_root() / "preprocessed"
+    calls = []
+    monkeypatch.setattr(synth_mod, "synthesize", lambda folder, **kwargs: calls.append(Path(folder)) or Path(folder))
+    synth_mod.builtin_dataset(domains=2, cases_per_domain=1, size=24, seed=5)
+    assert calls == [cache_root() / "phantoms-d2-n1-s24-seed5"]
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # unset or empty: the home folder's .cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "gsema-fast"
 
 
 def test_cli_synth(tmp_path):
