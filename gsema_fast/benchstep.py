@@ -15,13 +15,12 @@ present) and its simulated target, then times each mode's step in the same proce
 Step times are medians over ``steps`` timed steps after ``warmup`` untimed ones (the first of which, compilation
 included, is reported on its own), synchronised on CUDA. The target transform's time per batch is reported next to
 them: data must never be what limits a step. With ``train.compile`` the compiled code is loaded from and saved to
-the compile cache (:func:`gsema_fast.train.compile_cache_file`), so a second run of the same config reports a warm
+the compile cache (:func:`gsema_fast.compilation.compile_cache_file`), so a second run of the same config reports a warm
 first step (``"compile_cache": "warm"``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import statistics
 import time
@@ -29,7 +28,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gsema_fast.config import Config, config_to_dict, resolve_auto
+from gsema_fast.build import build_context, build_data, build_target_transform, seed_everything
+from gsema_fast.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
+from gsema_fast.config import Config, resolve_auto, with_overrides
+from gsema_fast.kernels.bacl import bacl_reference
+from gsema_fast.memory import retain_freed_memory
+from gsema_fast.models import build_model, unwrap_model
+from gsema_fast.step import gsema_step
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +47,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _batch(cfg: Config, device: torch.device):
-    from gsema_fast.data import TargetTransform
-
     d = cfg.data
     patch = list(d.patch_size)  # the config stores three sizes
     generator = torch.Generator().manual_seed(cfg.train.seed)
     x_s = torch.randn(d.batch_size, cfg.model.in_channels, *patch, generator=generator).to(device)
     # Thresholds give every class a share of voxels, so the losses and gradients are those of a real batch.
     y_s = ((x_s[:, :1] > 0.5).long() + (x_s[:, :1] > 1.5).long()).clamp_max(cfg.model.out_channels - 1)
-    transform = TargetTransform(seed=cfg.train.seed, **config_to_dict(cfg)["target_transform"]).to(device)
+    transform = build_target_transform(cfg, device)
     x_t, y_t = transform(x_s, y_s)
     return x_s, y_s, x_t, y_t, transform
 
@@ -66,9 +69,6 @@ def _plain_step(ctx, x_s, y_s):
 
 def _reference_step_fn(cfg: Config, ctx):
     """The public code's step on copies of the pair, fp32 eager, with its own (non-fused) Adam."""
-    from gsema_fast.kernels.bacl import bacl_reference
-    from gsema_fast.models import build_model, unwrap_model
-
     # Fresh modules with the same weights: a copy of a compiled block would call the original's compiled code.
     device = next(ctx.student.parameters()).device
     student = build_model(cfg.model).to(device)
@@ -110,8 +110,6 @@ def _reference_step_fn(cfg: Config, ctx):
 
 def step_function(mode: str, cfg: Config, ctx, x_s, y_s, x_t, y_t):
     """A no-argument callable running one step of ``mode`` on the given batch (benchmarks call it too)."""
-    from gsema_fast.step import gsema_step
-
     if mode == "plain":
         return lambda: _plain_step(ctx, x_s, y_s)
     if mode == "gsema":
@@ -154,13 +152,9 @@ def _time(fn, device: torch.device, *, steps: int, warmup: int) -> dict:
 
 def prepare(cfg: Config):
     """``(resolved cfg, StepContext, (x_s, y_s, x_t, y_t), target transform)`` for timing steps of ``cfg``."""
-    from gsema_fast.train import build_context, compile_blocks, compile_cache_file, load_compile_cache, seed_everything
-
-    cfg = resolve_auto(dataclasses.replace(cfg, ema=dataclasses.replace(cfg.ema, mode="gsema")))
+    cfg = resolve_auto(with_overrides(cfg, "ema.mode=gsema"))
     device = torch.device(cfg.train.device)
     if device.type == "cpu" and cfg.train.retain_cpu_memory:  # as train() does: every mode gains from it
-        from gsema_fast.memory import retain_freed_memory
-
         retain_freed_memory()
     seed_everything(cfg.train.seed, False)
     x_s, y_s, x_t, y_t, transform = _batch(cfg, device)
@@ -174,8 +168,6 @@ def prepare(cfg: Config):
 def _loader_ms(cfg: Config, batches: int) -> float:
     """Median host time to draw one training batch from the configured dataset's loader (after a first batch that
     fills the caches); the built-in phantoms are synthesised first if missing."""
-    from gsema_fast.train import build_data
-
     data = build_data(cfg)
     batches_per_epoch = len(data.train)
     if batches_per_epoch == 0:
@@ -205,8 +197,6 @@ def bench_step(cfg: Config, modes=MODES, *, steps: int = 5, warmup: int = 2, loa
         raise ValueError(f"mode: expected some of {MODES}, got {unknown}")
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps={steps}, warmup={warmup}: both must be at least 1")
-    from gsema_fast.train import compile_cache_file, save_compile_cache
-
     cfg, ctx, (x_s, y_s, x_t, y_t), transform = prepare(cfg)
     device = torch.device(cfg.train.device)
     cache = compile_cache_file(cfg, device)

@@ -139,7 +139,7 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> int:
-    from gsema_fast.evaluate import predict
+    from gsema_fast.inference import predict
 
     result = predict(
         args.checkpoint,

@@ -60,6 +60,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes files and logs."""
+    return rank() == 0
+
+
 def setup(device: str | torch.device, *, timeout_s: float = 600.0) -> Context:
     """Join the process group described by the environment (if any) and return this rank's :class:`Context`.
 

@@ -6,6 +6,8 @@
   that a thin shell of boundary errors around a well-segmented sac stays faint and a missed sac is bright.
 - :func:`plot_dataset_mips`: image and label MIPs of a few cases of every centre of a dataset (what the centres'
   acquisitions look like side by side).
+- :func:`draw_progress`: a run's ``progress.png`` from its ``log.jsonl`` (losses, validation Dice, gradient
+  agreement, learning rate against the step).
 - :func:`latent_tsne`: teacher latents of patches from every centre of a dataset, one t-SNE panel per checkpoint
   (e.g. an EMA and a GS-EMA run side by side), coloured by centre; a lower domain silhouette (computed on the latents
   themselves, not on the embedding) means centres overlap more, i.e. more domain-invariant features.
@@ -15,6 +17,7 @@ Figures are drawn on matplotlib's Agg canvas directly, so no display and no glob
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,7 +32,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from gsema_fast.data import Manifest, Preprocessing, load_manifest
 from gsema_fast.files import atomic_path
+from gsema_fast.inference import LoadedCheckpoint, load_checkpoint, preprocess_case
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +211,40 @@ def plot_dataset_mips(
     return _save(fig, path)
 
 
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+def draw_progress(log_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
+    """progress.png: losses, validation Dice, aligned fraction and learning rate against the step."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    fig = Figure(figsize=(11, 7), dpi=90)
+    axes = fig.subplots(2, 2)
+    ax = axes[0, 0]
+    for key in ("total", "dce_student_src", "dce_student_trg", "dce_teacher_trg", "bacl"):
+        if train and key in train[0]:
+            ax.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax.set(title="losses", xlabel="step")
+    ax = axes[0, 1]
+    for key in sorted({k for r in val for k in r.get("dice", {})}):
+        ax.plot([r["step"] for r in val], [r["dice"].get(key, float("nan")) for r in val], marker="o", label=key)
+    ax.set(title="validation Dice (teacher)", xlabel="step", ylim=(0, 1))
+    ax = axes[1, 0]
+    if train and "aligned" in train[0]:
+        ax.plot([r["step"] for r in train], [r["aligned"] for r in train], label="aligned fraction")
+        ax.plot([r["step"] for r in train], [r["grad_cos"] for r in train], label="cos(g_src, g_trg)")
+    ax.set(title="gradient agreement", xlabel="step")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    ax.plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax.set(title="learning rate", xlabel="step", yscale="log")
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
 # ----------------------------------------------------------------------------------------------------- latents
 def _patch_starts(
     label: torch.Tensor | None, shape: Sequence[int], roi: Sequence[int], count: int, rng: np.random.Generator
@@ -351,12 +390,9 @@ def latent_tsne(
 
     ``unseen``: centres drawn as triangles (default: each first checkpoint's test domain).
     """
-    from gsema_fast.data import Manifest, load_manifest, preprocess_transforms
-    from gsema_fast.evaluate import LoadedCheckpoint, _preprocess, load_checkpoint
-
     man = data if isinstance(data, Manifest) else load_manifest(data)
     chosen = [c for d in man.domains for c in man.cases_of(d)[:cases_per_domain]]
-    prepared: dict[tuple, list] = {}
+    prepared: dict[Preprocessing, list] = {}
     panels: dict[str, tuple[np.ndarray, list[str]]] = {}
     for entry in checkpoints:
         loaded = (
@@ -367,17 +403,12 @@ def latent_tsne(
         cfg = loaded.config
         if unseen is None:
             unseen = [str(cfg.data.test_domain) if cfg.data.test_domain is not None else man.domains[-1]]
-        key = (tuple(cfg.data.spacing or ()), tuple(cfg.data.clip_percentiles or ()), cfg.data.intensity)
+        key = Preprocessing.from_config(cfg.data)
         if key not in prepared:  # checkpoints of one study share their preprocessing: load the volumes once
-            transform = preprocess_transforms(
-                labels=man.labels,
-                spacing=cfg.data.spacing,
-                clip_percentiles=cfg.data.clip_percentiles,
-                intensity=cfg.data.intensity,
-            )
+            transform = key.transforms(labels=man.labels)
             prepared[key] = []
             for c in chosen:
-                item = _preprocess(transform, {"image": str(c.image), "label": str(c.label), "case": c.name})
+                item = preprocess_case(transform, {"image": str(c.image), "label": str(c.label), "case": c.name})
                 prepared[key].append((item["image"], item["label"], c.domain))
         feats, doms = collect_latents(
             loaded.net, prepared[key], roi_size=cfg.data.patch_size, patches_per_case=patches_per_case, seed=seed

@@ -30,8 +30,9 @@ import torch
 
 from gsema_fast.config import Config, TargetTransformConfig, load_config, with_overrides
 from gsema_fast.data import load_manifest, synthesize
-from gsema_fast.evaluate import METRICS, evaluate, mean_sd
+from gsema_fast.evaluate import evaluate
 from gsema_fast.files import atomic_path, jsonable, write_csv, write_json
+from gsema_fast.metrics import METRICS, mean_sd
 from gsema_fast.train import train
 
 log = logging.getLogger(__name__)

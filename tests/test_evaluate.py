@@ -7,7 +7,8 @@ import pytest
 import torch
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU, compute_hausdorff_distance
 
-from gsema_fast.evaluate import case_metrics, predict_volume
+from gsema_fast.inference import predict_volume
+from gsema_fast.metrics import case_metrics
 from gsema_fast.models import build_model
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
@@ -190,7 +191,7 @@ def checkpoint(dataset, tmp_path_factory):
 
 
 def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
-    from gsema_fast.evaluate import load_checkpoint
+    from gsema_fast.inference import load_checkpoint
 
     teacher = load_checkpoint(checkpoint, device="cpu")
     student = load_checkpoint(checkpoint, weights="student", device="cpu")
@@ -227,7 +228,7 @@ def test_preprocessing_inverts_onto_the_original_grid(dataset, spacing, min_dice
     import nibabel as nib
 
     from gsema_fast.data import load_manifest, preprocess_transforms
-    from gsema_fast.evaluate import _to_original_grid
+    from gsema_fast.inference import to_original_grid
 
     man = load_manifest(dataset)
     case = man.cases_of("1")[0]  # centre B: stored LPS, so orientation is undone too
@@ -235,7 +236,7 @@ def test_preprocessing_inverts_onto_the_original_grid(dataset, spacing, min_dice
     transform = preprocess_transforms(labels=man.labels, spacing=spacing)
     item = transform({"image": str(case.image), "label": str(case.label), "case": case.name})
     onehot = _onehot(item["label"][0].numpy().astype(np.int64))[0]
-    back = _to_original_grid(transform, onehot, item["image"]).argmax(0).numpy()
+    back = to_original_grid(transform, onehot, item["image"]).argmax(0).numpy()
     orig = np.asarray(nib.load(case.label).dataobj)
     assert back.shape == orig.shape
     if spacing is None:
@@ -258,7 +259,7 @@ def _nifti(path, data, affine, dtype=np.int16):
 def test_predict_round_trips_affine_shape_and_reports_bad_files(checkpoint, tmp_path):
     import nibabel as nib
 
-    from gsema_fast.evaluate import predict
+    from gsema_fast.inference import predict
 
     rng = np.random.default_rng(0)
     # Oblique, anisotropic, flipped, and a size that is no multiple of the 16^3 window.

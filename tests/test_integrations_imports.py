@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
 
     from gsema_fast.config import load_config
     from gsema_fast.integrations import MissingExtraError
-    from gsema_fast.train import build_loggers
+    from gsema_fast.monitor import build_loggers
     cfg = load_config("demo", ["train.loggers=[jsonl,tensorboard]"])
     try:
         build_loggers(cfg, None)

@@ -250,11 +250,11 @@ def test_unseen_centre_is_read_only_after_training_and_scored_like_evaluate(
     """The trainer never scores the unseen centre before its last step; it scores the checkpoint chosen on the
     training centres' validation cases (best.pt), in mm and ml, with the numbers `evaluate` gives."""
     events = []
-    scored = train_mod.evaluate_teacher
+    scored = train_mod.score_volumes
 
-    def spy(ctx, loader, labels, cfg, device, what, **kwargs):
-        events.append(("unseen" if "unseen" in what else "validation", what))
-        return scored(ctx, loader, labels, cfg, device, what, **kwargs)
+    def spy(*args, desc, **kwargs):
+        events.append(("unseen" if "unseen" in desc else "validation", desc))
+        return scored(*args, desc=desc, **kwargs)
 
     real_step = train_mod.train_step
 
@@ -262,7 +262,7 @@ def test_unseen_centre_is_read_only_after_training_and_scored_like_evaluate(
         events.append(("step", ""))
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "evaluate_teacher", spy)
+    monkeypatch.setattr(train_mod, "score_volumes", spy)
     monkeypatch.setattr(train_mod, "train_step", step_spy)
     cfg = load_config("demo", [*tiny_run(phantoms), f"train.out_dir={tmp_path / 'run'}", "train.epochs=3"])
     result = train_mod.train(cfg)

@@ -204,8 +204,8 @@ def test_crafted_checkpoint_runs_no_code(verb, phantoms, run_copy, volume, tmp_p
 
 
 def test_checkpoints_hold_plain_types_and_older_ones_still_load(finished, tmp_path):
+    from gsema_fast.checkpoints import set_numpy_rng_state
     from gsema_fast.files import read_checkpoint
-    from gsema_fast.train import set_numpy_rng_state
 
     state = torch.load(finished / "checkpoints" / "latest.pt", weights_only=True)  # no allow-list needed
     numpy_state = state["rng"]["numpy"]
@@ -576,14 +576,14 @@ def test_single_domain_run_says_so_and_writes_its_summary(tmp_path, caplog):
 def test_summary_is_strict_json_with_nan_as_null(phantoms, tmp_path, caplog, monkeypatch):
     import gsema_fast.train as train_module
 
-    evaluate = train_module.evaluate_teacher
+    evaluate = train_module.score_volumes
 
     def no_aneurysm_anywhere(*args, **kwargs):
         result = evaluate(*args, **kwargs)
         result["mean"]["aneurysm"] = float("nan")
         return result
 
-    monkeypatch.setattr(train_module, "evaluate_teacher", no_aneurysm_anywhere)
+    monkeypatch.setattr(train_module, "score_volumes", no_aneurysm_anywhere)
     run = tmp_path / "run"
     assert run_cli(caplog, *train_args(phantoms, run)) == (0, [])
     summary = strict_json(run / "summary.json")

@@ -14,11 +14,12 @@ import pytest
 import torch
 from tiny import make_ctx, params_of, recorded_grad_stats, tiny_batch, tiny_run
 
+from gsema_fast.compilation import compile_blocks
 from gsema_fast.config import load_config
 from gsema_fast.losses import DiceCE
 from gsema_fast.models import repeated_blocks
 from gsema_fast.step import flat_gradient_buffers, forward_all, train_step
-from gsema_fast.train import compile_blocks, train
+from gsema_fast.train import train
 
 # ------------------------------------------------------------------------------------------------ the step
 
@@ -276,7 +277,7 @@ from pathlib import Path
 from torch._dynamo.utils import counters
 from tiny import make_ctx, tiny_batch
 from gsema_fast.step import train_step
-from gsema_fast.train import compile_blocks, load_compile_cache, save_compile_cache
+from gsema_fast.compilation import compile_blocks, load_compile_cache, save_compile_cache
 
 cache = Path(sys.argv[1])
 warm = load_compile_cache(cache)

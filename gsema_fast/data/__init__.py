@@ -6,7 +6,8 @@ Public API (names are imported on first use, so ``synthesize`` needs neither tor
   :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use;
   :func:`dataset_folder`: a run's dataset folder from its ``data`` settings.
 - :func:`load_manifest`, :func:`split_cases`, :func:`build_loaders`, :func:`volume_loader`,
-  :func:`preprocess_transforms` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI transforms.
+  :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI
+  transforms.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
 
 A trainer does::
@@ -38,6 +39,9 @@ _EXPORTS = {
     "build_loaders": "datasets",
     "volume_loader": "datasets",
     "preprocess_transforms": "datasets",
+    "Preprocessing": "datasets",
+    "PREPROCESSING_KEYS": "datasets",
+    "unwrap_transform_error": "datasets",
     "TargetTransform": "target",
 }
 

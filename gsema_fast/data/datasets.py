@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -384,6 +384,49 @@ class _TrainItem(Transform):
         }
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What decides the voxels a network sees, besides the image itself: the target grid (``spacing`` in mm, None
+    keeps each image's grid), the intensity clip (``clip_percentiles``, None: no clip) and the normalisation
+    (``intensity``). Training, validation, evaluation, prediction and figures all preprocess through one of these;
+    a checkpoint's weights are only meaningful with the settings they were trained with."""
+
+    spacing: tuple[float, ...] | None = None
+    clip_percentiles: tuple[float, ...] | None = (0.5, 99.5)
+    intensity: str = "zscore"
+
+    @classmethod
+    def from_config(cls, data) -> Preprocessing:
+        """The settings of a config's ``data`` section (:class:`gsema_fast.config.DataConfig`)."""
+        spacing, clip = data.spacing, data.clip_percentiles
+        if isinstance(spacing, (int, float)):
+            spacing = [spacing] * 3
+        return cls(
+            None if spacing is None else tuple(float(s) for s in spacing),
+            None if clip is None else tuple(float(c) for c in clip),
+            data.intensity,
+        )
+
+    def transforms(self, labels: Mapping[str, int] | None = None) -> Compose:
+        """:func:`preprocess_transforms` with these settings."""
+        return preprocess_transforms(
+            labels=labels, spacing=self.spacing, clip_percentiles=self.clip_percentiles, intensity=self.intensity
+        )
+
+
+# The config keys (``data.<key>``) of the preprocessing: a checkpoint fixes them.
+PREPROCESSING_KEYS = tuple(f.name for f in fields(Preprocessing))
+
+
+def unwrap_transform_error(err: BaseException) -> BaseException:
+    """MONAI re-raises a failing transform as ``RuntimeError("applying transform ...")``, nested once per Compose:
+    the error of ours (or of the library) that names the case and the problem, else ``err`` itself."""
+    seen = err.__cause__
+    while seen is not None and not isinstance(seen, (ValueError, FileNotFoundError)):
+        seen = seen.__cause__
+    return err if seen is None else seen
+
+
 def preprocess_transforms(
     *,
     labels: Mapping[str, int] | None = None,
@@ -430,15 +473,12 @@ def preprocess_transforms(
 
 @contextlib.contextmanager
 def _own_errors():
-    """MONAI re-raises a failing transform as ``RuntimeError("applying transform ...")``: surface the error of ours
-    (or of the library) that names the case and the problem, keeping its own cause."""
+    """Surface the error of a failing transform (:func:`unwrap_transform_error`), keeping its own cause."""
     try:
         yield
     except RuntimeError as err:
-        seen = err.__cause__
-        while seen is not None and not isinstance(seen, (ValueError, FileNotFoundError)):
-            seen = seen.__cause__
-        if seen is None:
+        seen = unwrap_transform_error(err)
+        if seen is err:
             raise
         raise seen from seen.__cause__
 
