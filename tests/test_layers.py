@@ -1,0 +1,183 @@
+"""The package's data flows down its layers and never back up: a module imports only from layers below its own; no
+import circle; no private name imported from another module; no function-local import of the package's own
+modules (except the command line's, which keeps ``--help`` fast, and the optional integrations, imported only when
+used). Every module imports on its own, whichever is imported first."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Bottom to top. A package name stands for the package and its submodules (which may import each other).
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "foundation",
+        ("gsema_fast", "gsema_fast.files", "gsema_fast.memory", "gsema_fast.distributed", "gsema_fast.integrations"),
+    ),
+    ("configuration, sinks", ("gsema_fast.config", "gsema_fast.integrations.tensorboard")),
+    ("kernels", ("gsema_fast.kernels",)),
+    ("ops", ("gsema_fast.ops",)),
+    ("losses, EMA", ("gsema_fast.losses", "gsema_fast.ema")),
+    ("models, data", ("gsema_fast.models", "gsema_fast.data")),
+    ("step", ("gsema_fast.step",)),
+    ("metrics", ("gsema_fast.metrics",)),
+    ("inference", ("gsema_fast.inference",)),
+    ("figures", ("gsema_fast.figures",)),
+    (
+        "training set-up",
+        (
+            "gsema_fast.build",
+            "gsema_fast.compilation",
+            "gsema_fast.checkpoints",
+            "gsema_fast.runfolder",
+            "gsema_fast.monitor",
+        ),
+    ),
+    (
+        "training",
+        (
+            "gsema_fast.train",
+            "gsema_fast.benchstep",
+            "gsema_fast.integrations.nnunet",
+            "gsema_fast.integrations.lightning",
+        ),
+    ),
+    ("evaluation", ("gsema_fast.evaluate",)),
+    ("experiments", ("gsema_fast.lodo",)),
+    ("CLI", ("gsema_fast.cli",)),
+    ("entry point", ("gsema_fast.__main__",)),
+]
+PACKAGES = ("gsema_fast.kernels", "gsema_fast.data")  # units whose modules may import each other
+LAZY_IMPORTERS = ("gsema_fast.cli",)  # imports inside functions: the command's --help must not load torch
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name (kernels/ is installed as gsema_fast.kernels)."""
+    files = {}
+    for path in sorted((ROOT / "gsema_fast").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        name = "gsema_fast.kernels" if path.stem == "__init__" else f"gsema_fast.kernels.{path.stem}"
+        files[name] = path
+    return files
+
+
+def unit(module: str) -> str:
+    return next((p for p in PACKAGES if module == p or module.startswith(p + ".")), module)
+
+
+def layer(module: str) -> int:
+    """The layer of a module: that of the most specific name in LAYERS covering it."""
+    best = None
+    for index, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if module == name or (name in PACKAGES and module.startswith(name + ".")):
+                if best is None or len(name) > len(best[1]):
+                    best = (index, name)
+    if best is None:
+        raise AssertionError(f"{module} is in no layer of tests/test_layers.py: give it one")
+    return best[0]
+
+
+def imports(path: Path, module: str) -> list[tuple[str, list[str], bool, int]]:
+    """``(imported module, names, inside a function, line)`` for every import of the package in ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name.split(".")[0] == "gsema_fast":
+                        found.append((alias.name, [], in_function, child.lineno))
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + [base]).strip(".")
+                if base.split(".")[0] == "gsema_fast":
+                    names = [a.name for a in child.names]
+                    # "from gsema_fast import ops" imports the module gsema_fast.ops
+                    submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES]
+                    for target in submodules or [base]:
+                        found.append((target, [] if submodules else names, in_function, child.lineno))
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+MODULES = module_files()
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        layer(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_only_flow_down(module):
+    own = layer(module)
+    for target, names, in_function, line in imports(MODULES[module], module):
+        where = f"{MODULES[module].relative_to(ROOT)}:{line}"
+        if unit(target) != unit(module):
+            assert layer(target) < own, (
+                f"{where}: {module} ({LAYERS[own][0]}) imports {target} ({LAYERS[layer(target)][0]}): "
+                f"a module imports only from layers below its own"
+            )
+        private = [n for n in names if n.startswith("_") and n != "__version__"]
+        assert not private or unit(target) == unit(module), f"{where}: private name(s) {private} of {target}"
+        lazy_ok = module in LAZY_IMPORTERS or target.startswith("gsema_fast.integrations.")
+        assert not in_function or lazy_ok, f"{where}: {module} imports {target} inside a function"
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    """The check above is not vacuous: an evaluation import in the step module is reported."""
+    fake = tmp_path / "step.py"
+    fake.write_text("from gsema_fast.evaluate import evaluate\n")
+    (target, _, _, _), *_ = imports(fake, "gsema_fast.step")
+    assert target == "gsema_fast.evaluate" and layer(target) > layer("gsema_fast.step")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib, sys
+    from gsema_fast.integrations import MissingExtraError
+
+    names = sys.argv[1:]
+    for first in names:
+        for loaded in [m for m in sys.modules if m == "gsema_fast" or m.startswith("gsema_fast.")]:
+            del sys.modules[loaded]
+        # this module first, then all the others, the last-listed first
+        for name in [first, *reversed(names)]:
+            try:
+                importlib.import_module(name)
+            except MissingExtraError:  # an integration whose extra is not installed: its own test covers it
+                pass
+    """
+)
+
+
+def test_every_module_imports_whichever_comes_first():
+    names = [m for m in MODULES if m != "gsema_fast.__main__"]
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_readme_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout\n") : text.index("\n## ", text.index("## Layout\n") + 1)]
+    for path in sorted((ROOT / "gsema_fast").glob("*.py")):
+        if path.stem not in ("__init__", "__main__"):
+            assert f"{path.name}`" in section, f"README's layout section does not name gsema_fast/{path.name}"
+    for folder in ("kernels/", "data/", "integrations/", "configs/", "bench/", "tests/"):
+        assert f"{folder}`" in section, f"README's layout section does not name {folder}"
