@@ -155,7 +155,7 @@ class LoadedCheckpoint:
     """A network rebuilt from a checkpoint, in eval mode on ``device``, with the config it was trained with."""
 
     net: nn.Module
-    config: Any  # gsema_fast.config.Config
+    config: Config
     path: Path
     weights: str
     step: int | None
