@@ -35,6 +35,7 @@ from matplotlib.patches import Patch
 from gsema_fast.data import Manifest, Preprocessing, load_manifest
 from gsema_fast.files import atomic_path
 from gsema_fast.inference import LoadedCheckpoint, load_checkpoint, preprocess_case
+from gsema_fast.metrics import voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _to_ras(arr: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def _ras_spacing(affine: np.ndarray) -> np.ndarray:
     import nibabel as nib
 
-    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     ornt = nib.orientations.io_orientation(affine)
     out = np.empty(3)
     out[ornt[:, 0].astype(int)] = spacing  # voxel axis k becomes RAS axis ornt[k, 0]
