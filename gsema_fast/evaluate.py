@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gsema_fast import figures as figs
 from gsema_fast.config import Config
-from gsema_fast.data import Manifest, Preprocessing, dataset_folder, load_manifest, split_cases
+from gsema_fast.data import Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
 from gsema_fast.files import check_writable, jsonable, write_csv, write_json
 from gsema_fast.inference import (
     LoadedCheckpoint,
@@ -63,12 +63,7 @@ def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[li
         unknown = [d for d in wanted if d not in man.domains]
         if unknown:
             raise ValueError(f"domain {unknown[0]!r} has no cases in {man.path}; domains present: {man.domains}")
-    test_domain = cfg.data.test_domain if cfg.data.test_domain is not None else man.domains[-1]
-    trained_on = (
-        [str(d) for d in cfg.data.train_domains]
-        if cfg.data.train_domains is not None
-        else [d for d in man.domains if d != str(test_domain)]
-    )
+    trained_on, test_domain = run_domains(man, cfg.data)
     if split == "all":
         cases = [c for c in man.cases if wanted is None or c.domain in wanted]
     elif split == "val":

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +24,7 @@ from gsema_fast.data import (
     TargetTransform,
     build_loaders,
     load_manifest,
+    run_domains,
     split_cases,
     synthesize,
     volume_loader,
@@ -492,6 +494,20 @@ def test_domain_errors(synth_root):
         build_loaders(synth_root, batch_size=3, samples_per_volume=2)
     split = split_cases(man, test_domain=3, val_per_domain=1, seed=0)
     assert split.train_domains == ("0", "1", "2") and len(split.train) == 6
+
+
+@pytest.mark.parametrize(
+    ("train_domains", "test_domain", "expected"),
+    [
+        (None, None, (["0", "1", "2"], "3")),  # the last domain is the unseen one
+        (None, 1, (["0", "2", "3"], "1")),
+        ([2, 0], None, (["2", "0"], "3")),
+        (["0"], "2", (["0"], "2")),
+    ],
+)
+def test_run_domains(synth_root, train_domains, test_domain, expected):
+    data = SimpleNamespace(train_domains=train_domains, test_domain=test_domain)
+    assert run_domains(load_manifest(synth_root), data) == expected
 
 
 # ------------------------------------------------------------------------------------------ target transform

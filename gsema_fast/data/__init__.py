@@ -5,7 +5,7 @@ Public API (names are imported on first use, so ``synthesize`` needs neither tor
 - :func:`synthesize` (``gsema_fast.data.synth``): write the built-in multi-centre dataset; :data:`CENTRES`;
   :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use;
   :func:`dataset_folder`: a run's dataset folder from its ``data`` settings.
-- :func:`load_manifest`, :func:`split_cases`, :func:`build_loaders`, :func:`volume_loader`,
+- :func:`load_manifest`, :func:`split_cases`, :func:`run_domains`, :func:`build_loaders`, :func:`volume_loader`,
   :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI
   transforms.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
@@ -36,6 +36,7 @@ _EXPORTS = {
     "Loaders": "datasets",
     "load_manifest": "datasets",
     "split_cases": "datasets",
+    "run_domains": "datasets",
     "build_loaders": "datasets",
     "volume_loader": "datasets",
     "preprocess_transforms": "datasets",

@@ -275,6 +275,16 @@ def split_cases(
     return Split(tuple(tr), tuple(va), tuple(te), tuple(train), test)
 
 
+def run_domains(manifest: Manifest, data) -> tuple[list[str], str]:
+    """The training domains and the unseen domain of a run on ``manifest``, from its data settings (``data``: any
+    object with ``train_domains`` and ``test_domain``, such as the config's data section): ``test_domain`` None is
+    the last domain, ``train_domains`` None every domain but the unseen one."""
+    test = str(data.test_domain) if data.test_domain is not None else manifest.domains[-1]
+    if data.train_domains is not None:
+        return [str(d) for d in data.train_domains], test
+    return [d for d in manifest.domains if d != test], test
+
+
 # ------------------------------------------------------------------------------------------------ transforms
 
 
