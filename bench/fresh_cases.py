@@ -1,0 +1,106 @@
+"""Score checkpoints on fresh cases of their training centres: ``python -m bench.fresh_cases RUN [RUN ...]``.
+
+A run's validation split holds a few cases per training centre (the demo: six in all), so its held-out Dice moves
+with which sacs were drawn into it, and ``best.pt`` was chosen on those very cases. The built-in phantoms are
+deterministic per (seed, centre, case index), so the cases after a run's own ``synth_cases_per_domain`` are new draws
+of the same centres that no run trained, validated or chose a checkpoint on. This scores every given run (a run
+folder: its ``checkpoints/best.pt``; or a checkpoint file) on the same ``--cases`` fresh cases per training centre,
+after the largest dataset any of them used, and on the unseen centre, with the trainer's own scoring path
+(:func:`gsema_fast.inference.score_volumes`). Choices between configurations read the fresh source-centre figures
+only; the unseen-centre ones are printed for the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from gsema_fast.data import Preprocessing, builtin_dataset, dataset_folder, load_manifest, run_domains, volume_loader
+from gsema_fast.files import write_json
+from gsema_fast.inference import load_checkpoint, score_volumes
+
+log = logging.getLogger("bench.fresh_cases")
+
+
+def synthesis_of(cfg) -> dict:
+    """The synthesis settings (domains, cases_per_domain, size, seed) of the dataset a run trained on; ValueError
+    when it is not the built-in phantoms."""
+    root = dataset_folder(cfg.data)
+    manifest = json.loads((root / "dataset.json").read_text())
+    if "synth" not in manifest:
+        raise ValueError(f"{root}: not built-in phantoms (dataset.json has no 'synth' entry): no fresh cases to draw")
+    return {key: manifest["synth"][key] for key in ("domains", "cases_per_domain", "size", "seed")}
+
+
+def fresh_split(man, centres: list[str], first: int, count: int) -> list:
+    """Cases ``first .. first + count - 1`` of each centre in ``centres`` (cases are listed in index order)."""
+    cases = [c for d in centres for c in man.cases_of(d)[first : first + count]]
+    if len(cases) != count * len(centres):
+        raise ValueError(f"{man.path}: fewer than {first + count} cases in some of the centres {centres}")
+    return cases
+
+
+def score_runs(runs: list[str], cases: int) -> dict:
+    """Per run (keyed by its checkpoint path): the mean Dice per class and the aneurysm Dice per case on the fresh
+    cases (``fresh``) and on the unseen centre's cases of its own dataset (``unseen``)."""
+    if cases < 1:
+        raise ValueError(f"cases={cases}: expected at least 1 fresh case per centre")
+    paths = [Path(r) / "checkpoints" / "best.pt" if Path(r).is_dir() else Path(r) for r in runs]
+    loaded = [load_checkpoint(p, device="cpu") for p in paths]
+    synths = [synthesis_of(ck.config) for ck in loaded]
+    phantom_sets = {(s["domains"], s["size"], s["seed"]) for s in synths}
+    if len(phantom_sets) > 1:
+        raise ValueError(f"the runs trained on different phantom sets (domains, size, seed): {sorted(phantom_sets)}")
+    first = max(s["cases_per_domain"] for s in synths)
+    man = load_manifest(builtin_dataset(**{**synths[0], "cases_per_domain": first + cases}))
+    results = {"first_fresh_case": first, "cases_per_centre": cases, "runs": {}}
+    for path, ck, synth in zip(paths, loaded, synths, strict=True):
+        centres, unseen = run_domains(man, ck.config.data)
+        split = {
+            "fresh": fresh_split(man, centres, first, cases),
+            # the unseen centre's cases of the run's own dataset: those its trainer scored
+            "unseen": fresh_split(man, [unseen], 0, synth["cases_per_domain"]),
+        }
+        preprocessing = dataclasses.asdict(Preprocessing.from_config(ck.config.data))
+        scored = {}
+        for name, chosen in split.items():
+            loader = volume_loader(chosen, labels=man.labels, **preprocessing)
+            s = score_volumes(ck.net, loader, man.labels, ck.config, desc=f"{path.parent.parent.name} {name}")
+            scored[name] = {"mean": s["mean"], "cases": {c["case"]: c["aneurysm"]["dice"] for c in s["cases"]}}
+        results["runs"][str(path)] = scored
+        log.info(
+            "%s: fresh %s | unseen %s",
+            path,
+            {c: round(v, 3) for c, v in scored["fresh"]["mean"].items()},
+            {c: round(v, 3) for c, v in scored["unseen"]["mean"].items()},
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (their checkpoints/best.pt) or checkpoint files")
+    parser.add_argument("--cases", type=int, default=8, help="fresh cases per training centre (default: 8)")
+    parser.add_argument("--out", help="write the per-run and per-case Dice here (JSON)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        results = score_runs(args.runs, args.cases)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    runs = list(results["runs"].values())
+    for name in ("fresh", "unseen"):
+        for cls in runs[0][name]["mean"]:
+            values = [r[name]["mean"][cls] for r in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            log.info("%-6s %-9s mean %.3f  sd %.3f  (%d runs)", name, cls, statistics.fmean(values), sd, len(values))
+    if args.out:
+        write_json(results, args.out)
+
+
+if __name__ == "__main__":
+    main()

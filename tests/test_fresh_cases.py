@@ -1,0 +1,94 @@
+"""bench.fresh_cases: scoring runs on phantom cases of their training centres that no run trained on."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from bench import fresh_cases
+from gsema_fast.config import config_to_dict, load_config
+from gsema_fast.data import synthesize
+from gsema_fast.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BUILTIN = {"domains": 2, "cases_per_domain": 2, "size": 20, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("synth") / "ds", **BUILTIN, workers=1)
+
+
+def _checkpoint(path, overrides):
+    cfg = load_config(
+        "demo",
+        [
+            "model.channels=[4,8,16]",
+            "model.num_res_units=0",
+            "data.patch_size=[16,16,16]",
+            "eval.overlap=0",
+            "data.val_per_domain=1",
+            *overrides,
+        ],
+    )
+    net = build_model(cfg.model)
+    torch.save({"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": net.state_dict()}, path)
+    return path
+
+
+def _builtin(folder):
+    return [
+        "data.root=null",
+        f"data.synth_dir={folder}",
+        f"data.synth_domains={BUILTIN['domains']}",
+        f"data.synth_cases_per_domain={BUILTIN['cases_per_domain']}",
+        f"data.synth_size={BUILTIN['size']}",
+        f"data.synth_seed={BUILTIN['seed']}",
+    ]
+
+
+def test_a_larger_synthesis_begins_with_the_same_cases(phantoms, tmp_path):
+    # What fresh cases rest on: the cases after a run's own are new draws, its own ones are unchanged.
+    larger = synthesize(tmp_path / "larger", **{**BUILTIN, "cases_per_domain": 3}, workers=1)
+    for case in ("A_000", "A_001", "B_001"):
+        for sub, name in (("imagesTr", f"{case}_0000.nii.gz"), ("labelsTr", f"{case}.nii.gz")):
+            digest = [hashlib.sha256((root / sub / name).read_bytes()).hexdigest() for root in (phantoms, larger)]
+            assert digest[0] == digest[1], f"{sub}/{name}"
+    assert not (phantoms / "labelsTr" / "A_002.nii.gz").exists()
+    assert (larger / "labelsTr" / "A_002.nii.gz").exists()
+
+
+def test_score_runs_uses_only_cases_no_run_saw(phantoms, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = _checkpoint(tmp_path / "run.pt", _builtin(phantoms))
+    results = fresh_cases.score_runs([str(run)], cases=1)
+    assert results["first_fresh_case"] == 2 and results["cases_per_centre"] == 1
+    scored = results["runs"][str(run)]
+    # centre A (0) trained, centre B (1) unseen: fresh = A's third case; unseen = B's own two cases
+    assert list(scored["fresh"]["cases"]) == ["A_002"]
+    assert list(scored["unseen"]["cases"]) == ["B_000", "B_001"]
+    for split in ("fresh", "unseen"):
+        assert set(scored[split]["mean"]) == {"vessel", "aneurysm"}
+        assert all(0.0 <= v <= 1.0 for v in scored[split]["mean"].values())
+
+
+def test_score_runs_rejects_bad_inputs(phantoms, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = _checkpoint(tmp_path / "run.pt", _builtin(phantoms))
+    with pytest.raises(ValueError, match="cases=0"):
+        fresh_cases.score_runs([str(run)], cases=0)
+    # a dataset folder that is not the built-in phantoms has no further cases to draw
+    foreign = tmp_path / "foreign"
+    (foreign / "imagesTr").mkdir(parents=True)
+    (foreign / "dataset.json").write_text((phantoms / "dataset.json").read_text().replace('"synth"', '"other"'))
+    other = _checkpoint(tmp_path / "other.pt", [f"data.root={foreign}"])
+    with pytest.raises(ValueError, match="not built-in phantoms"):
+        fresh_cases.score_runs([str(other)], cases=1)
+    seed1 = _checkpoint(tmp_path / "seed1.pt", [*_builtin(tmp_path / "s1"), "data.synth_seed=1"])
+    with pytest.raises(ValueError, match="different phantom sets"):
+        fresh_cases.score_runs([str(run), str(seed1)], cases=1)
+    with pytest.raises(FileNotFoundError):
+        fresh_cases.score_runs([str(tmp_path / "missing.pt")], cases=1)
