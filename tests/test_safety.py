@@ -33,11 +33,13 @@ import yaml
 from tiny import tiny_run
 
 from gsema_fast.cli import main as cli_main
+from gsema_fast.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
+DEMO_LR = load_config("demo").optim.lr  # what a run gets without --set optim.lr
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -313,8 +315,8 @@ def test_two_runs_on_one_folder_and_ctrl_c(phantoms, tmp_path, caplog):
     stopped, saved = map(int, re.search(r"step (\d+); .*from step (\d+)", message).groups())
     assert saved <= stopped
     state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
-    assert state["step"] == saved and state["config"]["optim"]["lr"] == 0.001  # the first run's, whole
-    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.001
+    assert state["step"] == saved and state["config"]["optim"]["lr"] == DEMO_LR  # the first run's, whole
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == DEMO_LR
     assert not leftovers(run) and not (run / ".lock").exists()
 
     rc, errors = run_cli(caplog, *train_args(phantoms, run, f"train.epochs={state['epoch'] + 1}"), "--resume")
@@ -339,12 +341,12 @@ def test_resume_refuses_settings_it_cannot_change(phantoms, run_copy, caplog):
 
 def test_resume_changes_that_are_allowed_take_effect(phantoms, run_copy, caplog):
     caplog.set_level(logging.INFO, logger="gsema_fast")
-    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "train.epochs=3", "optim.lr=0.002"), "--resume")
+    rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "train.epochs=3", "optim.lr=0.004"), "--resume")
     assert rc == 0 and not errors
-    assert "take effect from step 4: optim.lr: 0.001 -> 0.002; train.epochs: 2 -> 3" in caplog.text
+    assert f"take effect from step 4: optim.lr: {DEMO_LR} -> 0.004; train.epochs: 2 -> 3" in caplog.text
     records = {r["step"]: r for r in map(json.loads, (run_copy / "log.jsonl").read_text().splitlines())}
-    # the demo schedule is a cosine to 0 over the run, now 6 steps from lr 0.002
-    assert records[5]["lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    # the demo schedule is a cosine to 0 over the run, now 6 steps from lr 0.004
+    assert records[5]["lr"] == pytest.approx(0.004 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
     assert yaml.safe_load((run_copy / "config.yaml").read_text())["train"]["epochs"] == 3
 
 
