@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from gsema_fast.data import Preprocessing, builtin_dataset, dataset_folder, load_manifest, run_domains, volume_loader
+from gsema_fast.data.synth import FORMAT_VERSION
 from gsema_fast.files import write_json
 from gsema_fast.inference import load_checkpoint, score_volumes
 
@@ -33,6 +34,11 @@ def synthesis_of(cfg) -> dict:
     manifest = json.loads((root / "dataset.json").read_text())
     if "synth" not in manifest:
         raise ValueError(f"{root}: not built-in phantoms (dataset.json has no 'synth' entry): no fresh cases to draw")
+    if manifest["synth"].get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{root}: phantoms of format {manifest['synth'].get('version')}, but this generator draws format "
+            f"{FORMAT_VERSION}: fresh cases would come from another distribution"
+        )
     return {key: manifest["synth"][key] for key in ("domains", "cases_per_domain", "size", "seed")}
 
 

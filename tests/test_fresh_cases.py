@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -87,6 +88,14 @@ def test_score_runs_rejects_bad_inputs(phantoms, tmp_path, monkeypatch):
     other = _checkpoint(tmp_path / "other.pt", [f"data.root={foreign}"])
     with pytest.raises(ValueError, match="not built-in phantoms"):
         fresh_cases.score_runs([str(other)], cases=1)
+    # phantoms of an older format: a new draw would come from another generator
+    old = tmp_path / "old"
+    (old / "imagesTr").mkdir(parents=True)
+    manifest = json.loads((phantoms / "dataset.json").read_text())
+    manifest["synth"]["version"] = -1
+    (old / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="phantoms of format -1"):
+        fresh_cases.score_runs([str(_checkpoint(tmp_path / "old.pt", [f"data.root={old}"]))], cases=1)
     seed1 = _checkpoint(tmp_path / "seed1.pt", [*_builtin(tmp_path / "s1"), "data.synth_seed=1"])
     with pytest.raises(ValueError, match="different phantom sets"):
         fresh_cases.score_runs([str(run), str(seed1)], cases=1)
