@@ -73,7 +73,7 @@ def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[li
         ).val
         cases = [c for c in held_out if wanted is None or c.domain in wanted]
     else:
-        wanted = wanted or [str(test_domain)]
+        wanted = wanted or [test_domain]
         seen = [d for d in wanted if d in trained_on]
         if seen:
             log.warning(
