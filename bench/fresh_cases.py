@@ -1,6 +1,6 @@
 """Score checkpoints on fresh cases of their training centres: ``python -m bench.fresh_cases RUN [RUN ...]``.
 
-A run's validation split holds a few cases per training centre (the demo: six in all), so its held-out Dice moves
+A run's validation split holds a few cases per training centre (the demo: six per centre), so its held-out Dice moves
 with which sacs were drawn into it, and ``best.pt`` was chosen on those very cases. The built-in phantoms are
 deterministic per (seed, centre, case index), so the cases after a run's own ``synth_cases_per_domain`` are new draws
 of the same centres that no run trained, validated or chose a checkpoint on. This scores every given run (a run
