@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from gsema_fast.build import build_context, build_data, build_target_transform, seed_everything
 from gsema_fast.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
 from gsema_fast.config import Config, resolve_auto, with_overrides
-from gsema_fast.kernels.bacl import bacl_reference
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, unwrap_model
+from gsema_fast.reference.bacl import bacl_reference
 from gsema_fast.step import gsema_step
 
 log = logging.getLogger(__name__)

@@ -180,19 +180,28 @@ class EMA(nn.Module):
     device; the weight is computed in fp64). ``decay = 1`` is never warmed up into a move. Float buffers
     are averaged and integer buffers copied; with ``exclude_buffers`` all buffers are copied instead. ``set(model)``
     copies the weights. Calling the module runs the averaged model.
+
+    Called as timm's ``ModelEmaV3(model, decay, ..., device=...)``: ``decay`` may be positional, and ``device`` keeps
+    the average elsewhere than the model (``"cpu"`` to spare GPU memory; each update then copies the model's tensors
+    there). One difference is deliberate: the warm-up is on by default (timm's is off), since a fresh average of a
+    fresh model at decay 0.9999 would remember its random initialisation for thousands of steps; ``warmup=False``
+    gives timm's behaviour.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        *,
         decay: float = 0.9999,
+        *,
         warmup: bool = True,
         exclude_buffers: bool = False,
         warmup_start: int = 0,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.module = _frozen_copy(model)
+        if device is not None:
+            self.module.to(device)
         self.decay = _check_decay("decay", decay)
         self.warmup = bool(warmup)
         self.exclude_buffers = bool(exclude_buffers)
@@ -219,11 +228,10 @@ class EMA(nn.Module):
             weight = 1.0 - decay
         else:
             weight = 1.0 - self.decay
-        ops.fused_ema_(
-            _tensors(self.module, buffers=not self.exclude_buffers),
-            _tensors(model, buffers=not self.exclude_buffers),
-            weight,
-        )
+        current = _tensors(model, buffers=not self.exclude_buffers)
+        if current and current[0].device != device:
+            current = [t.to(device, non_blocking=True) for t in current]
+        ops.fused_ema_(_tensors(self.module, buffers=not self.exclude_buffers), current, weight)
         if self.exclude_buffers:
             for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
                 ema_buffer.copy_(buffer)

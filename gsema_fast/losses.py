@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gsema_fast import ops
-from gsema_fast.kernels.bacl import check_options
+from gsema_fast.reference.bacl import check_options
 
 
 class BACL(nn.Module):

@@ -1,23 +1,48 @@
 """Public fused ops: validate, then dispatch to the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)
 or to the torch reference (CPU).
 
-Set ``GSEMA_FAST_BACKEND=torch`` or ``=triton`` to force a backend.
+Set ``GSEMA_FAST_BACKEND=torch`` or ``=triton`` to force a backend. Triton and the kernels are imported on the first
+launch only: on a CPU (or a platform without Triton) the package runs the torch references and never imports it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
-from gsema_fast.kernels import bacl as _bacl
-from gsema_fast.kernels import fused_ema as _fused_ema
-from gsema_fast.kernels import grad_stats as _grad_stats
-from gsema_fast.kernels import gsema_update as _gsema_update
-from gsema_fast.kernels._multi_tensor import check_pairs
+from gsema_fast.reference import bacl as _bacl
+from gsema_fast.reference import fused_ema as _fused_ema
+from gsema_fast.reference import grad_stats as _grad_stats
+from gsema_fast.reference import gsema_update as _gsema_update
+from gsema_fast.reference.bacl import BACLResult
+from gsema_fast.reference.multi_tensor import check_pairs
 
 BACKEND_ENV = "GSEMA_FAST_BACKEND"
+INSTALL_TRITON = "pip install triton (Linux with an NVIDIA GPU)"
+
+__all__ = [
+    "BACKEND_ENV",
+    "BACLResult",
+    "TritonUnavailableError",
+    "bacl_loss",
+    "bacl_terms",
+    "ema_multi_avg_fn",
+    "fused_ema_",
+    "grad_cos",
+    "grad_stats",
+    "gsema_update_",
+    "high_pass",
+    "use_triton",
+]
+
+
+class TritonUnavailableError(ImportError, ValueError):
+    """A kernel launch was asked for where Triton cannot serve it; one line that says what to do."""
 
 
 def _first(seq) -> torch.Tensor | None:
@@ -44,6 +69,29 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _import_kernels() -> ModuleType:
+    try:
+        return importlib.import_module("gsema_fast.kernels")
+    except ImportError as err:
+        raise TritonUnavailableError(
+            f"the fused ops run their Triton kernels on CUDA tensors, and Triton cannot be imported ({err}): "
+            f"{INSTALL_TRITON}, or set {BACKEND_ENV}=torch for the torch path"
+        ) from err
+
+
+def _kernel(name: str, tensor: torch.Tensor | None) -> ModuleType:
+    """The kernel module ``name`` for a launch on ``tensor``'s device: Triton imported on first use."""
+    kernels = _import_kernels()
+    device = tensor.device if isinstance(tensor, torch.Tensor) else None
+    if device is not None and device.type != "cuda" and not kernels.INTERPRETED:
+        raise TritonUnavailableError(
+            f"{BACKEND_ENV}=triton: the Triton kernels run on CUDA tensors, or on the CPU under TRITON_INTERPRET=1 set "
+            f"before the first launch; got tensors on {device}"
+        )
+    return getattr(kernels, name)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GS-EMA: gradient statistics, the conditional teacher update, and a fused EMA.
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +109,7 @@ def grad_stats(
     on the tensors' device and its current stream, whatever the current device.
     """
     if use_triton(_first(a)):
-        return _grad_stats.grad_stats(a, b, accumulate_into_a=accumulate_into_a)
+        return _kernel("grad_stats", _first(a)).grad_stats(a, b, accumulate_into_a=accumulate_into_a)
     check_pairs(a, b, "a", "b")
     return _grad_stats.grad_stats_reference(a, b, accumulate_into_a=accumulate_into_a)
 
@@ -95,10 +143,10 @@ def gsema_update_(
     device tensor then).
     """
     if use_triton(_first(teacher)):
-        return _gsema_update.gsema_update(
+        return _kernel("gsema_update", _first(teacher)).gsema_update(
             teacher, student, stats, decay_aligned=decay_aligned, decay_conflict=decay_conflict, rule=rule, step=step
         )
-    check_pairs(teacher, student, "teacher", "student", floating="x")
+    check_pairs(teacher, student, "teacher", "student", average=True)
     _gsema_update.check_update_args(stats, teacher[0].device, decay_aligned, decay_conflict, rule, step)
     return _gsema_update.gsema_update_reference(
         teacher, student, stats, decay_aligned=decay_aligned, decay_conflict=decay_conflict, rule=rule, step=step
@@ -108,33 +156,40 @@ def gsema_update_(
 def fused_ema_(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], weight: float | torch.Tensor) -> None:
     """``ema[i] += weight * (current[i] - ema[i])`` for every pair: the ``torch._foreach_lerp_`` contract.
 
-    ``weight``: a float or a 0-dim tensor on the tensors' device. ``current`` may be of lower precision than
-    ``ema``; the maths, the weight included, is fp32 (fp64 for a float64 EMA), as ``torch._foreach_lerp_`` with a
-    float weight, also for a bf16/fp16 EMA. Non-float tensors (e.g. ``num_batches_tracked``) are copied; strided
-    tensors are accepted.
+    ``weight``: a float in [0, 1] or a 0-dim float tensor on the tensors' device (its value is not checked: that
+    would synchronise). ``ema`` is stored at least as precisely as ``current``: the same dtype, an fp32 EMA of a
+    bf16/fp16 model, or a float64 one (``torch.lerp`` takes one dtype only); the maths, the weight included, is fp32
+    (fp64 for a float64 EMA), as ``torch._foreach_lerp_`` with a float weight, also for a bf16/fp16 EMA. Complex
+    tensors are averaged as torch does; other tensors (e.g. ``num_batches_tracked``) are copied; strided tensors are
+    accepted.
     """
     if use_triton(_first(ema)):
-        _fused_ema.fused_ema(ema, current, weight)
+        _kernel("fused_ema", _first(ema)).fused_ema(ema, current, weight)
         return
-    check_pairs(ema, current, "ema", "current", floating="x", contiguous=False)
+    check_pairs(ema, current, "ema", "current", average=True, contiguous=False)
     _fused_ema.check_weight(weight, ema[0].device)
     _fused_ema.fused_ema_reference(ema, current, weight)
 
 
-def ema_multi_avg_fn(decay: float):
+def ema_multi_avg_fn(decay: float | torch.Tensor = 0.999):
     """``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: an EMA with ``decay`` through ``fused_ema_``.
 
-    Same results as ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)``, including its treatment of integer
-    buffers (``AveragedModel`` passes lists of one dtype; an integer list gets torch's truncated average rather than
-    ``fused_ema_``'s copy, so that swapping the function changes nothing but speed).
+    The same results as ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)``, its default decay 0.999 included, and
+    its treatment of integer buffers (``AveragedModel`` passes lists of one dtype; an integer list gets torch's
+    truncated average rather than ``fused_ema_``'s copy, so that swapping the function changes nothing but speed).
+    ``decay`` may also be a 0-dim float tensor on the model's device (a schedule kept on the device); its value is
+    then not checked.
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+    if isinstance(decay, torch.Tensor):
+        if decay.dim() != 0 or not decay.is_floating_point():
+            raise TypeError(f"decay must be a number or a 0-dim float tensor, got {decay.dtype} {tuple(decay.shape)}")
+    elif isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
 
     @torch.no_grad()
     def ema_update(ema_param_list, current_param_list, _num_averaged):
         ema_list, current_list = list(ema_param_list), list(current_param_list)
-        if ema_list and not ema_list[0].is_floating_point():
+        if ema_list and not (ema_list[0].is_floating_point() or ema_list[0].is_complex()):
             for ema, current in zip(ema_list, current_list, strict=True):
                 ema.copy_(ema * decay + current * (1 - decay))
             return
@@ -148,16 +203,7 @@ def ema_multi_avg_fn(decay: float):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def high_pass(z: torch.Tensor, *, cutoff: float = 0.5, mask: str = "symmetric") -> torch.Tensor:
-    """Boundary features ``|IFFT(FFT(z) * M)|`` over the spatial axes of ``z: [B, C, D, H, W]``, in ``z.dtype``.
-
-    ``mask="symmetric"``: M is 0 where ``|k_i| < cutoff * n_i / 2`` on all three axes, 1 elsewhere; the filtered
-    volume is real and the rfftn/irfftn pair computes it. ``mask="reference"``: the public code's mask, the
-    ``fftshift``-ed centred cube ``[floor(n(1-c)/2), floor(n(1+c)/2))`` per axis (``[n//4, 3n//4)`` at the default
-    0.5), bit for bit; complex path. torch.fft on every backend (cuFFT on CUDA); differentiable.
-    Raises ``TypeError``/``ValueError`` for a non-float or non-5-D ``z``, ``cutoff`` outside (0, 1) or an unknown mask.
-    """
-    return _bacl.high_pass(z, cutoff=cutoff, mask=mask)
+high_pass = _bacl.high_pass
 
 
 def bacl_terms(
@@ -172,12 +218,13 @@ def bacl_terms(
     boundary: bool = True,
     mask: str = "symmetric",
     reduction: str = "sample",
-) -> _bacl.BACLResult:
+) -> BACLResult:
     """:func:`bacl_loss` with its parts for logging: a ``BACLResult`` (``gsema_fast.kernels.bacl``) of the loss
     (the only differentiable field), each term's detached loss and its ``[B, 6]`` detached cosine similarities
     (positives first), ``None`` for a switched-off term. Same arguments, backends and errors as :func:`bacl_loss`.
     """
-    fn = _bacl.bacl if use_triton(z_stu_src) else _bacl.bacl_reference
+    tensor = z_stu_src if isinstance(z_stu_src, torch.Tensor) else None
+    fn = _kernel("bacl", tensor).bacl if use_triton(tensor) else _bacl.bacl_reference
     return fn(
         z_stu_src,
         z_stu_trg,

@@ -48,9 +48,11 @@ h_{ij} f_i/n_i^2`, every gradient is a combination of the four features of its s
     \frac{\partial L}{\partial f_i} = \sum_j A_{ij} f_j,\qquad A_{ij} = \frac{g_{ij}}{n_i n_j}\ (i \ne j),\qquad
     A_{ii} = -[G_{ii} > \epsilon^2]\,\frac{\sum_{j\ne i} g_{ij} h_{ij}}{n_i^2}
 
-So the forward is one read of the four tensors (ten sums per sample; the last program to finish reduces the
-per-program sums in a fixed order, no float atomics, and evaluates the InfoNCE algebra on O(B) scalars), and the
-backward is one more read plus one write per input that needs a gradient. The modulus of the boundary features is
+So the forward is one read of the four tensors (ten sums per sample and program), then a one-program launch that adds
+the per-program sums in a fixed order (no atomics: the same inputs give the same bits) and evaluates the InfoNCE
+algebra on O(B) scalars; the backward is one more read plus one write per input that needs a gradient. The
+reduction is a launch of its own so that its many live scalars do not set the register budget of the streaming
+kernel. The modulus of the boundary features is
 fused into both reads: the kernels take the filtered spectrum's inverse transform ``x`` (real, symmetric mask) or
 ``w`` (complex, reference mask, read as interleaved ``(re, im)``), use :math:`|x|` or :math:`|w|` as the feature,
 and multiply the gradient by :math:`\mathrm{sign}(x)` or :math:`w/|w|`.
@@ -66,22 +68,25 @@ of inputs that need a gradient.
 from __future__ import annotations
 
 import functools
-import math
-from fractions import Fraction
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import DTYPE_CODES, INTERPRETED, GraphSafeCache, device_guard, ticket
-
-EPS = 1e-8  # F.cosine_similarity's default guard on each norm
-MASKS = ("symmetric", "reference")
-# sample: the mean over the batch of per-sample losses (the paper's Eq. 5 per instance); batch_mean: one loss of the
-# similarities averaged over the batch first (the public code's ``F.cosine_similarity(...).mean()`` before exp/log).
-REDUCTIONS = ("sample", "batch_mean")
-SPATIAL = (-3, -2, -1)
+from gsema_fast.kernels._multi_tensor import INTERPRETED
+from gsema_fast.kernels._variants import Variant, check_int32, pointer
+from gsema_fast.reference.bacl import (
+    EPS,
+    REDUCTIONS,
+    BACLResult,
+    acc_dtype,
+    apply_high_pass,
+    check_inputs,
+    filtered_stack,
+)
+from gsema_fast.reference.device import device_guard
+from gsema_fast.reference.multi_tensor import FLOAT_DTYPES
 
 # Feature modes of the kernels: how the stored value turns into the feature f.
 IDENTITY = 0  # f = x (the volume term)
@@ -91,23 +96,42 @@ COMPLEX_ABS = 2  # f = |w| of a complex tensor stored as interleaved (re, im) (r
 NUM_SUMS = tl.constexpr(10)  # 4 squared norms + 6 cross products per sample
 ROW = tl.constexpr(16)  # a row of sums padded to a power of two for 2-D loads
 # BACL's own launch shape, not the multi-tensor chunk layout: its programs reduce one sample of four equally shaped
-# feature tensors, so the tile and the number of programs are chosen per shape and device (_plan), with 8 warps for
-# the widest tiles.
-MAX_BLOCK = 2048  # elements per tile: 8 KiB of fp32 per tensor, 16-byte loads with 8 warps
+# feature tensors. The tile is fixed per feature mode and dtype (_tile_shape), so that every variant is listed; the
+# number of programs per sample is chosen per shape and device (_plan).
 MAX_CHUNKS = 1024  # programs per sample, bounds the final reduction
-MAX_ROWS = 256  # partial rows per step of the final reduction
+SUM_ROWS = 16  # partial rows per step of the final reduction (one warp: 8 values per thread and step)
 CPU_PROGRAMS = 2  # programs per launch under the interpreter, where each one costs Python time
-
-_FLOATS = frozenset(DTYPE_CODES)  # the float types every kernel of the package loads
 
 
 # --------------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
+def _tile(
+    BLOCK: tl.constexpr,  # features per tile
+    VEC: tl.constexpr,  # consecutive features per thread
+):
+    # [BLOCK // VEC, VEC] indices, a thread's VEC consecutive features in a row: a tile's products are summed along
+    # the row inside the thread, so each running sum takes one register per thread instead of VEC.
+    return tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.jit
+def _sample_pointer(
+    ptr,  # a tensor's first element
+    offset,  # elements from there to the sample's first
+    ALIGNED: tl.constexpr,  # the sample starts on a 16-byte boundary (checked by the launcher)
+):
+    p = ptr + offset
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
 def _feature(
     ptr,  # pointer to the sample's first element (first float of the (re, im) pairs for COMPLEX_ABS)
-    idx,  # [BLOCK] element indices within the sample
+    idx,  # [BLOCK // VEC, VEC] element indices within the sample, VEC consecutive ones per thread
     end,  # first index past the chunk
     MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
     ACC: tl.constexpr,  # accumulation dtype
@@ -116,12 +140,12 @@ def _feature(
     # Returns the feature f and the stored value it came from (needed by the backward's chain rule).
     if MODE == 2:
         pair = tl.arange(0, 2)
-        offs = idx[:, None] * 2 + pair[None, :]
+        offs = idx[:, :, None] * 2 + pair[None, None, :]
         if MASKED:
-            raw = tl.load(ptr + offs, mask=(idx < end)[:, None], other=0.0).to(ACC)
+            raw = tl.load(ptr + offs, mask=(idx < end)[:, :, None], other=0.0).to(ACC)
         else:
             raw = tl.load(ptr + offs).to(ACC)
-        f = tl.sqrt(tl.sum(raw * raw, axis=1))
+        f = tl.sqrt(tl.sum(raw * raw, axis=2))
     else:
         if MASKED:
             raw = tl.load(ptr + idx, mask=idx < end, other=0.0).to(ACC)
@@ -140,9 +164,9 @@ def _gram_tile(
     p1,  # sample base pointer of input 1 (student, target)
     p2,  # sample base pointer of input 2 (teacher, source)
     p3,  # sample base pointer of input 3 (teacher, target)
-    idx,  # [BLOCK] element indices of this tile
+    idx,  # [BLOCK // VEC, VEC] element indices of this tile
     end,  # first index past the chunk
-    s00,  # [BLOCK] running sums of f0*f0
+    s00,  # [BLOCK // VEC] running sums of f0*f0, one per thread's row of VEC features (VEC: the kernel's)
     s11,  # f1*f1
     s22,  # f2*f2
     s33,  # f3*f3
@@ -160,16 +184,16 @@ def _gram_tile(
     f1, _r1 = _feature(p1, idx, end, MODE, ACC, MASKED)
     f2, _r2 = _feature(p2, idx, end, MODE, ACC, MASKED)
     f3, _r3 = _feature(p3, idx, end, MODE, ACC, MASKED)
-    s00 += f0 * f0
-    s11 += f1 * f1
-    s22 += f2 * f2
-    s33 += f3 * f3
-    s02 += f0 * f2
-    s13 += f1 * f3
-    s01 += f0 * f1
-    s23 += f2 * f3
-    s03 += f0 * f3
-    s12 += f1 * f2
+    s00 += tl.sum(f0 * f0, axis=1)
+    s11 += tl.sum(f1 * f1, axis=1)
+    s22 += tl.sum(f2 * f2, axis=1)
+    s33 += tl.sum(f3 * f3, axis=1)
+    s02 += tl.sum(f0 * f2, axis=1)
+    s13 += tl.sum(f1 * f3, axis=1)
+    s01 += tl.sum(f0 * f1, axis=1)
+    s23 += tl.sum(f2 * f3, axis=1)
+    s03 += tl.sum(f0 * f3, axis=1)
+    s12 += tl.sum(f1 * f2, axis=1)
     return s00, s11, s22, s33, s02, s13, s01, s23, s03, s12
 
 
@@ -197,13 +221,7 @@ def _sample_sums(
     for first in range(0, NUM_CHUNKS, ROWS):
         r = first + rows
         offs = (s * NUM_CHUNKS + r)[:, None] * ROW + cols[None, :]
-        # .cg: read through L2, where the other programs' rows landed, never a stale L1 line.
-        acc += tl.load(
-            partials + offs,
-            mask=(r < NUM_CHUNKS)[:, None] & (cols < NUM_SUMS)[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
+        acc += tl.load(partials + offs, mask=(r < NUM_CHUNKS)[:, None] & (cols < NUM_SUMS)[None, :], other=0.0)
     return tl.sum(acc, axis=0)
 
 
@@ -345,20 +363,20 @@ def _finalize(
     coef,  # [B, ROW] out: gradient coefficients A, same column layout as the sums, divided by B
     sims,  # [B, 6] out: cosine similarities, positives first
     term,  # [1] out: this term's loss, averaged over the batch
-    total,  # [1] out: the total loss; this term is added to it when ADD_TOTAL
+    total,  # [1] out: the total loss; this term is added to it when add_total
     B,  # samples
     NUM_CHUNKS,  # programs per sample
     inv_tau,  # 1 / tau
+    add_total,  # 1: total already holds the other term (launched before, same stream)
+    batch_mean,  # 1: one InfoNCE of the batch-mean similarities instead of the mean of per-sample ones
     EPS2: tl.constexpr,  # eps**2, floor of a squared norm
     ACC: tl.constexpr,  # accumulation dtype
     ROWS: tl.constexpr,  # partial rows read per step
-    ADD_TOTAL: tl.constexpr,  # total already holds the other term (launched before, same stream)
-    BATCH_MEAN: tl.constexpr,  # one InfoNCE of the batch-mean similarities instead of the mean of per-sample ones
 ):
     cols = tl.arange(0, ROW)
     inv_b = tl.full([], 1.0, ACC) / B
     scale = inv_tau * inv_b
-    if BATCH_MEAN:
+    if batch_mean != 0:
         # dL/dh of sample b's pair is dL/dh_mean / B for every sample: one InfoNCE, then each sample's A from its
         # own norms and similarities (its sums are read again rather than kept: B is small, the rows are in L2).
         h_sum = tl.zeros([ROW], dtype=ACC)
@@ -403,58 +421,52 @@ def _finalize(
             tl.store(sims + s * 6 + cols, _pack6(h02, h13, h01, h23, h03, h12), mask=cols < 6)
         mean = total_b * inv_b
     tl.store(term + cols, mean, mask=cols == 0)
-    if ADD_TOTAL:
+    if add_total != 0:
         mean += tl.load(total + cols, mask=cols == 0, other=0.0)
     tl.store(total + cols, mean, mask=cols == 0)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["N", "CHUNK", "NUM_CHUNKS"],
+    do_not_specialize_on_alignment=["x0", "x1", "x2", "x3", "partials"],
+)
 def _bacl_fwd_kernel(
     x0,  # input 0 (student, source), [B, N] contiguous ([B, N, 2] floats for COMPLEX_ABS)
     x1,  # input 1 (student, target)
     x2,  # input 2 (teacher, source)
     x3,  # input 3 (teacher, target)
-    partials,  # [B * NUM_CHUNKS, ROW] scratch: this program's ten sums go to row sample * NUM_CHUNKS + chunk
-    ticket,  # int32 [1], zero on entry: programs finished so far; the last one resets it
-    coef,  # [B, ROW] out: gradient coefficients for the backward
-    sims,  # [B, 6] out: cosine similarities, positives first
-    term,  # [1] out: this term's loss, averaged over the batch
-    total,  # [1] out: the total loss (this term, plus the other one with ADD_TOTAL)
-    B,  # samples
+    partials,  # [B * NUM_CHUNKS, ROW] out: this program's ten sums go to row sample * NUM_CHUNKS + chunk
     N,  # features per sample
     CHUNK,  # features per program, a multiple of BLOCK
     NUM_CHUNKS,  # programs per sample
-    inv_tau,  # 1 / tau
-    EPS2: tl.constexpr,  # eps**2, floor of a squared norm
     MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
     ACC: tl.constexpr,  # accumulation dtype: fp32, or fp64 for fp64 inputs
-    BLOCK: tl.constexpr,  # elements per tile
-    ROWS: tl.constexpr,  # partial rows read per step of the final reduction
-    ADD_TOTAL: tl.constexpr,  # add this term to the total written by the launch before
-    BATCH_MEAN: tl.constexpr,  # reduction "batch_mean": InfoNCE of the batch-mean similarities
+    BLOCK: tl.constexpr,  # features per tile
+    VEC: tl.constexpr,  # consecutive features per thread in a tile (16 bytes of each input)
+    ALIGNED: tl.constexpr,  # every sample of every input starts on a 16-byte boundary
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     base = sample.to(tl.int64) * N
     if MODE == 2:
         base = base * 2  # a complex feature is two floats
-    p0 = x0 + base
-    p1 = x1 + base
-    p2 = x2 + base
-    p3 = x3 + base
-    start = chunk * CHUNK
+    p0 = _sample_pointer(x0, base, ALIGNED)
+    p1 = _sample_pointer(x1, base, ALIGNED)
+    p2 = _sample_pointer(x2, base, ALIGNED)
+    p3 = _sample_pointer(x3, base, ALIGNED)
+    start = tl.multiple_of(chunk * CHUNK, BLOCK)
     end = tl.minimum(start + CHUNK, N)
-    s00 = tl.zeros([BLOCK], dtype=ACC)
-    s11 = tl.zeros([BLOCK], dtype=ACC)
-    s22 = tl.zeros([BLOCK], dtype=ACC)
-    s33 = tl.zeros([BLOCK], dtype=ACC)
-    s02 = tl.zeros([BLOCK], dtype=ACC)
-    s13 = tl.zeros([BLOCK], dtype=ACC)
-    s01 = tl.zeros([BLOCK], dtype=ACC)
-    s23 = tl.zeros([BLOCK], dtype=ACC)
-    s03 = tl.zeros([BLOCK], dtype=ACC)
-    s12 = tl.zeros([BLOCK], dtype=ACC)
-    lanes = tl.arange(0, BLOCK)
+    s00 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s11 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s22 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s33 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s02 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s13 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s01 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s23 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s03 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    s12 = tl.zeros([BLOCK // VEC], dtype=ACC)
+    lanes = _tile(BLOCK, VEC)
     full_end = start + (end - start) // BLOCK * BLOCK
     # Whole tiles go unmasked so that the loads vectorise; at most one masked tile follows.
     for first in range(start, full_end, BLOCK):
@@ -476,26 +488,42 @@ def _bacl_fwd_kernel(
     tl.store(row + 7, tl.sum(s23, axis=0))
     tl.store(row + 8, tl.sum(s03, axis=0))
     tl.store(row + 9, tl.sum(s12, axis=0))
-    # Every thread's stores precede the ticket, whose acq_rel atomic publishes them to the last program.
-    tl.debug_barrier()
-    done = tl.atomic_add(ticket, 1, sem="acq_rel")
-    if done == B * NUM_CHUNKS - 1:
-        # The last program to finish adds the rows in a fixed order: same inputs, same bits, one launch.
-        _finalize(partials, coef, sims, term, total, B, NUM_CHUNKS, inv_tau, EPS2, ACC, ROWS, ADD_TOTAL, BATCH_MEAN)
-        tl.atomic_xchg(ticket, 0, sem="relaxed")
+
+
+@triton.jit(
+    do_not_specialize=["B", "NUM_CHUNKS", "add_total", "batch_mean"],
+    do_not_specialize_on_alignment=["partials", "coef", "sims", "term", "total"],
+)
+def _bacl_reduce_kernel(
+    partials,  # [B * NUM_CHUNKS, ROW] per-program sums of the forward, row = sample * NUM_CHUNKS + chunk
+    coef,  # [B, ROW] out: gradient coefficients for the backward
+    sims,  # [B, 6] out: cosine similarities, positives first
+    term,  # [1] out: this term's loss, averaged over the batch
+    total,  # [1] out: the total loss (this term, plus the other one with add_total)
+    B,  # samples
+    NUM_CHUNKS,  # programs per sample in the forward
+    inv_tau,  # 1 / tau
+    add_total,  # 1: add this term to the total written by the launch before
+    batch_mean,  # 1: reduction "batch_mean", one InfoNCE of the batch-mean similarities
+    EPS2: tl.constexpr,  # eps**2, floor of a squared norm
+    ACC: tl.constexpr,  # accumulation dtype
+    ROWS: tl.constexpr,  # partial rows read per step
+):
+    # One program adds the rows in a fixed order: the same inputs give the same bits.
+    _finalize(partials, coef, sims, term, total, B, NUM_CHUNKS, inv_tau, add_total, batch_mean, EPS2, ACC, ROWS)
 
 
 @triton.jit
 def _chain(
-    g,  # [BLOCK] gradient with respect to the feature f
-    raw,  # the stored value f came from ([BLOCK], or [BLOCK, 2] for COMPLEX_ABS)
-    f,  # [BLOCK] the feature
+    g,  # [BLOCK // VEC, VEC] gradient with respect to the feature f
+    raw,  # the stored value f came from ([BLOCK // VEC, VEC], or [BLOCK // VEC, VEC, 2] for COMPLEX_ABS)
+    f,  # [BLOCK // VEC, VEC] the feature
     MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
 ):
     # Gradient with respect to the stored value; where |x| or |w| is 0 it is 0, as torch.abs's backward says.
     if MODE == 2:
         safe = tl.where(f > 0, f, 1.0)
-        out = tl.where(f > 0, g / safe, 0.0)[:, None] * raw
+        out = tl.where(f > 0, g / safe, 0.0)[:, :, None] * raw
     elif MODE == 1:
         out = tl.where(raw > 0, g, tl.where(raw < 0, -g, 0.0))
     else:
@@ -506,7 +534,7 @@ def _chain(
 @triton.jit
 def _store_grad(
     ptr,  # sample base pointer of the gradient
-    idx,  # [BLOCK] element indices of this tile
+    idx,  # [BLOCK // VEC, VEC] element indices of this tile
     end,  # first index past the chunk
     value,  # gradient of the stored value
     MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
@@ -514,9 +542,9 @@ def _store_grad(
 ):
     if MODE == 2:
         pair = tl.arange(0, 2)
-        offs = idx[:, None] * 2 + pair[None, :]
+        offs = idx[:, :, None] * 2 + pair[None, None, :]
         if MASKED:
-            tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=(idx < end)[:, None])
+            tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=(idx < end)[:, :, None])
         else:
             tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
     else:
@@ -529,7 +557,7 @@ def _store_grad(
 @triton.jit
 def _extra(
     ptr,  # sample base pointer of a gradient to add (EXTRA 1: real; EXTRA 2: interleaved complex, real part used)
-    idx,  # [BLOCK] element indices of this tile
+    idx,  # [BLOCK // VEC, VEC] element indices of this tile
     end,  # first index past the chunk
     EXTRA: tl.constexpr,  # 1 or 2
     ACC: tl.constexpr,  # accumulation dtype
@@ -552,7 +580,7 @@ def _grad_tile(
     p1,  # input 1
     p2,  # input 2
     p3,  # input 3
-    q0,  # sample base pointer of the gradient of input 0 (unused unless NEED0)
+    q0,  # sample base pointer of the gradient of input 0 (unused unless need0)
     q1,  # gradient of input 1
     q2,  # gradient of input 2
     q3,  # gradient of input 3
@@ -560,7 +588,7 @@ def _grad_tile(
     e1,  # .. input 1
     e2,  # .. input 2
     e3,  # .. input 3
-    idx,  # [BLOCK] element indices of this tile
+    idx,  # [BLOCK // VEC, VEC] element indices of this tile
     end,  # first index past the chunk
     a00,  # A coefficients of this sample, scaled by the incoming gradient
     a11,  # ..
@@ -572,10 +600,10 @@ def _grad_tile(
     a23,  # ..
     a03,  # ..
     a12,  # ..
-    NEED0: tl.constexpr,  # input 0 wants a gradient
-    NEED1: tl.constexpr,  # input 1 wants a gradient
-    NEED2: tl.constexpr,  # input 2 wants a gradient
-    NEED3: tl.constexpr,  # input 3 wants a gradient
+    need0,  # 1: input 0 wants a gradient
+    need1,  # 1: input 1 wants a gradient
+    need2,  # 1: input 2 wants a gradient
+    need3,  # 1: input 3 wants a gradient
     MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
     EXTRA: tl.constexpr,  # 0: nothing to add; 1: add e_i (real); 2: add the real part of e_i (complex)
     ACC: tl.constexpr,  # accumulation dtype
@@ -586,39 +614,47 @@ def _grad_tile(
     f1, r1 = _feature(p1, idx, end, MODE, ACC, MASKED)
     f2, r2 = _feature(p2, idx, end, MODE, ACC, MASKED)
     f3, r3 = _feature(p3, idx, end, MODE, ACC, MASKED)
-    if NEED0:
+    if need0 != 0:
         g0 = _chain(a00 * f0 + a01 * f1 + a02 * f2 + a03 * f3, r0, f0, MODE)
         if EXTRA != 0:
             g0 += _extra(e0, idx, end, EXTRA, ACC, MASKED)
         _store_grad(q0, idx, end, g0, MODE, MASKED)
-    if NEED1:
+    if need1 != 0:
         g1 = _chain(a01 * f0 + a11 * f1 + a12 * f2 + a13 * f3, r1, f1, MODE)
         if EXTRA != 0:
             g1 += _extra(e1, idx, end, EXTRA, ACC, MASKED)
         _store_grad(q1, idx, end, g1, MODE, MASKED)
-    if NEED2:
+    if need2 != 0:
         g2 = _chain(a02 * f0 + a12 * f1 + a22 * f2 + a23 * f3, r2, f2, MODE)
         if EXTRA != 0:
             g2 += _extra(e2, idx, end, EXTRA, ACC, MASKED)
         _store_grad(q2, idx, end, g2, MODE, MASKED)
-    if NEED3:
+    if need3 != 0:
         g3 = _chain(a03 * f0 + a13 * f1 + a23 * f2 + a33 * f3, r3, f3, MODE)
         if EXTRA != 0:
             g3 += _extra(e3, idx, end, EXTRA, ACC, MASKED)
         _store_grad(q3, idx, end, g3, MODE, MASKED)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["N", "CHUNK", "need0", "need1", "need2", "need3"],
+    do_not_specialize_on_alignment=[
+        *("x0", "x1", "x2", "x3"),
+        *("q0", "q1", "q2", "q3"),
+        *("e0", "e1", "e2", "e3"),
+        *("coef", "grad_loss"),
+    ],
+)
 def _bacl_bwd_kernel(
     x0,  # input 0 (student, source), as in the forward
     x1,  # input 1 (student, target)
     x2,  # input 2 (teacher, source)
     x3,  # input 3 (teacher, target)
-    q0,  # out: gradient of input 0, same layout (any tensor when not NEED0: never touched)
+    q0,  # out: gradient of input 0, same layout (input 0 itself when not need0: never touched)
     q1,  # out: gradient of input 1
     q2,  # out: gradient of input 2
     q3,  # out: gradient of input 3
-    e0,  # gradient to add to that of input 0, same sample layout (any tensor when EXTRA == 0)
+    e0,  # gradient to add to that of input 0, same sample layout (input 0 itself when EXTRA == 0: never read)
     e1,  # .. input 1
     e2,  # .. input 2
     e3,  # .. input 3
@@ -626,14 +662,16 @@ def _bacl_bwd_kernel(
     grad_loss,  # [1] incoming gradient of the loss, read on the device (no host sync)
     N,  # features per sample
     CHUNK,  # features per program, a multiple of BLOCK
-    NEED0: tl.constexpr,  # input 0 wants a gradient
-    NEED1: tl.constexpr,  # input 1 wants a gradient
-    NEED2: tl.constexpr,  # input 2 wants a gradient
-    NEED3: tl.constexpr,  # input 3 wants a gradient
+    need0,  # 1: input 0 wants a gradient
+    need1,  # 1: input 1 wants a gradient
+    need2,  # 1: input 2 wants a gradient
+    need3,  # 1: input 3 wants a gradient
     MODE: tl.constexpr,  # IDENTITY, ABS or COMPLEX_ABS
     EXTRA: tl.constexpr,  # 0: nothing to add; 1: add e_i (real); 2: add the real part of e_i (complex)
     ACC: tl.constexpr,  # accumulation dtype
-    BLOCK: tl.constexpr,  # elements per tile
+    BLOCK: tl.constexpr,  # features per tile
+    VEC: tl.constexpr,  # consecutive features per thread in a tile (16 bytes of each input)
+    ALIGNED: tl.constexpr,  # every sample of every tensor starts on a 16-byte boundary
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -655,23 +693,33 @@ def _bacl_bwd_kernel(
     a23 = tl.load(row + 7) * up
     a03 = tl.load(row + 8) * up
     a12 = tl.load(row + 9) * up
-    start = chunk * CHUNK
+    p0 = _sample_pointer(x0, base, ALIGNED)
+    p1 = _sample_pointer(x1, base, ALIGNED)
+    p2 = _sample_pointer(x2, base, ALIGNED)
+    p3 = _sample_pointer(x3, base, ALIGNED)
+    g0 = _sample_pointer(q0, base, ALIGNED)
+    g1 = _sample_pointer(q1, base, ALIGNED)
+    g2 = _sample_pointer(q2, base, ALIGNED)
+    g3 = _sample_pointer(q3, base, ALIGNED)
+    r0 = _sample_pointer(e0, extra_base, ALIGNED)
+    r1 = _sample_pointer(e1, extra_base, ALIGNED)
+    r2 = _sample_pointer(e2, extra_base, ALIGNED)
+    r3 = _sample_pointer(e3, extra_base, ALIGNED)
+    start = tl.multiple_of(chunk * CHUNK, BLOCK)
     end = tl.minimum(start + CHUNK, N)
-    lanes = tl.arange(0, BLOCK)
+    lanes = _tile(BLOCK, VEC)
     full_end = start + (end - start) // BLOCK * BLOCK
     for first in range(start, full_end, BLOCK):
         _grad_tile(
-            x0 + base, x1 + base, x2 + base, x3 + base, q0 + base, q1 + base, q2 + base, q3 + base,
-            e0 + extra_base, e1 + extra_base, e2 + extra_base, e3 + extra_base,
+            p0, p1, p2, p3, g0, g1, g2, g3, r0, r1, r2, r3,
             first + lanes, end, a00, a11, a22, a33, a02, a13, a01, a23, a03, a12,
-            NEED0, NEED1, NEED2, NEED3, MODE, EXTRA, ACC, False,
+            need0, need1, need2, need3, MODE, EXTRA, ACC, False,
         )  # fmt: skip
     if full_end < end:
         _grad_tile(
-            x0 + base, x1 + base, x2 + base, x3 + base, q0 + base, q1 + base, q2 + base, q3 + base,
-            e0 + extra_base, e1 + extra_base, e2 + extra_base, e3 + extra_base,
+            p0, p1, p2, p3, g0, g1, g2, g3, r0, r1, r2, r3,
             full_end + lanes, end, a00, a11, a22, a33, a02, a13, a01, a23, a03, a12,
-            NEED0, NEED1, NEED2, NEED3, MODE, EXTRA, ACC, True,
+            need0, need1, need2, need3, MODE, EXTRA, ACC, True,
         )  # fmt: skip
 
 
@@ -682,8 +730,24 @@ class _Plan(NamedTuple):
     block: int  # elements per tile
     chunk: int  # elements per program, a multiple of block
     num_chunks: int  # programs per sample
-    rows: int  # partial rows per step of the final reduction
     num_warps: int
+
+
+# A tile gives each of TILE_ROWS threads 16 consecutive bytes of every input (VEC features: 8 of bf16, 4 of fp32, 2
+# complex fp32 numbers): one 16-byte load per input, and sums kept per thread, which holds the forward within 64
+# registers, the most that leaves sm_90 half its threads. Unaligned inputs are read one feature at a time whatever
+# the tile, so their tile is one feature per thread. Powers of two, so that tiles divide chunks.
+TILE_BYTES = 16
+TILE_ROWS = 256
+TILE_WARPS = 8
+# The element types each feature mode is launched with: the latents themselves for the volume term (one dtype for
+# all four, see bacl), the filtered latents in fp32 or fp64 for the boundary terms.
+FEATURE_DTYPES = {
+    IDENTITY: FLOAT_DTYPES,
+    ABS: (torch.float32, torch.float64),
+    COMPLEX_ABS: (torch.float32, torch.float64),
+}
+_EXTRAS = {IDENTITY: (0, 1, 2), ABS: (0,), COMPLEX_ABS: (0,)}  # what the backward of each mode may add in
 
 
 @functools.cache
@@ -695,46 +759,149 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv is a constexpr-function wrapper: microseconds per call on the host
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _plan(n: int, batch: int, mode: int, device: torch.device) -> _Plan:
+def _plan(n: int, batch: int, mode: int, dtype: torch.dtype, aligned: bool, device: torch.device) -> _Plan:
     """Tile and grid for ``batch`` samples of ``n`` features: a function of the shape and device alone.
 
     About four programs per SM keep enough loads in flight to stream at copy bandwidth; the interpreter gets
-    ``CPU_PROGRAMS``. A complex feature is two floats, so its tile is halved. Cached: the loss is host-bound at
-    the sizes it is used at, so every microsecond of Python before a launch counts.
+    ``CPU_PROGRAMS``. Cached: the loss is host-bound at the sizes it is used at, so every microsecond of Python
+    before a launch counts.
     """
     index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
-    return _plan_cached(n, batch, mode, device.type, index, MAX_BLOCK, CPU_PROGRAMS, MAX_ROWS)
+    block, _vec, num_warps = _tile_shape(mode, dtype, aligned)
+    return _plan_cached(n, batch, block, num_warps, device.type, index, CPU_PROGRAMS)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_cached(n, batch, mode, device_type, index, max_block, cpu_programs, max_rows) -> _Plan:
-    widest = max_block // 2 if mode == COMPLEX_ABS else max_block
-    block = min(widest, max(16, _next_power_of_2(n)))
+def _plan_cached(n, batch, block, num_warps, device_type, index, cpu_programs) -> _Plan:
     programs = 4 * _num_sms(index) if device_type == "cuda" else cpu_programs
     num_chunks = max(1, min(_cdiv(n, block), _cdiv(programs, batch), MAX_CHUNKS))
     chunk = _cdiv(_cdiv(n, num_chunks), block) * block
-    num_chunks = _cdiv(n, chunk)
-    rows = min(max_rows, _next_power_of_2(num_chunks))
-    return _Plan(block, chunk, num_chunks, rows, 8 if block * (2 if mode == COMPLEX_ABS else 1) >= 2048 else 4)
+    return _Plan(block, chunk, _cdiv(n, chunk), num_warps)
+
+
+def _tile_shape(mode: int, dtype: torch.dtype, aligned: bool) -> tuple[int, int, int]:
+    """``(block, vec, num_warps)`` of a tile of features of ``dtype`` in ``mode``: features per tile, consecutive
+    features per thread, warps."""
+    feature_bytes = dtype.itemsize * (2 if mode == COMPLEX_ABS else 1)
+    vec = max(1, TILE_BYTES // feature_bytes) if aligned else 1
+    return vec * TILE_ROWS, vec, max(1, min(TILE_WARPS, TILE_ROWS // 32))
+
+
+def _acc_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(acc: torch.dtype):
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
+@functools.cache
+def forward_variant(mode: int, dtype: torch.dtype, aligned: bool, tile: tuple[int, int, int]) -> Variant:
+    """The variant of ``_bacl_fwd_kernel`` for four features of ``dtype`` in ``mode``, ``tile`` from _tile_shape."""
+    block, vec, num_warps = tile
+    return Variant(
+        _bacl_fwd_kernel,
+        args=(
+            *((f"x{i}", pointer(dtype)) for i in range(4)),
+            ("partials", pointer(_acc_of(dtype))),
+            *((name, "i32") for name in ("N", "CHUNK", "NUM_CHUNKS")),
+        ),
+        constexprs=(
+            ("MODE", mode),
+            ("ACC", _tl_acc(_acc_of(dtype))),
+            ("BLOCK", block),
+            ("VEC", vec),
+            ("ALIGNED", aligned),
+        ),
+        num_warps=num_warps,
+    )
+
+
+@functools.cache
+def reduce_variant(acc: torch.dtype, rows: int) -> Variant:
+    """The variant of ``_bacl_reduce_kernel`` for sums in ``acc``: one program of one warp, whose registers bound
+    nothing else."""
+    out = pointer(acc)
+    return Variant(
+        _bacl_reduce_kernel,
+        args=(
+            *((name, out) for name in ("partials", "coef", "sims", "term", "total")),
+            ("B", "i32"),
+            ("NUM_CHUNKS", "i32"),
+            ("inv_tau", "fp32"),
+            ("add_total", "i32"),
+            ("batch_mean", "i32"),
+        ),
+        constexprs=(("EPS2", EPS * EPS), ("ACC", _tl_acc(acc)), ("ROWS", rows)),
+        num_warps=1,
+    )
+
+
+@functools.cache
+def backward_variant(mode: int, dtype: torch.dtype, extra: int, aligned: bool, tile: tuple[int, int, int]) -> Variant:
+    """The variant of ``_bacl_bwd_kernel``: gradients stored in the features' ``dtype``; with ``extra`` the added
+    gradients are in the accumulation dtype (the high-pass's output), else the features stand in for them unread."""
+    block, vec, num_warps = tile
+    acc = _acc_of(dtype)
+    added = pointer(acc) if extra else pointer(dtype)
+    return Variant(
+        _bacl_bwd_kernel,
+        args=(
+            *((f"x{i}", pointer(dtype)) for i in range(4)),
+            *((f"q{i}", pointer(dtype)) for i in range(4)),
+            *((f"e{i}", added) for i in range(4)),
+            ("coef", pointer(acc)),
+            ("grad_loss", pointer(acc)),
+            ("N", "i32"),
+            ("CHUNK", "i32"),
+            *((f"need{i}", "i32") for i in range(4)),
+        ),
+        constexprs=(
+            ("MODE", mode),
+            ("EXTRA", extra),
+            ("ACC", _tl_acc(acc)),
+            ("BLOCK", block),
+            ("VEC", vec),
+            ("ALIGNED", aligned),
+        ),
+        num_warps=num_warps,
+    )
+
+
+def variants() -> list[Variant]:
+    """Every variant the launchers can produce (BACL's tiles do not depend on the multi-tensor layout)."""
+    out = []
+    for mode, dtypes in FEATURE_DTYPES.items():
+        for dtype in dtypes:
+            for aligned in (False, True):
+                tile = _tile_shape(mode, dtype, aligned)
+                out.append(forward_variant(mode, dtype, aligned, tile))
+                out += [backward_variant(mode, dtype, e, aligned, tile) for e in _EXTRAS[mode]]
+    return out + [reduce_variant(acc, SUM_ROWS) for acc in (torch.float32, torch.float64)]
+
+
+def _aligned(tensors, per_sample: int, stride_elements: int) -> bool:
+    """Whether every sample of every tensor starts on a 16-byte boundary: 16-byte loads then need no masks."""
+    return all(t.data_ptr() % 16 == 0 and (per_sample * stride_elements * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def _check_features(xs: tuple[torch.Tensor, ...], mode: int) -> None:
-    """The launchers' contract: four contiguous floating tensors, one shape, one device that Triton can reach."""
+    """The launchers' contract: four contiguous tensors of one dtype of their mode, one shape, one device that Triton
+    can reach, at most 2**31 - 1 features per sample."""
     if len(xs) != 4:
         raise ValueError(f"expected 4 feature tensors, got {len(xs)}")
-    if mode not in (IDENTITY, ABS, COMPLEX_ABS):
+    if mode not in FEATURE_DTYPES:
         raise ValueError(f"mode must be IDENTITY, ABS or COMPLEX_ABS (0, 1, 2), got {mode!r}")
     x = xs[0]
-    shape, device = getattr(x, "shape", None), getattr(x, "device", None)
+    shape, device, dtype = getattr(x, "shape", None), getattr(x, "device", None), getattr(x, "dtype", None)
     for i, xi in enumerate(xs):
         if not isinstance(xi, torch.Tensor):
             raise TypeError(f"feature {i} must be a tensor, got {type(xi).__name__}")
-        if xi.dtype not in _FLOATS:
-            raise TypeError(f"feature {i} must be float16/bfloat16/float32/float64, got {xi.dtype}")
+        if xi.dtype not in FEATURE_DTYPES[mode]:
+            names = "/".join(str(d).removeprefix("torch.") for d in FEATURE_DTYPES[mode])
+            raise TypeError(f"feature {i} must be {names} in this mode, got {xi.dtype}")
+        if xi.dtype != dtype:
+            raise TypeError(f"feature {i} is {xi.dtype}, feature 0 {dtype}: the four features share one dtype")
         if xi.shape != shape:
             raise ValueError(f"feature {i} has shape {tuple(xi.shape)}, feature 0 has {tuple(shape)}")
         if xi.device != device:
@@ -747,10 +914,8 @@ def _check_features(xs: tuple[torch.Tensor, ...], mode: int) -> None:
         raise ValueError(f"COMPLEX_ABS features are view_as_real tensors [B, ..., 2], got {tuple(x.shape)}")
     if x.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-
-
-def _acc_dtype(xs) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    check_int32(x[0].numel(), "the number of features per sample")
+    check_int32(x.shape[0], "the batch size")
 
 
 def _features_per_sample(x: torch.Tensor, mode: int) -> int:
@@ -785,8 +950,9 @@ def _contrast_forward(
 def _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction):
     x = xs[0]
     batch, n = x.shape[0], _features_per_sample(x, mode)
-    acc = _acc_dtype(xs)
-    plan = _plan(n, batch, mode, x.device)
+    acc = _acc_of(x.dtype)
+    aligned = _aligned(xs, n, 2 if mode == COMPLEX_ABS else 1)
+    plan = _plan(n, batch, mode, x.dtype, aligned, x.device)
     if sims is None:
         sims = torch.empty((batch, 6), dtype=acc, device=x.device)
     if term is None:
@@ -801,39 +967,37 @@ def _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction):
             )
     scratch = torch.empty((batch * (plan.num_chunks + 1), ROW.value), dtype=acc, device=x.device)
     coef, partials = scratch[:batch], scratch[batch:]  # one allocation: the host time matters at these sizes
-    _bacl_fwd_kernel[(batch, plan.num_chunks)](
-        *xs,
+    forward_variant(mode, x.dtype, aligned, _tile_shape(mode, x.dtype, aligned)).launch(
+        (batch, plan.num_chunks), *xs, partials, n, plan.chunk, plan.num_chunks
+    )
+    reduce_variant(acc, SUM_ROWS).launch(
+        (1,),
         partials,
-        ticket(x.device),
         coef,
         sims,
         term,
         total,
         batch,
-        n,
-        plan.chunk,
         plan.num_chunks,
         1.0 / tau,
-        EPS2=EPS * EPS,
-        MODE=mode,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK=plan.block,
-        ROWS=plan.rows,
-        ADD_TOTAL=bool(add_total),
-        BATCH_MEAN=reduction == "batch_mean",
-        num_warps=plan.num_warps,
+        int(add_total),
+        int(reduction == "batch_mean"),
     )
     return total, sims, coef
 
 
 def _contrast_backward(xs, coef: torch.Tensor, grad_total: torch.Tensor, outs, mode: int, extras=None, extra: int = 0):
-    """Launch the gradient pass: the gradient of input ``i`` into ``outs[i]`` (``None``: not wanted).
+    """Launch the gradient pass: the gradient of input ``i`` into ``outs[i]`` (``None``: not wanted), stored in the
+    features' dtype.
 
-    With ``extra`` 1 (2) the real tensor ``extras[i]`` (the real part of the interleaved complex one) is added: the
-    boundary term's gradient, back through the high-pass, joins the volume term's in the same write.
+    With ``extra`` 1 (2) the real tensor ``extras[i]`` (the real part of the interleaved complex one), in the
+    accumulation dtype, is added: the boundary term's gradient, back through the high-pass, joins the volume term's
+    in the same write.
     """
+    _check_features(xs, mode)
     x = xs[0]
     batch, n = x.shape[0], _features_per_sample(x, mode)
+    acc = _acc_of(x.dtype)
     if extra not in (0, 1, 2) or (extra and mode != IDENTITY):
         raise ValueError(f"extra must be 0, 1 or 2, and non-zero only for IDENTITY features, got {extra!r}")
     if len(outs) != 4 or all(o is None for o in outs):
@@ -841,38 +1005,42 @@ def _contrast_backward(xs, coef: torch.Tensor, grad_total: torch.Tensor, outs, m
     for i, (xi, out) in enumerate(zip(xs, outs, strict=True)):
         if out is None:
             continue
-        if out.shape != xi.shape or out.device != xi.device or not out.is_contiguous():
-            raise ValueError(f"outs[{i}] must be contiguous, shaped and placed like input {i}, got {tuple(out.shape)}")
+        if out.shape != xi.shape or out.device != xi.device or out.dtype != xi.dtype or not out.is_contiguous():
+            raise ValueError(
+                f"outs[{i}] must be contiguous, shaped, typed and placed like input {i}, "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         e = extras[i] if extra else None
-        if extra and (e is None or e.numel() != xi.numel() * extra or e.device != xi.device or not e.is_contiguous()):
-            raise ValueError(f"extras[{i}] must be contiguous, on {xi.device}, {xi.numel() * extra} elements, got {e}")
+        if extra and (
+            e is None
+            or e.numel() != xi.numel() * extra
+            or e.device != xi.device
+            or e.dtype != acc
+            or not e.is_contiguous()
+        ):
+            raise ValueError(
+                f"extras[{i}] must be a contiguous {acc} tensor on {xi.device} of {xi.numel() * extra} elements, "
+                f"got {e if e is None else (e.dtype, tuple(e.shape))}"
+            )
     ptrs = [o if o is not None else xi for o, xi in zip(outs, xs, strict=True)]
     adds = [e if e is not None else xi for e, xi in zip(extras, xs, strict=True)] if extra else list(xs)
-    plan = _plan(n, batch, mode, x.device)
+    stride = 2 if mode == COMPLEX_ABS else 1
+    aligned = _aligned((*xs, *ptrs), n, stride) and (not extra or _aligned(adds, n, 2 if extra == 2 else 1))
+    plan = _plan(n, batch, mode, x.dtype, aligned, x.device)
+    variant = backward_variant(mode, x.dtype, extra, aligned, _tile_shape(mode, x.dtype, aligned))
     with device_guard(x.device):
-        _launch_backward(xs, ptrs, adds, coef, grad_total, outs, n, batch, plan, mode, extra)
+        variant.launch(
+            (batch, plan.num_chunks),
+            *xs,
+            *ptrs,
+            *adds,
+            coef,
+            grad_total.detach().reshape(1).to(acc),
+            n,
+            plan.chunk,
+            *(int(o is not None) for o in outs),
+        )
     return outs
-
-
-def _launch_backward(xs, ptrs, adds, coef, grad_total, outs, n, batch, plan, mode, extra) -> None:
-    _bacl_bwd_kernel[(batch, plan.num_chunks)](
-        *xs,
-        *ptrs,
-        *adds,
-        coef,
-        grad_total.detach().reshape(1).to(coef.dtype),
-        n,
-        plan.chunk,
-        NEED0=outs[0] is not None,
-        NEED1=outs[1] is not None,
-        NEED2=outs[2] is not None,
-        NEED3=outs[3] is not None,
-        MODE=mode,
-        EXTRA=extra,
-        ACC=tl.float64 if coef.dtype == torch.float64 else tl.float32,
-        BLOCK=plan.block,
-        num_warps=plan.num_warps,
-    )
 
 
 def _boundary_features(filtered: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -894,7 +1062,7 @@ class _BACLFunction(torch.autograd.Function):
         ctx, z0, z1, z2, z3, cutoff: float, tau: float, mask: str, volume: bool, boundary: bool, reduction: str
     ):
         zs = (z0, z1, z2, z3)
-        acc = _acc_dtype(zs)
+        acc = acc_dtype(zs)
         total = torch.empty((), dtype=acc, device=z0.device)
         terms = torch.empty(2, dtype=acc, device=z0.device)
         sims = torch.empty((2, z0.shape[0], 6), dtype=acc, device=z0.device)
@@ -904,7 +1072,7 @@ class _BACLFunction(torch.autograd.Function):
                 zs, tau, IDENTITY, sims=sims[0], term=terms[0], total=total, reduction=reduction
             )
         if boundary:
-            filtered = _filtered_stack(zs, cutoff, mask)
+            filtered = filtered_stack(zs, cutoff, mask)
             mode = COMPLEX_ABS if filtered.is_complex() else ABS
             feats = _boundary_features(filtered)
             _, _, coef_b = _contrast_forward(
@@ -929,10 +1097,10 @@ class _BACLFunction(torch.autograd.Function):
             outs = [stacked[wanted.index(i)] if i in wanted else None for i in range(4)]
             _contrast_backward(feats, coef_b, grad_total, outs, ABS if mask == "symmetric" else COMPLEX_ABS)
             if filtered.is_complex():
-                back = torch.view_as_real(_apply_high_pass(torch.view_as_complex(stacked), cutoff, mask, inplace=True))
+                back = torch.view_as_real(apply_high_pass(torch.view_as_complex(stacked), cutoff, mask, inplace=True))
                 extra = 2
             else:
-                back = _apply_high_pass(stacked, cutoff, mask, inplace=True)
+                back = apply_high_pass(stacked, cutoff, mask, inplace=True)
                 extra = 1
             extras = [back[wanted.index(i)] if i in wanted else None for i in range(4)]
         if volume:
@@ -946,170 +1114,7 @@ class _BACLFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-# ------------------------------------------------------------------------------------- high-pass (torch.fft)
-
-
-def _low_band(n: int, cutoff: float, mask: str) -> torch.Tensor:
-    """1 on the low band of one axis of length ``n``, in unshifted FFT order, as float64 (exact 0/1)."""
-    # The nearest simple fraction (0.4 -> 2/5): band edges fall where the decimal puts them, not one bin off because
-    # the binary float is a hair above or below; every comparison below is then exact.
-    c = Fraction(cutoff).limit_denominator(1 << 20)
-    if mask == "symmetric":
-        # Bin j holds frequency j or j - n, so |k| = min(j, n - j).
-        band = [float(2 * min(j, n - j) < c * n) for j in range(n)]
-        return torch.tensor(band, dtype=torch.float64)
-    lo = math.floor(n * (1 - c) / 2)
-    hi = math.floor(n * (1 + c) / 2)
-    shifted = torch.zeros(n, dtype=torch.float64)
-    shifted[lo:hi] = 1.0
-    return torch.fft.ifftshift(shifted)
-
-
-_MASKS = GraphSafeCache(64, "high-pass mask")
-
-
-def _build_mask(size: tuple[int, int, int], cutoff: float, mask: str, dtype: torch.dtype, device: torch.device):
-    d, h, w = (_low_band(n, cutoff, mask) for n in size)
-    low = d[:, None, None] * h[None, :, None] * w[None, None, :]
-    full = (1.0 - low).to(dtype)
-    if mask == "symmetric":
-        full = full[..., : size[2] // 2 + 1].contiguous()  # the rfftn half of the last axis
-    return full.to(device)
-
-
-def high_pass_mask(
-    size: tuple[int, int, int],
-    *,
-    cutoff: float = 0.5,
-    mask: str = "symmetric",
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """M for spatial ``size = (D, H, W)`` in unshifted FFT order: ``[D, H, W // 2 + 1]`` (the rfftn half) for
-    ``symmetric``, ``[D, H, W]`` for ``reference`` (equal to ``ifftshift`` of the public code's shifted mask)."""
-    _check_cutoff_mask(cutoff, mask)
-    key = (tuple(int(n) for n in size), float(cutoff), mask, dtype, torch.device(device))
-    # Cached (built from host values, copied once) and, being read by launches a CUDA graph may capture, kept alive
-    # for as long as such a graph (see GraphSafeCache).
-    return _MASKS.get(key, lambda: _build_mask(*key), key[-1])
-
-
-def _apply_high_pass(x: torch.Tensor, cutoff: float, mask: str, *, inplace: bool = False) -> torch.Tensor:
-    """``IFFT(FFT(x) * M)`` over the last three axes; real for ``symmetric`` (real x), complex for ``reference``.
-
-    ``inplace`` masks the spectrum in place (outside autograd only).
-    """
-    m = high_pass_mask(tuple(x.shape[-3:]), cutoff=cutoff, mask=mask, dtype=x.real.dtype, device=x.device)
-    if mask == "symmetric" and not x.is_complex():
-        spectrum = torch.fft.rfftn(x, dim=SPATIAL)
-        spectrum = spectrum.mul_(m) if inplace else spectrum * m
-        return torch.fft.irfftn(spectrum, s=x.shape[-3:], dim=SPATIAL)
-    spectrum = torch.fft.fftn(x, dim=SPATIAL)
-    spectrum = spectrum.mul_(m) if inplace else spectrum * m
-    return torch.fft.ifftn(spectrum, dim=SPATIAL)
-
-
-def _work_dtype(z: torch.Tensor) -> torch.dtype:
-    return z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32  # torch.fft has no bfloat16
-
-
-def _filtered(z: torch.Tensor, cutoff: float, mask: str) -> torch.Tensor:
-    """``IFFT(FFT(z) * M)`` before the modulus, differentiable: real for ``symmetric``, complex for ``reference``."""
-    return _apply_high_pass(z.to(_work_dtype(z)), cutoff, mask)
-
-
-def _filtered_stack(zs, cutoff: float, mask: str) -> torch.Tensor:
-    """The four latents filtered as one stack ``[4, B, C, D, H, W]``: one batched FFT each way (no autograd)."""
-    work = torch.float64 if any(z.dtype == torch.float64 for z in zs) else torch.float32
-    if all(z.dtype == zs[0].dtype for z in zs):
-        stacked = torch.stack(zs).to(work)
-    else:
-        stacked = torch.stack([z.to(work) for z in zs])
-    return _apply_high_pass(stacked, cutoff, mask, inplace=True)
-
-
-def high_pass(z: torch.Tensor, *, cutoff: float = 0.5, mask: str = "symmetric") -> torch.Tensor:
-    """Boundary features ``|IFFT(FFT(z) * M)|`` over the last three axes of ``[B, C, D, H, W]``, in ``z.dtype``.
-
-    torch.fft on every device (cuFFT on CUDA); differentiable. See the module docstring for M.
-    """
-    _check_latent(z, "z")
-    _check_cutoff_mask(cutoff, mask)
-    return _filtered(z, cutoff, mask).abs().to(z.dtype)
-
-
-# ------------------------------------------------------------------------------------------ public functions
-
-
-class BACLResult(NamedTuple):
-    """The loss (the only differentiable field) and its parts for logging, all on the device.
-
-    ``volume``, ``boundary``: each term's loss (0-dim, detached). ``*_sims``: ``[B, 6]`` cosine similarities,
-    detached: (S_s,T_s), (S_t,T_t) (positives), then (S_s,S_t), (T_s,T_t), (S_s,T_t), (S_t,T_s) (negatives).
-    A switched-off term's fields are ``None``.
-    """
-
-    loss: torch.Tensor
-    volume: torch.Tensor | None
-    boundary: torch.Tensor | None
-    volume_sims: torch.Tensor | None
-    boundary_sims: torch.Tensor | None
-
-
-def _check_latent(z, name: str) -> None:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(z).__name__}")
-    if not z.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {z.dtype}")
-    if z.dim() != 5:
-        raise ValueError(f"{name} must be [B, C, D, H, W] (5 dims), got shape {tuple(z.shape)}")
-    if z.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(z.shape)}")
-
-
-def _check_cutoff_mask(cutoff, mask) -> None:
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0.0 < cutoff < 1.0:
-        raise ValueError(f"cutoff must be a number in (0, 1), got {cutoff!r}")
-    if mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-
-
-def check_options(*, cutoff, tau, volume, boundary, mask, reduction="sample") -> None:
-    """Validate the options of ``bacl``; ``ValueError`` naming the argument and the bad value."""
-    _check_cutoff_mask(cutoff, mask)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    if not (volume or boundary):
-        raise ValueError(
-            f"at least one of volume and boundary must be on, got volume={volume!r}, boundary={boundary!r}"
-        )
-
-
-def check_inputs(zs, *, cutoff, tau, volume, boundary, mask, reduction="sample") -> None:
-    """Validate ``bacl``'s latents and options; ``ValueError``/``TypeError`` naming the argument and the bad value."""
-    names = ("z_stu_src", "z_stu_trg", "z_tea_src", "z_tea_trg")
-    for name, z in zip(names, zs, strict=True):
-        _check_latent(z, name)
-    for name, z in zip(names[1:], zs[1:], strict=True):
-        if z.shape != zs[0].shape:
-            raise ValueError(f"{name} has shape {tuple(z.shape)}, z_stu_src has {tuple(zs[0].shape)}")
-        if z.device != zs[0].device:
-            raise ValueError(f"{name} is on {z.device}, z_stu_src on {zs[0].device}")
-    check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
-
-
-def _result(volume, boundary) -> BACLResult:
-    terms = [t[0] for t in (volume, boundary) if t is not None]
-    loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return BACLResult(
-        loss,
-        volume[0].detach() if volume else None,
-        boundary[0].detach() if boundary else None,
-        volume[1] if volume else None,
-        boundary[1] if boundary else None,
-    )
+# ------------------------------------------------------------------------------------------ public function
 
 
 def bacl(
@@ -1128,12 +1133,14 @@ def bacl(
     """BACL with the fused Triton Gram/InfoNCE passes (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
     Per term one forward launch and one backward launch; no host sync. Only inputs that require grad get one.
+    Latents of different dtypes are brought to their common dtype first (the kernels read four of one dtype).
     """
     zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
     check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
-    contiguous = (z.contiguous() for z in zs)
+    common = functools.reduce(torch.promote_types, (z.dtype for z in zs))
+    ready = (z.to(common).contiguous() for z in zs)
     total, terms, sims = _BACLFunction.apply(
-        *contiguous, float(cutoff), float(tau), mask, bool(volume), bool(boundary), reduction
+        *ready, float(cutoff), float(tau), mask, bool(volume), bool(boundary), reduction
     )
     return BACLResult(
         total,
@@ -1142,52 +1149,3 @@ def bacl(
         sims[0] if volume else None,
         sims[1] if boundary else None,
     )
-
-
-# ------------------------------------------------------------------------------- torch reference (CPU path)
-
-
-_PAIR_I = (0, 1, 0, 2, 0, 1)  # positives (0,2), (1,3), then negatives (0,1), (2,3), (0,3), (1,2)
-_PAIR_J = (2, 3, 1, 3, 3, 2)
-
-
-def _contrast_reference(features, tau: float, reduction: str = "sample"):
-    """One term from four feature tensors: Gram matrix by one batched matmul, then Eq. 4-5; autograd backward.
-
-    ``reduction="batch_mean"`` averages the similarities over the batch before the InfoNCE, as the public code does.
-    """
-    acc = _acc_dtype(features)
-    batch = features[0].shape[0]
-    x = torch.stack([f.reshape(batch, -1).to(acc) for f in features], dim=1)  # [B, 4, N]
-    gram = torch.bmm(x, x.transpose(1, 2))  # [B, 4, 4]
-    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(EPS * EPS).sqrt()
-    i, j = list(_PAIR_I), list(_PAIR_J)
-    sims = gram[:, i, j] / (norms[:, i] * norms[:, j])  # [B, 6]
-    logits = (sims.mean(0, keepdim=True) if reduction == "batch_mean" else sims) / tau
-    # -log(sum_P / sum_all) = softplus(lse_neg - lse_pos): no cancellation when the loss is small.
-    gap = torch.logsumexp(logits[:, 2:], dim=1) - torch.logsumexp(logits[:, :2], dim=1)
-    loss = torch.nn.functional.softplus(gap).mean()
-    return loss, sims.detach()
-
-
-def bacl_reference(
-    z_stu_src: torch.Tensor,
-    z_stu_trg: torch.Tensor,
-    z_tea_src: torch.Tensor,
-    z_tea_trg: torch.Tensor,
-    *,
-    cutoff: float = 0.5,
-    tau: float = 1.0,
-    volume: bool = True,
-    boundary: bool = True,
-    mask: str = "symmetric",
-    reduction: str = "sample",
-) -> BACLResult:
-    """The same maths in plain torch (the tests' reference and the CPU path): rfftn/irfftn or fftn/ifftn, one
-    ``bmm`` for the Gram matrix of each term, autograd for the backward."""
-    zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
-    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
-    vol = _contrast_reference(zs, tau, reduction) if volume else None
-    boundary_features = [_filtered(z, cutoff, mask).abs() for z in zs] if boundary else None
-    bnd = _contrast_reference(boundary_features, tau, reduction) if boundary else None
-    return _result(vol, bnd)

@@ -10,30 +10,26 @@ results of ``torch._foreach_lerp_`` with a Python float weight, whose scalar tor
 float64 tensors), also for a bf16 or fp16 EMA. ``current`` may be of a lower precision than ``ema`` (an fp32 EMA of
 a bf16 model). The weight is a Python float or a 0-dim device tensor; a device tensor is read by the kernel, so a
 schedule computed on the device costs no synchronisation and the launch can be captured in a CUDA graph. Non-float
-tensors (``num_batches_tracked``) are copied; strided (non-contiguous) float pairs go through the torch reference.
+tensors (``num_batches_tracked``) are copied; strided (non-contiguous) float pairs and complex pairs go through the
+torch reference (``gsema_fast.reference.fused_ema``).
 
 The memory traffic is the floor for an EMA: read ``e`` and ``c`` once, write ``e`` once.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import (
-    BLOCK,
-    CHUNK,
-    DTYPE_CODES,
-    ITERS,
-    NUM_WARPS,
-    as_pointer,
-    check_pairs,
-    device_guard,
-    plan_pairs,
-)
+from gsema_fast.kernels._multi_tensor import DTYPE_CODES, FP64, LAYOUT, Layout, as_pointer, plan_pairs, widen
+from gsema_fast.kernels._variants import Variant, pointer
+from gsema_fast.reference.device import device_guard
+from gsema_fast.reference.fused_ema import check_weight, fused_ema_reference
+from gsema_fast.reference.multi_tensor import FLOAT_DTYPES, can_average, check_pairs
 
 
 @triton.jit
@@ -55,35 +51,34 @@ def lerp_chunk(
     ema,  # pointer to the chunk's first EMA element
     current,  # pointer to the chunk's first element of the averaged tensor
     length,  # elements in the chunk
-    weight,  # scalar weight of current
+    weight,  # scalar weight of current, in the maths' precision
     WIDE: tl.constexpr,  # compute in fp64 (float64 EMA) instead of fp32
     BLOCK: tl.constexpr,  # elements per iteration
     ITERS: tl.constexpr,  # iterations per chunk
 ):
     offsets = tl.arange(0, BLOCK)
-    math_type = tl.float64 if WIDE else tl.float32
     if length == BLOCK * ITERS:
         # Full chunks go unmasked so the loads and stores vectorise.
-        for i in tl.static_range(ITERS):
+        for i in range(ITERS):
             o = i * BLOCK + offsets
-            e = tl.load(ema + o).to(math_type)
-            c = tl.load(current + o).to(math_type)
+            e = widen(tl.load(ema + o), WIDE)
+            c = widen(tl.load(current + o), WIDE)
             tl.store(ema + o, lerp_values(e, c, weight).to(ema.dtype.element_ty))
     else:
-        for i in tl.static_range(ITERS):
+        for i in range(ITERS):
             o = i * BLOCK + offsets
             mask = o < length
-            e = tl.load(ema + o, mask=mask, other=0.0).to(math_type)
-            c = tl.load(current + o, mask=mask, other=0.0).to(math_type)
+            e = widen(tl.load(ema + o, mask=mask, other=0.0), WIDE)
+            c = widen(tl.load(current + o, mask=mask, other=0.0), WIDE)
             tl.store(ema + o, lerp_values(e, c, weight).to(ema.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"], do_not_specialize_on_alignment=["table", "weight_ptr"])
 def _fused_ema_kernel(
     table,  # int64 [3, num_chunks]: chunk address in ema, chunk address in current, chunk length
     num_chunks,  # row stride of the table
-    weight_ptr,  # 0-dim device tensor holding the weight (read when WEIGHT_IN_TENSOR)
-    weight_value,  # the weight as a scalar argument (otherwise)
+    weight_ptr,  # 0-dim device tensor holding the weight in the maths' precision (read when WEIGHT_IN_TENSOR)
+    weight_value,  # the weight as an fp32 scalar argument (otherwise)
     E_CODE: tl.constexpr,  # element type of ema (DTYPE_CODES)
     C_CODE: tl.constexpr,  # element type of current
     ALIGNED: tl.constexpr,  # chunk addresses are 16-byte aligned
@@ -92,106 +87,95 @@ def _fused_ema_kernel(
     ITERS: tl.constexpr,  # iterations per chunk (CHUNK = BLOCK * ITERS)
 ):
     chunk = tl.program_id(0)
-    wide = E_CODE == 3
     if WEIGHT_IN_TENSOR:
-        weight = tl.load(weight_ptr).to(tl.float64 if wide else tl.float32)
+        weight = tl.load(weight_ptr)
     else:
         weight = weight_value
     ema = as_pointer(tl.load(table + chunk), E_CODE, ALIGNED)
     current = as_pointer(tl.load(table + num_chunks + chunk), C_CODE, ALIGNED)
     length = tl.load(table + 2 * num_chunks + chunk)
-    lerp_chunk(ema, current, length, weight, wide, BLOCK, ITERS)
+    lerp_chunk(ema, current, length, weight, E_CODE == 3, BLOCK, ITERS)
 
 
-def check_weight(weight: float | torch.Tensor, device: torch.device, name: str = "weight") -> None:
-    if isinstance(weight, torch.Tensor):
-        if weight.dim() != 0 or not weight.is_floating_point():
-            raise TypeError(
-                f"{name} must be a float or a 0-dim float tensor, got shape {tuple(weight.shape)} {weight.dtype}"
-            )
-        if weight.device != device:
-            raise ValueError(f"{name} is on {weight.device}, the tensors on {device}")
-        return
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(weight).__name__}")
-    if not torch.isfinite(torch.tensor(float(weight))):
-        raise ValueError(f"{name} must be finite, got {weight}")
+def _math_dtype(ema_code: int) -> torch.dtype:
+    return torch.float64 if ema_code == FP64 else torch.float32
 
 
-def fused_ema_reference(
-    ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], weight: float | torch.Tensor
-) -> None:
-    """The torch reference (and CPU path): ``torch._foreach_lerp_`` per dtype group, copies for non-float tensors.
+@functools.cache
+def ema_variant(ema_code: int, current_code: int, aligned: bool, weight_in_tensor: bool, layout: Layout) -> Variant:
+    """The variant of ``_fused_ema_kernel`` for one dtype pair. Without ``weight_in_tensor`` the launcher passes the
+    launch table as the unread ``weight_ptr``; a float64 EMA always reads its weight from a tensor (Triton passes a
+    Python float as fp32)."""
+    weight_type = pointer(_math_dtype(ema_code)) if weight_in_tensor else "*i64"
+    return Variant(
+        _fused_ema_kernel,
+        args=(("table", "*i64"), ("num_chunks", "i32"), ("weight_ptr", weight_type), ("weight_value", "fp32")),
+        constexprs=(
+            ("E_CODE", ema_code),
+            ("C_CODE", current_code),
+            ("ALIGNED", aligned),
+            ("WEIGHT_IN_TENSOR", weight_in_tensor),
+            ("BLOCK", layout.block),
+            ("ITERS", layout.iters),
+        ),
+        num_warps=layout.num_warps,
+    )
 
-    A tensor weight is used in fp32 (fp64 for a float64 EMA) as a float weight is: a bf16 or fp16 EMA is averaged in
-    fp32 and rounded once, since ``_foreach_lerp_`` would round a list weight to the tensors' dtype (bf16(0.1) =
-    0.10009765625).
-    """
-    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list, list]] = {}
-    for e, c in zip(ema, current, strict=True):
-        if not e.is_floating_point():
-            e.copy_(c)
-        elif e.numel():
-            es, cs = groups.setdefault((e.dtype, c.dtype), ([], []))
-            es.append(e)
-            cs.append(c)
-    for (e_dtype, c_dtype), (es, cs) in groups.items():
-        if not isinstance(weight, torch.Tensor):
-            torch._foreach_lerp_(es, cs if c_dtype == e_dtype else [c.to(e_dtype) for c in cs], float(weight))
-            continue
-        math_dtype = torch.float64 if e_dtype == torch.float64 else torch.float32
-        # The Tensor-weight overload of _foreach_lerp_ is recent; a broadcast 0-dim weight works everywhere.
-        weights = [weight.to(math_dtype)] * len(es)
-        if e_dtype == math_dtype:
-            torch._foreach_lerp_(es, cs if c_dtype == e_dtype else [c.to(e_dtype) for c in cs], weights)
-        else:
-            wide = [e.to(math_dtype) for e in es]
-            torch._foreach_lerp_(wide, [c.to(math_dtype) for c in cs], weights)
-            torch._foreach_copy_(es, wide)
+
+def average_code_pairs() -> list[tuple[int, int]]:
+    """The ``(average, averaged)`` dtype codes that an average may take (``reference.multi_tensor.can_average``)."""
+    return [(DTYPE_CODES[a], DTYPE_CODES[b]) for a in FLOAT_DTYPES for b in FLOAT_DTYPES if can_average(a, b)]
+
+
+def variants(layout: Layout) -> list[Variant]:
+    """Every variant the launcher can produce under ``layout``."""
+    return [
+        ema_variant(ema, current, aligned, in_tensor, layout)
+        for ema, current in average_code_pairs()
+        for aligned in (False, True)
+        for in_tensor in ((True,) if ema == FP64 else (False, True))
+    ]
 
 
 def fused_ema(ema: Sequence[torch.Tensor], current: Sequence[torch.Tensor], weight: float | torch.Tensor) -> None:
     """``ema[i] += weight * (current[i] - ema[i])`` for every pair, in place, one launch per dtype pair.
 
-    Float tensors are averaged, others (integer buffers) copied; strided float pairs (which ``torch._foreach_lerp_``
-    accepts too) are averaged by the torch reference, with the same maths. Never synchronises with the host.
+    Float tensors are averaged, others (integer buffers) copied; strided float pairs and complex pairs (which
+    ``torch._foreach_lerp_`` accepts too) are averaged by the torch reference, with the same maths. Never
+    synchronises with the host.
     """
-    check_pairs(ema, current, "ema", "current", floating="x", contiguous=False)
+    check_pairs(ema, current, "ema", "current", average=True, contiguous=False)
     device = ema[0].device
     check_weight(weight, device)
-    dense = [(e, c) for e, c in zip(ema, current, strict=True) if e.is_contiguous() and c.is_contiguous()]
-    strided = [(e, c) for e, c in zip(ema, current, strict=True) if not (e.is_contiguous() and c.is_contiguous())]
+    dense, other = [], []
+    for e, c in zip(ema, current, strict=True):
+        kernel_pair = e.dtype in DTYPE_CODES and e.is_contiguous() and c.is_contiguous()
+        (dense if kernel_pair else other).append((e, c))
     with device_guard(device):
         if dense:
             _launch([e for e, _ in dense], [c for _, c in dense], weight)
-        if strided:
-            fused_ema_reference([e for e, _ in strided], [c for _, c in strided], weight)
+        if other:
+            fused_ema_reference([e for e, _ in other], [c for _, c in other], weight)
 
 
 def _launch(ema: list[torch.Tensor], current: list[torch.Tensor], weight: float | torch.Tensor) -> None:
-    plan = plan_pairs(ema, current, CHUNK)
-    wide_weight = None
+    plan = plan_pairs(ema, current, LAYOUT.chunk)
+    weights: dict[torch.dtype, torch.Tensor] = {}
     for group in plan.groups:
-        in_tensor = isinstance(weight, torch.Tensor)
-        group_weight = weight
-        if not in_tensor and group.x_code == DTYPE_CODES[torch.float64]:
-            # Triton passes a Python float as fp32: a float64 EMA reads its weight from a device scalar instead,
-            # filled by a kernel (no host-to-device copy, capturable).
-            if wide_weight is None:
-                wide_weight = torch.full((), float(weight), dtype=torch.float64, device=ema[0].device)
-            group_weight, in_tensor = wide_weight, True
-        _fused_ema_kernel[(group.num_chunks,)](
+        math = _math_dtype(group.x_code)
+        in_tensor = isinstance(weight, torch.Tensor) or group.x_code == FP64
+        if in_tensor and math not in weights:
+            # A float weight becomes a device scalar filled by a kernel (no host-to-device copy, capturable); a tensor
+            # weight is read in the maths' precision.
+            if isinstance(weight, torch.Tensor):
+                weights[math] = weight if weight.dtype == math else weight.to(math)
+            else:
+                weights[math] = torch.full((), float(weight), dtype=math, device=ema[0].device)
+        variant = ema_variant(group.x_code, group.y_code, group.aligned, in_tensor, LAYOUT)
+        variant.launch(
+            (group.num_chunks,),
             group.table,
             group.num_chunks,
-            group_weight if in_tensor else group.table,
+            weights[math] if in_tensor else group.table,
             0.0 if in_tensor else float(weight),
-            E_CODE=group.x_code,
-            C_CODE=group.y_code,
-            ALIGNED=group.aligned,
-            WEIGHT_IN_TENSOR=in_tensor,
-            BLOCK=BLOCK,
-            ITERS=ITERS,
-            num_warps=NUM_WARPS,
         )
-    for e, c in plan.other_pairs:
-        e.copy_(c)

@@ -22,26 +22,22 @@ elements).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import (
-    BLOCK,
-    CHUNK,
-    ITERS,
-    NUM_WARPS,
-    as_pointer,
-    check_pairs,
-    device_guard,
-    plan_pairs,
-)
+from gsema_fast.kernels._multi_tensor import DTYPE_CODES, FP64, LAYOUT, Layout, Plan, as_pointer, plan_pairs
+from gsema_fast.kernels._variants import Variant
+from gsema_fast.reference.device import device_guard
+from gsema_fast.reference.grad_stats import NUM_STATS, STATS_DTYPE
+from gsema_fast.reference.multi_tensor import check_pairs
 
-NUM_STATS = 6
-STATS_DTYPE = torch.float64  # exact counts (see above); six numbers, so the width costs nothing
 _PARTIAL_STRIDE = 8  # partial rows padded to a power of two for the 2-D load of the final reduction
+_SUM_ROWS = 64  # partial rows read per step of the final reduction
+_SUM_WARPS = 4
 
 
 @triton.jit
@@ -66,15 +62,15 @@ def _chunk_stats(
     else:
         x = tl.load(a + offsets).to(tl.float32)
         y = tl.load(b + offsets).to(tl.float32)
-    acc_dot += x * y
-    acc_aa += x * x
-    acc_bb += y * y
+    acc_dot += tl.sum(x * y, axis=1)
+    acc_aa += tl.sum(x * x, axis=1)
+    acc_bb += tl.sum(y * y, axis=1)
     # Signs are compared directly: the sign of x*y would be lost when the product underflows to zero.
     sign_x = (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
     sign_y = (y > 0).to(tl.float32) - (y < 0).to(tl.float32)
-    acc_sign += sign_x * sign_y
-    acc_nza += (x != 0).to(tl.float32)
-    acc_nzb += (y != 0).to(tl.float32)
+    acc_sign += tl.sum(sign_x * sign_y, axis=1)
+    acc_nza += tl.sum((x != 0).to(tl.float32), axis=1)
+    acc_nzb += tl.sum((y != 0).to(tl.float32), axis=1)
     if ACCUMULATE:
         if MASKED:
             tl.store(a + offsets, (x + y).to(a.dtype.element_ty), mask=mask)
@@ -83,7 +79,7 @@ def _chunk_stats(
     return acc_dot, acc_aa, acc_bb, acc_sign, acc_nza, acc_nzb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"], do_not_specialize_on_alignment=["table", "partials"])
 def _grad_stats_kernel(
     table,  # int64 [3, num_chunks]: chunk address in a, chunk address in b, chunk length
     num_chunks,  # row stride of the table
@@ -99,16 +95,16 @@ def _grad_stats_kernel(
     a = as_pointer(tl.load(table + chunk), A_CODE, ALIGNED)
     b = as_pointer(tl.load(table + num_chunks + chunk), B_CODE, ALIGNED)
     length = tl.load(table + 2 * num_chunks + chunk)
-    acc_dot = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_aa = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_bb = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_sign = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_nza = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_nzb = tl.zeros([BLOCK], dtype=tl.float32)
-    offsets = tl.arange(0, BLOCK)
+    acc_dot = tl.zeros([BLOCK // 8], dtype=tl.float32)
+    acc_aa = tl.zeros([BLOCK // 8], dtype=tl.float32)
+    acc_bb = tl.zeros([BLOCK // 8], dtype=tl.float32)
+    acc_sign = tl.zeros([BLOCK // 8], dtype=tl.float32)
+    acc_nza = tl.zeros([BLOCK // 8], dtype=tl.float32)
+    acc_nzb = tl.zeros([BLOCK // 8], dtype=tl.float32)
+    offsets = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     if length == BLOCK * ITERS:
         # Full chunks (all but a tensor's last) go unmasked so the loads vectorise.
-        for i in tl.static_range(ITERS):
+        for i in range(ITERS):
             acc_dot, acc_aa, acc_bb, acc_sign, acc_nza, acc_nzb = _chunk_stats(
                 a,
                 b,
@@ -124,7 +120,7 @@ def _grad_stats_kernel(
                 False,
             )
     else:
-        for i in tl.static_range(ITERS):
+        for i in range(ITERS):
             acc_dot, acc_aa, acc_bb, acc_sign, acc_nza, acc_nzb = _chunk_stats(
                 a, b, i * BLOCK + offsets, length, acc_dot, acc_aa, acc_bb, acc_sign, acc_nza, acc_nzb, ACCUMULATE, True
             )
@@ -140,7 +136,7 @@ def _grad_stats_kernel(
     tl.store(row + 7, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"], do_not_specialize_on_alignment=["partials", "out"])
 def _sum_rows_kernel(
     partials,  # fp32 [num_rows, 8] per-chunk sums
     num_rows,  # number of rows to add
@@ -159,71 +155,50 @@ def _sum_rows_kernel(
     tl.store(out + cols, total, mask=cols < 6)
 
 
-CPU_CHUNK = 1 << 16  # elements per piece on the CPU path: two fp32 pieces stay in a core's L2 across the reductions
+def _warps(aligned: bool, wide: bool, layout: Layout) -> int:
+    """Twice the layout's warps, so half the elements per thread, where 16-byte loads (aligned, not fp64) would not
+    keep a thread within 64 registers, the most that still gives sm_90 half its threads (65536 / 1024)."""
+    return layout.num_warps if aligned and not wide else 2 * layout.num_warps
 
 
-def _piece_stats(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, signs: torch.Tensor) -> None:
-    """The six statistics of one piece into ``out`` (a row), with ten BLAS-speed ops and no allocation.
+@functools.cache
+def stats_variant(a_code: int, b_code: int, aligned: bool, accumulate: bool, layout: Layout) -> Variant:
+    """The variant of ``_grad_stats_kernel`` for one dtype pair."""
+    return Variant(
+        _grad_stats_kernel,
+        args=(("table", "*i64"), ("num_chunks", "i32"), ("partials", "*fp32")),
+        constexprs=(
+            ("A_CODE", a_code),
+            ("B_CODE", b_code),
+            ("ALIGNED", aligned),
+            ("ACCUMULATE", accumulate),
+            ("BLOCK", layout.block),
+            ("ITERS", layout.iters),
+        ),
+        num_warps=_warps(aligned, FP64 in (a_code, b_code), layout),
+    )
 
-    ``sign(a) . sign(b)`` is the sign agreement; the non-zeros are counted as the sum of ``a != 0`` (stored as 0/1
-    floats), which counts a NaN as the kernel does: ``sign(NaN)`` is 0 in torch, so ``sign(a) . sign(a)`` would not.
-    """
-    wide = out.dtype
-    x, y = x.to(wide), y.to(wide)
-    sign_x, sign_y, nonzero = signs[0, : x.numel()], signs[1, : x.numel()], signs[2, : x.numel()]
-    torch.sign(x, out=sign_x)
-    torch.sign(y, out=sign_y)
-    for column, (u, v) in enumerate(((x, y), (x, x), (y, y), (sign_x, sign_y))):
-        torch.dot(u, v, out=out[column])
-    for column, u in ((4, x), (5, y)):
-        torch.ne(u, 0, out=nonzero)
-        torch.sum(nonzero, dim=0, out=out[column])
+
+# One program over the per-chunk rows, not a chunk of the tensors: its shape is its own.
+SUM_ROWS_VARIANT = Variant(
+    _sum_rows_kernel,
+    args=(("partials", "*fp32"), ("num_rows", "i32"), ("out", "*fp64")),
+    constexprs=(("ROWS", _SUM_ROWS),),
+    num_warps=_SUM_WARPS,
+)
 
 
-def grad_stats_reference(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, accumulate_into_a: bool = False
-) -> torch.Tensor:
-    """The torch reference (and CPU path): the same statistics, piece by piece so each piece is read from cache.
-
-    Large tensors are cut into views of ``CPU_CHUNK`` elements; the many small ones (biases, norms) are gathered into
-    pieces of at most ``CPU_CHUNK`` elements, since per-op overhead and not memory dominates them. Per-piece sums are
-    fp32 (fp64 when an input is float64), so a piece's counts (below 2**24) are exact; their total is fp64, exact, and
-    deterministic like the kernel. Returns ``STATS_DTYPE``.
-    """
-    device = a[0].device
-    wide = torch.float64 if any(t.dtype == torch.float64 for t in (*a, *b)) else torch.float32
-    large = [(x.view(-1), y.view(-1)) for x, y in zip(a, b, strict=True) if x.numel() >= CPU_CHUNK]
-    small_groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    filled = CPU_CHUNK
-    for x, y in zip(a, b, strict=True):
-        if 0 < x.numel() < CPU_CHUNK:
-            if filled + x.numel() > CPU_CHUNK:
-                small_groups.append([])
-                filled = 0
-            small_groups[-1].append((x, y))
-            filled += x.numel()
-    num_pieces = sum(-(-x.numel() // CPU_CHUNK) for x, _ in large) + len(small_groups)
-    if not num_pieces:
-        return torch.zeros(NUM_STATS, dtype=STATS_DTYPE, device=device)
-    rows = torch.empty((num_pieces, NUM_STATS), dtype=wide, device=device)
-    signs = torch.empty((3, CPU_CHUNK), dtype=wide, device=device)
-    piece = 0
-    for flat_x, flat_y in large:
-        for start in range(0, flat_x.numel(), CPU_CHUNK):
-            piece_x, piece_y = flat_x[start : start + CPU_CHUNK], flat_y[start : start + CPU_CHUNK]
-            _piece_stats(piece_x, piece_y, rows[piece], signs)
-            piece += 1
-            if accumulate_into_a:
-                piece_x.add_(piece_y)  # while the piece is still in cache
-    for group in small_groups:
-        gathered_x = torch.cat([x.reshape(-1).to(wide) for x, _ in group])
-        gathered_y = torch.cat([y.reshape(-1).to(wide) for _, y in group])
-        _piece_stats(gathered_x, gathered_y, rows[piece], signs)
-        piece += 1
-        if accumulate_into_a:
-            for x, y in group:
-                x.add_(y)
-    return rows.to(STATS_DTYPE).sum(0)
+def variants(layout: Layout) -> list[Variant]:
+    """Every variant the launcher can produce under ``layout``: any two of the four float types."""
+    codes = sorted(DTYPE_CODES.values())
+    stats = [
+        stats_variant(a, b, aligned, accumulate, layout)
+        for a in codes
+        for b in codes
+        for aligned in (False, True)
+        for accumulate in (False, True)
+    ]
+    return [*stats, SUM_ROWS_VARIANT]
 
 
 def grad_stats(
@@ -238,24 +213,18 @@ def grad_stats(
     check_pairs(a, b, "a", "b")
     device = a[0].device
     with device_guard(device):
-        plan = plan_pairs(a, b, CHUNK)
+        plan = plan_pairs(a, b, LAYOUT.chunk)
         out = torch.empty(NUM_STATS, dtype=STATS_DTYPE, device=device)
         if plan.num_chunks == 0:
             return out.zero_()
         partials = torch.empty((plan.num_chunks, _PARTIAL_STRIDE), dtype=torch.float32, device=device)
-        for group in plan.groups:
-            _grad_stats_kernel[(group.num_chunks,)](
-                group.table,
-                group.num_chunks,
-                partials[group.first_chunk :],
-                A_CODE=group.x_code,
-                B_CODE=group.y_code,
-                ALIGNED=group.aligned,
-                ACCUMULATE=accumulate_into_a,
-                BLOCK=BLOCK,
-                ITERS=ITERS,
-                num_warps=NUM_WARPS,
-            )
-        # One program over the per-chunk rows, not a chunk of the tensors: its shape is its own.
-        _sum_rows_kernel[(1,)](partials, plan.num_chunks, out, ROWS=64, num_warps=4)
+        _launch_chunks(plan, partials, bool(accumulate_into_a))
+        SUM_ROWS_VARIANT.launch((1,), partials, plan.num_chunks, out)
     return out
+
+
+def _launch_chunks(plan: Plan, partials: torch.Tensor, accumulate: bool) -> None:
+    """Each chunk's six sums into its row of ``partials`` (padded to 8 columns): one launch per dtype pair."""
+    for group in plan.groups:
+        variant = stats_variant(group.x_code, group.y_code, group.aligned, accumulate, LAYOUT)
+        variant.launch((group.num_chunks,), group.table, group.num_chunks, partials[group.first_chunk :])

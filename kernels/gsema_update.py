@@ -18,84 +18,78 @@ with the optional warm-up :math:`\alpha \leftarrow \min(\alpha, 1 - 1/(t+1))` at
 in fp32, for every teacher/student pair, in one launch. Every program reads the two statistics itself, so the
 decision never travels to the host; when :math:`\alpha = 1` (a conflict with ``decay_conflict = 1``) no program
 writes anything and the teacher keeps its exact bits. Program 0 also stores ``[aligned, alpha]`` for the caller.
+The rule, the warm-up and where the step comes from are runtime flags, not constexprs: a uniform branch costs a
+streaming kernel nothing, and each constexpr would double the variants Triton compiles.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from gsema_fast.kernels._multi_tensor import (
-    BLOCK,
-    CHUNK,
-    ITERS,
-    NUM_WARPS,
-    as_pointer,
-    check_pairs,
-    device_guard,
-    plan_pairs,
-)
-from gsema_fast.kernels.fused_ema import lerp_chunk
-
-RULES = ("dot", "sign")
+from gsema_fast.kernels._multi_tensor import LAYOUT, Layout, as_pointer, plan_pairs
+from gsema_fast.kernels._variants import Variant
+from gsema_fast.kernels.fused_ema import average_code_pairs, lerp_chunk
+from gsema_fast.reference.device import device_guard
+from gsema_fast.reference.gsema_update import check_update_args, decision_reference
+from gsema_fast.reference.multi_tensor import check_pairs
 
 
 @triton.jit
 def decide(
-    stats,  # fp32 or fp64 [>= 4] gradient statistics
-    step_ptr,  # 0-dim device tensor holding the step (read when STEP_IN_TENSOR)
+    stats,  # fp64 [>= 4] gradient statistics
+    step_ptr,  # 0-dim int64 device tensor holding the step (read when step_in_tensor)
     step_value,  # the step as a scalar argument (otherwise)
     decay_aligned,  # alpha when the gradients agree
     decay_conflict,  # alpha when they conflict
-    RULE_SIGN: tl.constexpr,  # decide on the sign agreement s[3] instead of the dot product s[0]
-    WARMUP: tl.constexpr,  # cap an alpha below 1 at 1 - 1/(step + 1)
-    STEP_IN_TENSOR: tl.constexpr,  # take the step from step_ptr
+    rule_sign,  # 1: decide on the sign agreement s[3] instead of the dot product s[0]
+    warmup,  # 1: cap an alpha below 1 at 1 - 1/(step + 1)
+    step_in_tensor,  # 1: take the step from step_ptr
 ):
-    if RULE_SIGN:
-        agreement = tl.load(stats + 3)
-    else:
-        agreement = tl.load(stats)
+    agreement = tl.load(stats + 3 * rule_sign)
     aligned = agreement > 0
     alpha = tl.where(aligned, decay_aligned, decay_conflict)
-    if WARMUP:
-        if STEP_IN_TENSOR:
+    if warmup != 0:
+        step = step_value
+        if step_in_tensor != 0:
             step = tl.load(step_ptr).to(tl.float32)
-        else:
-            step = step_value
         # Only an update is warmed up: alpha == 1 ("no update") stays 1.
         alpha = tl.where(alpha < 1.0, tl.minimum(alpha, 1.0 - 1.0 / (step + 1.0)), alpha)
     return aligned, alpha
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_chunks", "rule_sign", "warmup", "step_in_tensor", "write_decision"],
+    do_not_specialize_on_alignment=["table", "stats", "step_ptr", "decision"],
+)
 def _gsema_update_kernel(
     table,  # int64 [3, num_chunks]: chunk address in teacher, chunk address in student, chunk length
     num_chunks,  # row stride of the table
-    stats,  # fp32 or fp64 [6] gradient statistics
-    step_ptr,  # 0-dim device tensor holding the step (read when STEP_IN_TENSOR)
+    stats,  # fp64 [6] gradient statistics
+    step_ptr,  # 0-dim int64 device tensor holding the step (read when step_in_tensor; else any int64 tensor)
     step_value,  # the step as a scalar argument (otherwise)
     decay_aligned,  # alpha when the gradients agree
     decay_conflict,  # alpha when they conflict
     decision,  # fp32 [2] output: aligned (1.0/0.0) and the alpha used
+    rule_sign,  # 1: decide on the sign agreement
+    warmup,  # 1: cap an alpha below 1 at 1 - 1/(step + 1)
+    step_in_tensor,  # 1: take the step from step_ptr
+    write_decision,  # 1: this launch stores the decision (the first group's)
     T_CODE: tl.constexpr,  # element type of the teacher (DTYPE_CODES)
     S_CODE: tl.constexpr,  # element type of the student
     ALIGNED: tl.constexpr,  # chunk addresses are 16-byte aligned
-    RULE_SIGN: tl.constexpr,  # decide on the sign agreement
-    WARMUP: tl.constexpr,  # cap an alpha below 1 at 1 - 1/(step + 1)
-    STEP_IN_TENSOR: tl.constexpr,  # take the step from step_ptr
-    WRITE_DECISION: tl.constexpr,  # this launch stores the decision (the first group's)
     BLOCK: tl.constexpr,  # elements per iteration
     ITERS: tl.constexpr,  # iterations per chunk (CHUNK = BLOCK * ITERS)
 ):
     chunk = tl.program_id(0)
     aligned, alpha = decide(
-        stats, step_ptr, step_value, decay_aligned, decay_conflict, RULE_SIGN, WARMUP, STEP_IN_TENSOR
+        stats, step_ptr, step_value, decay_aligned, decay_conflict, rule_sign, warmup, step_in_tensor
     )
-    if WRITE_DECISION:
+    if write_decision != 0:
         if chunk == 0:
             tl.store(decision, aligned.to(tl.float32))
             tl.store(decision + 1, alpha)
@@ -106,91 +100,46 @@ def _gsema_update_kernel(
         lerp_chunk(teacher, student, length, 1.0 - alpha, T_CODE == 3, BLOCK, ITERS)
 
 
-def check_update_args(
-    stats: torch.Tensor,
-    device: torch.device,
-    decay_aligned: float,
-    decay_conflict: float,
-    rule: str,
-    step: int | torch.Tensor | None,
-) -> None:
-    if not isinstance(stats, torch.Tensor):
-        raise TypeError(f"stats must be the tensor returned by grad_stats, got {type(stats).__name__}")
-    if stats.dim() != 1 or stats.numel() < 4 or stats.dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"stats must be a float64 (or float32) tensor of 6 statistics, got shape {tuple(stats.shape)} {stats.dtype}"
-        )
-    if stats.device != device:
-        raise ValueError(f"stats is on {stats.device}, the teacher on {device}")
-    for name, decay in (("decay_aligned", decay_aligned), ("decay_conflict", decay_conflict)):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(decay).__name__}")
-        if not math.isfinite(decay) or not 0.0 <= decay <= 1.0:
-            raise ValueError(f"{name} must be a finite number in [0, 1], got {decay}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if isinstance(step, torch.Tensor):
-        if step.dim() != 0 or step.device != device:
-            raise ValueError(
-                f"step must be an int or a 0-dim tensor on {device}, got shape {tuple(step.shape)} on {step.device}"
-            )
-    elif step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"step must be a non-negative int, a 0-dim tensor or None, got {step!r}")
+_ARGS = (
+    ("table", "*i64"),
+    ("num_chunks", "i32"),
+    ("stats", "*fp64"),
+    ("step_ptr", "*i64"),
+    ("step_value", "fp32"),
+    ("decay_aligned", "fp32"),
+    ("decay_conflict", "fp32"),
+    ("decision", "*fp32"),
+    ("rule_sign", "i32"),
+    ("warmup", "i32"),
+    ("step_in_tensor", "i32"),
+    ("write_decision", "i32"),
+)
 
 
-def decision_reference(
-    stats: torch.Tensor, decay_aligned: float, decay_conflict: float, rule: str, step: int | torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(aligned, alpha)`` as 0-dim fp32 tensors on the stats' device, computed without leaving it: the kernel's
-    ``decide``, in the same fp32 arithmetic, with no host-to-device copy (capturable, no sync)."""
-    aligned = stats[3 if rule == "sign" else 0] > 0
-    alpha = torch.where(aligned, float(decay_aligned), float(decay_conflict)).to(torch.float32)
-    if step is not None:
-        step_f = step.float() if isinstance(step, torch.Tensor) else torch.full_like(alpha, float(step))
-        alpha = torch.where(alpha < 1.0, torch.minimum(alpha, 1.0 - 1.0 / (step_f + 1.0)), alpha)
-    return aligned.float(), alpha
+@functools.cache
+def update_variant(teacher_code: int, student_code: int, aligned: bool, layout: Layout) -> Variant:
+    """The variant of ``_gsema_update_kernel`` for one dtype pair (statistics in fp64, a step tensor in int64)."""
+    return Variant(
+        _gsema_update_kernel,
+        args=_ARGS,
+        constexprs=(
+            ("T_CODE", teacher_code),
+            ("S_CODE", student_code),
+            ("ALIGNED", aligned),
+            ("BLOCK", layout.block),
+            ("ITERS", layout.iters),
+        ),
+        num_warps=layout.num_warps,
+    )
 
 
-def gsema_update_reference(
-    teacher: Sequence[torch.Tensor],
-    student: Sequence[torch.Tensor],
-    stats: torch.Tensor,
-    *,
-    decay_aligned: float,
-    decay_conflict: float,
-    rule: str = "dot",
-    step: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The torch reference (and CPU path). On the CPU the decision is read directly (no device to wait for) and a
-    conflict with ``alpha == 1`` skips the update; on another device the update is masked with ``torch.where``.
-    """
-    aligned, alpha = decision_reference(stats, decay_aligned, decay_conflict, rule, step)
-    weight = 1.0 - alpha
-    if stats.device.type == "cpu":
-        alpha_value = float(alpha)
-        if alpha_value < 1.0:
-            _lerp_all(teacher, student, 1.0 - alpha_value)
-        return aligned
-    update = alpha < 1.0
-    for t, s in zip(teacher, student, strict=True):
-        if t.is_floating_point():
-            t.copy_(torch.where(update, t.lerp(s.to(t.dtype), weight.to(t.dtype)), t))
-        else:
-            t.copy_(torch.where(update, s, t))
-    return aligned
-
-
-def _lerp_all(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], weight: float) -> None:
-    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list, list]] = {}
-    for t, s in zip(teacher, student, strict=True):
-        if not t.is_floating_point():
-            t.copy_(s)
-        elif t.numel():
-            ts, ss = groups.setdefault((t.dtype, s.dtype), ([], []))
-            ts.append(t)
-            ss.append(s)
-    for (t_dtype, s_dtype), (ts, ss) in groups.items():
-        torch._foreach_lerp_(ts, ss if s_dtype == t_dtype else [s.to(t_dtype) for s in ss], weight)
+def variants(layout: Layout) -> list[Variant]:
+    """Every variant the launcher can produce under ``layout``: each dtype pair an average may take."""
+    return [
+        update_variant(teacher, student, aligned, layout)
+        for teacher, student in average_code_pairs()
+        for aligned in (False, True)
+    ]
 
 
 def gsema_update(
@@ -205,10 +154,11 @@ def gsema_update(
 ) -> torch.Tensor:
     """Conditional EMA of ``teacher`` towards ``student`` decided on the device; returns 0-dim ``aligned`` (1.0/0.0).
 
-    ``step`` (int or 0-dim device tensor) enables the warm-up cap. Pass a device tensor to capture the update in a
-    CUDA graph (an int is baked into the launch). Non-float pairs are copied when the update happens.
+    ``step`` (int or 0-dim integer device tensor) enables the warm-up cap. Pass a device tensor to capture the update
+    in a CUDA graph (an int is baked into the launch). Non-float pairs are copied, and complex pairs averaged by
+    torch, when the update happens.
     """
-    check_pairs(teacher, student, "teacher", "student", floating="x")
+    check_pairs(teacher, student, "teacher", "student", average=True)
     device = teacher[0].device
     check_update_args(stats, device, decay_aligned, decay_conflict, rule, step)
     with device_guard(device):
@@ -216,29 +166,27 @@ def gsema_update(
 
 
 def _launch(teacher, student, stats, decay_aligned, decay_conflict, rule, step) -> torch.Tensor:
-    plan = plan_pairs(teacher, student, CHUNK)
+    plan = plan_pairs(teacher, student, LAYOUT.chunk)
     decision = torch.empty(2, dtype=torch.float32, device=stats.device)
+    wide_stats = stats if stats.dtype == torch.float64 else stats.to(torch.float64)
     step_in_tensor = isinstance(step, torch.Tensor)
+    if step_in_tensor and step.dtype != torch.int64:
+        step = step.to(torch.int64)
     for index, group in enumerate(plan.groups):
-        _gsema_update_kernel[(group.num_chunks,)](
+        update_variant(group.x_code, group.y_code, group.aligned, LAYOUT).launch(
+            (group.num_chunks,),
             group.table,
             group.num_chunks,
-            stats,
-            step if step_in_tensor else stats,
+            wide_stats,
+            step if step_in_tensor else group.table,
             float(step) if step is not None and not step_in_tensor else 0.0,
             float(decay_aligned),
             float(decay_conflict),
             decision,
-            T_CODE=group.x_code,
-            S_CODE=group.y_code,
-            ALIGNED=group.aligned,
-            RULE_SIGN=rule == "sign",
-            WARMUP=step is not None,
-            STEP_IN_TENSOR=step_in_tensor,
-            WRITE_DECISION=index == 0,
-            BLOCK=BLOCK,
-            ITERS=ITERS,
-            num_warps=NUM_WARPS,
+            int(rule == "sign"),
+            int(step is not None),
+            int(step_in_tensor),
+            int(index == 0),
         )
     if not plan.groups or plan.other_pairs:
         aligned, alpha = decision_reference(stats, decay_aligned, decay_conflict, rule, step)
@@ -246,5 +194,8 @@ def _launch(teacher, student, stats, decay_aligned, decay_conflict, rule, step) 
             decision[0], decision[1] = aligned, alpha
         update = decision[1] < 1.0
         for t, s in plan.other_pairs:
-            t.copy_(torch.where(update, s, t))
+            if t.is_complex():
+                t.copy_(torch.where(update, t.lerp(s, (1.0 - decision[1]).to(t.dtype)), t))
+            else:
+                t.copy_(torch.where(update, s, t))
     return decision[0]

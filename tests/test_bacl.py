@@ -9,19 +9,22 @@ CPU) and the torch reference that serves the CPU.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from backends import BACKENDS, HAS_TRITON
 from torch.nn import functional as F  # noqa: N812
 
 from gsema_fast import ops
-from gsema_fast.kernels import _multi_tensor
-from gsema_fast.kernels import bacl as K  # noqa: N812
 from gsema_fast.losses import BACL
+from gsema_fast.reference import bacl as R  # noqa: N812
+from gsema_fast.reference import device as device_state
+
+if HAS_TRITON:
+    from gsema_fast.kernels import bacl as K  # noqa: N812
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-IMPLS = {"triton": K.bacl, "torch": K.bacl_reference}
+IMPLS = {"torch": R.bacl_reference, **({"triton": K.bacl} if HAS_TRITON else {})}
 SHAPES = [(2, 5, 12, 10, 14), (1, 3, 8, 8, 8), (3, 2, 7, 9, 5)]
 SPATIAL = (-3, -2, -1)
 # (rtol, atol as a fraction of the largest reference value). Low-precision inputs are read exactly and reduced in
@@ -125,7 +128,7 @@ def check_against_oracle(impl, zs, value_tol, grad_tol, **opts):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 def test_bacl_matches_oracle(impl, shape, dtype, mask):
     zs = latents(shape, dtype)
     result = check_against_oracle(IMPLS[impl], zs, VALUE_TOL[dtype], GRAD_TOL[dtype], tau=0.5, mask=mask)
@@ -137,7 +140,7 @@ def test_bacl_matches_oracle(impl, shape, dtype, mask):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("terms", ["volume", "boundary"])
 @pytest.mark.parametrize("tau", [1.0, 0.1])
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 def test_single_term_and_tau_all_inputs_grad(impl, terms, tau, mask):
     zs = latents((2, 3, 6, 5, 7), requires=(True, True, True, True))
     opts = dict(volume=terms == "volume", boundary=terms == "boundary", tau=tau, mask=mask, cutoff=0.4)
@@ -146,7 +149,7 @@ def test_single_term_and_tau_all_inputs_grad(impl, terms, tau, mask):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 def test_gradcheck_float64(impl, mask):
     zs = [z.detach().double() for z in latents((2, 2, 4, 3, 5))]
     for z in zs[:3]:
@@ -171,7 +174,7 @@ def test_identical_latents_give_log3_per_term(impl, terms):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 def test_mixed_dtypes_student_bf16_teacher_fp32(impl, mask):
     zs = latents((2, 3, 6, 5, 4))
     zs = [zs[0].detach().bfloat16().requires_grad_(), zs[1].detach().bfloat16().requires_grad_(), zs[2], zs[3]]
@@ -188,7 +191,7 @@ def test_zero_latent_gives_finite_loss_and_gradients(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 @pytest.mark.parametrize("terms", [(True, True), (False, True)])
 def test_batch_mean_reduction_matches_oracle(impl, mask, terms):
     """``reduction="batch_mean"``: one InfoNCE of the similarities averaged over the batch (the public code)."""
@@ -215,90 +218,21 @@ def test_batch_mean_gradcheck_float64(impl):
     assert torch.autograd.gradcheck(fn, zs[:3], eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=impl == "triton")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_gradients_are_fp32_gradients_rounded_as_stored(dtype):
-    """The backward kernel forms each gradient in fp32 and rounds it once to the input's dtype. Compiled Triton rounds
-    fp32 -> bf16 to nearest even, its interpreter (the CPU tests) truncates: the gradient is compared with the same
-    launch's fp32 output rounded the way this path stores, bit for bit."""
-    xs = tuple(torch.randn(2, 700, device=DEVICE).to(dtype) for _ in range(4))
-    _, _, coef = K._contrast_forward(xs, 0.5, K.IDENTITY)
-    grad = torch.full((), 3.0, device=DEVICE)
-    wide = [torch.empty(2, 700, device=DEVICE), torch.empty(2, 700, device=DEVICE), None, None]
-    low = [torch.empty(2, 700, device=DEVICE, dtype=dtype), torch.empty(2, 700, device=DEVICE, dtype=dtype), None, None]
-    K._contrast_backward(xs, coef, grad, wide, K.IDENTITY)
-    K._contrast_backward(xs, coef, grad, low, K.IDENTITY)
-    truncates = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    for w, got in zip(wide[:2], low[:2], strict=True):
-        want = (w.view(torch.int32) & -65536).view(torch.float32).to(dtype) if truncates else w.to(dtype)
-        assert torch.equal(got, want)
-
-
-def test_ticket_inside_a_capture_belongs_to_that_capture(monkeypatch):
-    """The reduction's counter: one per stream outside a capture; inside one, a counter the graph zeroes and owns, so
-    no graph relies on a zero-fill that exists only in another graph."""
-    device = torch.device(DEVICE)
-    eager = _multi_tensor.ticket(device)
-    assert _multi_tensor.ticket(device) is eager and int(eager) == 0
-    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: True)
-    first, second = _multi_tensor.ticket(device), _multi_tensor.ticket(device)
-    assert first is not eager and second is not first and int(first) == 0 and int(second) == 0
-    zs = latents((2, 3, 4, 4, 4))
-    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: False)
-    want = K.bacl(*zs).loss.detach()  # also builds the masks, outside the "capture"
-    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: True)
-    assert torch.equal(K.bacl(*zs).loss.detach(), want)
-    assert int(eager) == 0
-
-
 def test_masks_are_built_before_a_capture_and_pinned_by_it(monkeypatch):
-    K._MASKS.clear()
+    R._MASKS.clear()
     capture = [True]
-    monkeypatch.setattr(_multi_tensor, "capturing", lambda d: capture[0])
+    monkeypatch.setattr(device_state, "capturing", lambda d: capture[0])
     with pytest.raises(RuntimeError, match="high-pass mask .* outside a CUDA graph capture"):
-        K.high_pass_mask((6, 6, 6), device=DEVICE)
+        R.high_pass_mask((6, 6, 6), device=DEVICE)
     capture[0] = False
-    mask = K.high_pass_mask((6, 6, 6), device=DEVICE)
+    mask = R.high_pass_mask((6, 6, 6), device=DEVICE)
     capture[0] = True
-    assert K.high_pass_mask((6, 6, 6), device=DEVICE) is mask
+    assert R.high_pass_mask((6, 6, 6), device=DEVICE) is mask
     capture[0] = False
     for n in range(1, 70):  # more masks than the cache keeps
-        K.high_pass_mask((n, 2, 2), device=DEVICE)
+        R.high_pass_mask((n, 2, 2), device=DEVICE)
     capture[0] = True
-    assert K.high_pass_mask((6, 6, 6), device=DEVICE) is mask
-
-
-def test_triton_path_is_deterministic_and_chunked(monkeypatch):
-    # Tiny tiles and several programs per sample: chunks of whole tiles plus a masked tail, a final reduction in
-    # several steps, and the ticket counter shared by consecutive launches.
-    monkeypatch.setattr(K, "MAX_BLOCK", 16)
-    monkeypatch.setattr(K, "CPU_PROGRAMS", 10)
-    monkeypatch.setattr(K, "MAX_ROWS", 2)
-    shape = (2, 1, 5, 5, 6)
-    plan = K._plan(150, 2, K.IDENTITY, torch.device("cpu"))
-    assert (plan.block, plan.chunk, plan.num_chunks, plan.rows) == (16, 32, 5, 2)
-    zs = latents(shape)
-    runs = []
-    for _ in range(2):
-        for z in zs:
-            z.grad = None
-        result = K.bacl(*zs, tau=0.5)
-        result.loss.backward()
-        runs.append([result.loss.detach().clone()] + [z.grad.clone() for z in zs[:2]])
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
-    fresh = [z.detach().requires_grad_(r) for z, r in zip(zs, (True, True, False, False), strict=True)]
-    check_against_oracle(K.bacl, fresh, (1e-5, 1e-6), (1e-4, 1e-5), tau=0.5)
-
-
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 2047, 2048, 8400, 1 << 20])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("mode", [K.IDENTITY, K.COMPLEX_ABS])
-def test_plan_covers_every_element_once(n, batch, mode):
-    for device in (torch.device("cpu"), DEVICE):
-        plan = K._plan(n, batch, mode, device)
-        assert plan.chunk % plan.block == 0 and plan.block & (plan.block - 1) == 0
-        assert (plan.num_chunks - 1) * plan.chunk < n <= plan.num_chunks * plan.chunk
-        assert 1 <= plan.num_chunks <= K.MAX_CHUNKS and plan.rows >= min(plan.num_chunks, K.MAX_ROWS)
+    assert R.high_pass_mask((6, 6, 6), device=DEVICE) is mask
 
 
 # --------------------------------------------------------------------------------------------------- high_pass
@@ -313,7 +247,7 @@ def test_reference_mask_is_the_fftshift_construction_bit_for_bit(size, cutoff):
         bounds = [slice(int(n * (1 - cutoff) / 2), int(n * (1 + cutoff) / 2)) for n in size]
     shifted = torch.ones(size)
     shifted[tuple(bounds)] = 0.0
-    m = K.high_pass_mask(size, cutoff=cutoff, mask="reference")
+    m = R.high_pass_mask(size, cutoff=cutoff, mask="reference")
     assert torch.equal(m, torch.fft.ifftshift(shifted))
     z = torch.randn(2, 3, *size)
     spectrum = torch.fft.fftn(z, dim=SPATIAL)
@@ -324,7 +258,7 @@ def test_reference_mask_is_the_fftshift_construction_bit_for_bit(size, cutoff):
 
 
 def test_reference_mask_is_off_by_one_bin_on_even_axes():
-    m = K.high_pass_mask((32, 32, 32), mask="reference")
+    m = R.high_pass_mask((32, 32, 32), mask="reference")
     assert m[-8, 0, 0] == 0 and m[8, 0, 0] == 1  # zeroes k = -8 but not k = +8, as the public code
     assert int((m == 0).sum()) == 16**3
 
@@ -333,7 +267,7 @@ def test_reference_mask_is_off_by_one_bin_on_even_axes():
 @pytest.mark.parametrize("cutoff", [0.5, 0.3, 0.4, 0.9])
 def test_symmetric_mask_is_the_centred_cube_on_the_rfft_half(size, cutoff):
     full = oracle_mask(size, cutoff, "symmetric")
-    half = K.high_pass_mask(size, cutoff=cutoff, mask="symmetric", dtype=torch.float64)
+    half = R.high_pass_mask(size, cutoff=cutoff, mask="symmetric", dtype=torch.float64)
     assert torch.equal(half, full[..., : size[2] // 2 + 1])
     flipped = torch.roll(torch.flip(full, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))  # M(-k)
     assert torch.equal(full, flipped)
@@ -342,7 +276,7 @@ def test_symmetric_mask_is_the_centred_cube_on_the_rfft_half(size, cutoff):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_high_pass_matches_complex_construction(shape, mask, dtype):
     z = torch.randn(shape, device=DEVICE).to(dtype)
@@ -353,7 +287,7 @@ def test_high_pass_matches_complex_construction(shape, mask, dtype):
     torch.testing.assert_close(b.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("mask", K.MASKS)
+@pytest.mark.parametrize("mask", R.MASKS)
 def test_high_pass_gradcheck(mask):
     z = torch.randn(2, 2, 5, 4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: ops.high_pass(x, cutoff=0.6, mask=mask), (z,), eps=1e-6, atol=1e-6)
@@ -363,13 +297,13 @@ def test_high_pass_gradcheck(mask):
 
 
 @pytest.mark.parametrize("op", ["bacl_loss", "bacl_terms", "module"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bacl_dispatch(backend, op, monkeypatch):
     monkeypatch.setenv(ops.BACKEND_ENV, backend)
     called = []
-    for name in ("bacl", "bacl_reference"):
-        original = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _o=original, _n=name, **k: called.append(_n) or _o(*a, **k))
+    for module, name in ((R, "bacl_reference"), *(((K, "bacl"),) if HAS_TRITON else ())):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **k: called.append(_n) or _o(*a, **k))
     zs = latents((1, 2, 4, 4, 4))
     if op == "bacl_loss":
         loss = ops.bacl_loss(*zs, tau=0.5)
@@ -430,7 +364,7 @@ BAD_BACL = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BAD_BACL, ids=[c[0] for c in BAD_BACL])
 def test_bacl_loss_rejects_bad_input(case, backend, monkeypatch):
     monkeypatch.setenv(ops.BACKEND_ENV, backend)
@@ -466,101 +400,3 @@ def test_high_pass_rejects_bad_input(z, kwargs, exc, match):
 def test_bacl_module_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BACL(**kwargs)
-
-
-def _features():
-    return tuple(torch.randn(2, 30, device=DEVICE) for _ in range(4))
-
-
-@pytest.mark.parametrize(
-    ("make", "mode", "exc", "match"),
-    [
-        (lambda xs: xs[:3], K.IDENTITY, ValueError, "expected 4 feature tensors, got 3"),
-        (lambda xs: (xs[0].T.contiguous().T, *xs[1:]), K.IDENTITY, ValueError, r"feature 0 must be contiguous"),
-        (lambda xs: (*xs[:3], xs[3][:, :29].contiguous()), K.IDENTITY, ValueError, r"feature 3 has shape \(2, 29\)"),
-        (lambda xs: (xs[0].int(), *xs[1:]), K.IDENTITY, TypeError, "feature 0 must be .*got torch.int32"),
-        (lambda xs: xs, K.COMPLEX_ABS, ValueError, r"view_as_real tensors \[B, ..., 2\], got \(2, 30\)"),
-        (lambda xs: xs, 7, ValueError, "got 7"),
-        (lambda xs: tuple(x[:0] for x in xs), K.IDENTITY, ValueError, r"got \(0, 30\)"),
-    ],
-)
-def test_launcher_rejects_bad_features(make, mode, exc, match):
-    with pytest.raises(exc, match=match):
-        K._contrast_forward(make(_features()), 1.0, mode)
-
-
-@pytest.mark.parametrize(
-    ("outs", "extras", "extra", "match"),
-    [
-        (lambda xs: [None] * 4, None, 0, "at least one a tensor"),
-        (lambda xs: [torch.empty(2, 29, device=DEVICE), None, None, None], None, 0, r"outs\[0\] must be contiguous"),
-        (lambda xs: [torch.empty_like(xs[0]), None, None, None], [None] * 4, 1, r"extras\[0\] must be contiguous"),
-        (lambda xs: [torch.empty_like(xs[0]), None, None, None], None, 3, "extra must be 0, 1 or 2"),
-    ],
-)
-def test_backward_launcher_rejects_bad_outputs(outs, extras, extra, match):
-    xs = _features()
-    _, _, coef = K._contrast_forward(xs, 1.0, K.IDENTITY)
-    with pytest.raises(ValueError, match=match):
-        K._contrast_backward(xs, coef, torch.ones((), device=DEVICE), outs(xs), K.IDENTITY, extras, extra)
-
-
-# ------------------------------------------------------------------------------------------------ GPU-only checks
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 96, 24, 24, 24), (2, 48, 32, 32, 32)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mask", K.MASKS)
-def test_gpu_benchmark_shapes_match_torch_path(shape, dtype, mask):
-    zs = latents(shape, dtype)
-    fused = K.bacl(*zs, tau=0.5, mask=mask)
-    fused.loss.backward()
-    grads = [z.grad.clone() for z in zs[:2]]
-    for z in zs[:2]:
-        z.grad = None
-    ref = K.bacl_reference(*zs, tau=0.5, mask=mask)
-    ref.loss.backward()
-    close(fused.loss, ref.loss, (1e-5, 1e-6), "loss")
-    close(fused.boundary_sims, ref.boundary_sims, (1e-5, 1e-6), "boundary similarities")
-    for g, z in zip(grads, zs, strict=False):
-        close(g, z.grad, GRAD_TOL[dtype], "gradient")
-
-
-@pytest.mark.gpu
-def test_gpu_module_step_never_syncs():
-    module = BACL(tau=0.5)
-    zs = latents((2, 16, 12, 12, 12))
-    for _ in range(2):  # compile the kernels, build the cached masks and the ticket counter
-        loss, parts = module(*zs)
-        loss.backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss, parts = module(*zs)
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    assert torch.isfinite(loss) and all(torch.isfinite(p) for p in parts.values())
-
-
-@pytest.mark.gpu
-def test_gpu_two_captured_graphs_each_own_their_ticket():
-    """Two graphs captured on the same stream after an eager warm-up on another: each zeroes its own reduction
-    counter, so either replays first and both give the eager loss, bit for bit."""
-    zs = [z.detach() for z in latents((2, 8, 8, 8, 8))]
-    for _ in range(2):  # compile, and build the masks, outside the capture
-        want = K.bacl(*zs, tau=0.5).loss.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graphs, losses = [], []
-    for _ in range(2):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            losses.append(K.bacl(*zs, tau=0.5).loss)
-        graphs.append(graph)
-    for graph in (graphs[1], graphs[0], graphs[1]):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(loss, want) for loss in losses)

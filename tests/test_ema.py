@@ -211,3 +211,41 @@ def test_updaters_follow_their_models_to_the_gpu():
     assert other.step.is_cuda and next(other.teacher.parameters()).is_cuda
     moved = EMA(small_net()).to("cuda")
     assert moved.num_updates.is_cuda
+
+
+# ------------------------------------------------------------------------------- timm and torch parity
+
+
+def test_ema_takes_the_decay_positionally_as_timm_does():
+    model = small_net()
+    ema = EMA(model, 0.75, warmup=False)
+    assert ema.decay == 0.75
+    perturb(model)
+    before = ema.module[0].weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.module[0].weight, 0.75 * before + 0.25 * model[0].weight)
+
+
+def test_ema_device_places_the_average():
+    model = small_net()
+    ema = EMA(model, 0.5, device="cpu", warmup=False)
+    assert all(p.device.type == "cpu" for p in ema.module.parameters())
+    assert ema.num_updates.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_ema_kept_on_the_cpu_follows_a_gpu_model():
+    """timm's ``device="cpu"``: the average stays in host memory, each update copies the model's tensors there."""
+    model = small_net().cuda()
+    ema = EMA(model, 0.5, device="cpu", warmup=False)
+    perturb(model)
+    before = ema.module[0].weight.clone()
+    ema.update(model)
+    assert ema.module[0].weight.device.type == "cpu"
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before + 0.5 * model[0].weight.cpu())
+
+
+def test_ema_warmup_is_on_by_default_and_off_on_request():
+    """The one deliberate difference from timm's ModelEmaV3 (warm-up off): documented in EMA's docstring."""
+    model = small_net()
+    assert EMA(model).warmup is True and EMA(model, warmup=False).warmup is False

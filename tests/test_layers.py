@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("gsema_fast", "gsema_fast.files", "gsema_fast.memory", "gsema_fast.distributed", "gsema_fast.integrations"),
     ),
     ("configuration, sinks", ("gsema_fast.config", "gsema_fast.integrations.tensorboard")),
+    ("torch references", ("gsema_fast.reference",)),
     ("kernels", ("gsema_fast.kernels",)),
     ("ops", ("gsema_fast.ops",)),
     ("losses, EMA", ("gsema_fast.losses", "gsema_fast.ema")),
@@ -54,7 +55,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("CLI", ("gsema_fast.cli",)),
     ("entry point", ("gsema_fast.__main__",)),
 ]
-PACKAGES = ("gsema_fast.kernels", "gsema_fast.data")  # units whose modules may import each other
+# Units whose modules may import each other.
+PACKAGES = ("gsema_fast.reference", "gsema_fast.kernels", "gsema_fast.data")
 LAZY_IMPORTERS = ("gsema_fast.cli",)  # imports inside functions: the command's --help must not load torch
 
 
@@ -150,10 +152,14 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
 
 SCRIPT = textwrap.dedent(
     """
-    import importlib, sys
+    import importlib, importlib.util, sys
     from gsema_fast.integrations import MissingExtraError
 
     names = sys.argv[1:]
+    try:
+        import triton
+    except ImportError:  # the kernels need Triton; the Triton-free CPU path is tested in test_without_triton.py
+        names = [n for n in names if not n.startswith("gsema_fast.kernels")]
     for first in names:
         for loaded in [m for m in sys.modules if m == "gsema_fast" or m.startswith("gsema_fast.")]:
             del sys.modules[loaded]
@@ -165,6 +171,20 @@ SCRIPT = textwrap.dedent(
                 pass
     """
 )
+
+
+def test_only_the_kernels_import_triton():
+    """Triton is imported by the kernel modules alone, which ``ops`` loads on the first launch: the CPU path, the
+    trainer and the CLI run where Triton is not installed."""
+    for module, path in MODULES.items():
+        if unit(module) == "gsema_fast.kernels":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names += [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            kernels = [n for n in names if n.split(".")[0] == "triton" or n.startswith("gsema_fast.kernels")]
+            assert not kernels, f"{path.relative_to(ROOT)}:{node.lineno} imports {kernels}"
 
 
 def test_every_module_imports_whichever_comes_first():

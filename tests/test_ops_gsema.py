@@ -6,20 +6,25 @@ import contextlib
 import copy
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from backends import BACKENDS, HAS_TRITON, needs_triton
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gsema_fast import ops
-from gsema_fast.kernels import _multi_tensor
-from gsema_fast.kernels import bacl as bacl_kernels
-from gsema_fast.kernels import fused_ema as fused_ema_kernels
-from gsema_fast.kernels import grad_stats as grad_stats_kernels
-from gsema_fast.kernels import gsema_update as gsema_update_kernels
+from gsema_fast.reference import device as device_state
+
+if HAS_TRITON:
+    from gsema_fast.kernels import _multi_tensor
+    from gsema_fast.kernels import bacl as bacl_kernels
+    from gsema_fast.kernels import fused_ema as fused_ema_kernels
+    from gsema_fast.kernels import grad_stats as grad_stats_kernels
+    from gsema_fast.kernels import gsema_update as gsema_update_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SIZES = {
     "odd": [(1,), (7,), (4097,), (0,), (65539,), (3, 5, 2)],
@@ -41,7 +46,8 @@ EMA_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setenv(ops.BACKEND_ENV, request.param)
-    _multi_tensor.clear_cache()
+    if HAS_TRITON:
+        _multi_tensor.clear_cache()
     return request.param
 
 
@@ -92,6 +98,7 @@ def test_grad_stats_matches_float64(backend, sizes, dtype):
     assert got[3:].double().cpu().equal(want[3:].cpu()), "sign agreement and counts are exact"
 
 
+@needs_triton
 def test_grad_stats_backends_agree_and_are_deterministic(monkeypatch):
     a = random_list(SIZES["odd"], zeros=0.05)
     b = random_list(SIZES["odd"], torch.bfloat16)
@@ -130,9 +137,8 @@ def test_grad_stats_sign_counts_and_zeros(backend):
 def test_grad_stats_counts_are_exact_beyond_2_24(backend, monkeypatch):
     """The counts and the sign agreement are integers: exact past 2**24 (fp32 would give 2**24 for 2**24 + 1)."""
     # Big chunks keep the interpreter to a few programs; each chunk's fp32 count stays below 2**24, as on a GPU.
-    monkeypatch.setattr(grad_stats_kernels, "BLOCK", 1 << 20)  # Triton's largest block
-    monkeypatch.setattr(grad_stats_kernels, "ITERS", 8)
-    monkeypatch.setattr(grad_stats_kernels, "CHUNK", 1 << 23)
+    if backend == "triton":
+        monkeypatch.setattr(grad_stats_kernels, "LAYOUT", _multi_tensor.Layout(block=1 << 20, iters=8, num_warps=4))
     n = (1 << 24) + 1
     a = [torch.ones(n, device=DEVICE)]
     b = [torch.ones(n, device=DEVICE)]
@@ -151,24 +157,14 @@ def test_grad_stats_counts_a_nan_as_non_zero(backend):
     assert math.isnan(got[0].item()) and math.isnan(got[1].item())
 
 
+@needs_triton
 def test_grad_stats_partial_rows_are_written_whole():
     """The final reduction loads rows of 8 partial sums; the two padding columns are written (zeros), never read
     stale."""
     a, b = random_list([(5000,), (3,)]), random_list([(5000,), (3,)])
-    plan = _multi_tensor.plan_pairs(a, b, grad_stats_kernels.CHUNK)
+    plan = _multi_tensor.plan_pairs(a, b, _multi_tensor.LAYOUT.chunk)
     partials = torch.full((plan.num_chunks, 8), float("nan"), device=DEVICE)
-    for group in plan.groups:
-        grad_stats_kernels._grad_stats_kernel[(group.num_chunks,)](
-            group.table,
-            group.num_chunks,
-            partials[group.first_chunk :],
-            A_CODE=group.x_code,
-            B_CODE=group.y_code,
-            ALIGNED=group.aligned,
-            ACCUMULATE=False,
-            BLOCK=grad_stats_kernels.BLOCK,
-            ITERS=grad_stats_kernels.ITERS,
-        )
+    grad_stats_kernels._launch_chunks(plan, partials, accumulate=False)
     assert torch.isfinite(partials).all() and (partials[:, 6:] == 0).all()
 
 
@@ -314,6 +310,7 @@ def test_gsema_update_copies_integer_buffers_when_updating(backend):
     assert teacher[1].item() == 9
 
 
+@needs_triton
 def test_gsema_update_is_deterministic_and_backends_agree(monkeypatch):
     student = random_list(SIZES["odd"], torch.bfloat16)
     base = random_list(SIZES["odd"])
@@ -446,8 +443,11 @@ def test_fused_ema_accepts_strided_tensors_like_foreach_lerp(backend):
 
 def test_fused_ema_bad_input():
     e, c = [torch.randn(3, device=DEVICE)], [torch.randn(3, device=DEVICE)]
-    with pytest.raises(ValueError, match="weight must be finite, got inf"):
+    with pytest.raises(ValueError, match=r"weight must be a number in \[0, 1\], got inf"):
         ops.fused_ema_(e, c, float("inf"))
+    for weight in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"weight must be a number in \[0, 1\], got {weight}"):
+            ops.fused_ema_(e, c, weight)
     with pytest.raises(TypeError, match="0-dim"):
         ops.fused_ema_(e, c, torch.ones(2, device=DEVICE))
     with pytest.raises(TypeError, match="weight must be a float"):
@@ -473,15 +473,84 @@ def test_averaged_model_multi_avg_fn_matches_torch(backend):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
+def test_ema_multi_avg_fn_defaults_to_torchs_decay(backend):
+    """``ops.ema_multi_avg_fn()`` is ``get_ema_multi_avg_fn()``: the same default decay, 0.999."""
+    model = torch.nn.Linear(5, 4).to(DEVICE)
+    ours = AveragedModel(model, multi_avg_fn=ops.ema_multi_avg_fn())
+    theirs = AveragedModel(copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn())
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    for x, y in zip(ours.module.parameters(), theirs.module.parameters(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_multi_avg_fn_takes_a_tensor_decay(backend):
+    ema, current = [torch.zeros(300, device=DEVICE)], [torch.ones(300, device=DEVICE)]
+    ops.ema_multi_avg_fn(torch.tensor(0.75, device=DEVICE))(ema, current, None)
+    torch.testing.assert_close(ema[0], torch.full_like(ema[0], 0.25))
+    with pytest.raises(TypeError, match="0-dim float tensor"):
+        ops.ema_multi_avg_fn(torch.tensor([0.5, 0.5]))
+
+
+def test_complex_tensors_are_averaged_like_torch(backend):
+    """torch's ``_foreach_lerp_`` (and so ``get_ema_multi_avg_fn``) averages complex tensors: so does fused_ema_,
+    where they used to be copied."""
+    ema = [torch.randn(40, dtype=torch.complex64, device=DEVICE), torch.randn(9, device=DEVICE)]
+    current = [torch.randn(40, dtype=torch.complex64, device=DEVICE), torch.randn(9, device=DEVICE)]
+    want = [e.clone() for e in ema]
+    torch._foreach_lerp_(want, current, 0.3)
+    ops.fused_ema_(ema, current, 0.3)
+    for got, ref in zip(ema, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    teacher, student = [ema[0].clone()], [current[0]]
+    ops.gsema_update_(teacher, student, stats_for(1.0, 1.0), decay_aligned=0.75, decay_conflict=1.0)
+    torch.testing.assert_close(teacher[0], ema[0].lerp(current[0], 0.25), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("average", "averaged"), [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+def test_an_average_less_precise_than_its_model_is_refused(backend, average, averaged):
+    """``torch.lerp`` refuses mixed dtypes; an fp32 average of a bf16 model is allowed, the reverse loses the model's
+    precision at every step and is refused, naming both dtypes."""
+    ema, current = [torch.zeros(8, dtype=average, device=DEVICE)], [torch.ones(8, dtype=averaged, device=DEVICE)]
+    with pytest.raises(TypeError, match=rf"ema\[0\] is {average}, current\[0\] {averaged}: an average must be"):
+        ops.fused_ema_(ema, current, 0.5)
+    with pytest.raises(TypeError, match=r"teacher\[0\] is"):
+        ops.gsema_update_(ema, current, stats_for(1.0, 1.0), decay_aligned=0.5, decay_conflict=1.0)
+
+
+@needs_triton
+def test_the_triton_backend_on_cpu_tensors_says_what_it_needs():
+    """``GSEMA_FAST_BACKEND=triton`` with CPU tensors and no interpreter: one line, not Triton's "0 active drivers"."""
+    code = (
+        "import os, torch\n"
+        "from gsema_fast import ops\n"
+        "os.environ[ops.BACKEND_ENV] = 'triton'\n"
+        "try:\n"
+        "    ops.fused_ema_([torch.zeros(3)], [torch.ones(3)], 0.5)\n"
+        "except ops.TritonUnavailableError as err:\n"
+        "    print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ops.BACKEND_ENV)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "GSEMA_FAST_BACKEND=triton: the Triton kernels run on CUDA tensors" in done.stdout
+    assert "TRITON_INTERPRET=1" in done.stdout
+
+
 # ------------------------------------------------------------------------------------- devices and CUDA graphs
 
 
 def test_device_guard_makes_the_tensors_cuda_device_current():
-    guard = _multi_tensor.device_guard(torch.device("cuda", 1))
+    guard = device_state.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert isinstance(_multi_tensor.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(device_state.device_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
+@needs_triton
 def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
     """Triton launches on the current device's current stream: every launcher makes its tensors' device current
     (tensors on cuda:1 with cuda:0 current would otherwise run on the wrong device or race its copies)."""
@@ -525,20 +594,21 @@ def test_lists_spread_over_devices_are_rejected(backend, call, match):
         call(xs, ys)
 
 
+@needs_triton
 def test_launch_tables_are_built_before_a_capture_and_pinned_by_it(monkeypatch):
     """A CUDA graph replays the table addresses it captured: a table is never built inside a capture (its copy would
     run only at replay, from a freed host buffer) and one that a capture used is never evicted."""
     monkeypatch.setenv(ops.BACKEND_ENV, "triton")
     _multi_tensor.clear_cache()
     capture = [False]
-    monkeypatch.setattr(_multi_tensor, "capturing", lambda device: capture[0])
+    monkeypatch.setattr(device_state, "capturing", lambda device: capture[0])
     a, b = random_list([(5,), (700,)]), random_list([(5,), (700,)])
     capture[0] = True
     with pytest.raises(RuntimeError, match="outside a CUDA graph capture: run the op once"):
         ops.grad_stats(a, b)
     capture[0] = False
     want = ops.grad_stats(a, b)  # the warm-up builds the table
-    table = _multi_tensor.plan_pairs(a, b, grad_stats_kernels.CHUNK).groups[0].table
+    table = _multi_tensor.plan_pairs(a, b, _multi_tensor.LAYOUT.chunk).groups[0].table
     capture[0] = True
     assert torch.equal(ops.grad_stats(a, b), want)  # the capture finds it, and pins it
     capture[0] = False
@@ -546,13 +616,14 @@ def test_launch_tables_are_built_before_a_capture_and_pinned_by_it(monkeypatch):
         x = random_list([(n,)])
         ops.grad_stats(x, x)
     capture[0] = True
-    assert _multi_tensor.plan_pairs(a, b, grad_stats_kernels.CHUNK).groups[0].table is table
+    assert _multi_tensor.plan_pairs(a, b, _multi_tensor.LAYOUT.chunk).groups[0].table is table
     assert torch.equal(ops.grad_stats(a, b), want)
 
 
 # ------------------------------------------------------------------------------------------------ native GPU
 
 
+@needs_triton
 @pytest.mark.gpu
 def test_tail_runs_without_sync_and_in_a_cuda_graph(monkeypatch):
     monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
@@ -584,6 +655,7 @@ def test_tail_runs_without_sync_and_in_a_cuda_graph(monkeypatch):
         assert torch.equal(x, y)
 
 
+@needs_triton
 @pytest.mark.gpu
 def test_captured_tail_survives_launch_table_eviction(monkeypatch):
     """Warm up, capture grad_stats + gsema_update_, push more plans through the cache than it keeps, replay: the
@@ -614,6 +686,7 @@ def test_captured_tail_survives_launch_table_eviction(monkeypatch):
         torch.testing.assert_close(new, alpha * old + (1 - alpha) * s, rtol=1e-6, atol=1e-6)
 
 
+@needs_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_ops_run_on_their_tensors_device_not_the_current_one(monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backends import BACKENDS
 from torch.nn import functional as F  # noqa: N812
 
 from gsema_fast import ops
@@ -50,7 +51,7 @@ def test_reference_config_pins_the_public_code_and_the_others_do_not():
         assert cfg.bacl.reduction == "sample" and cfg.ema.warmup_start == 0, name
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reference_contrast_is_the_public_code(backend, monkeypatch):
     monkeypatch.setenv(ops.BACKEND_ENV, backend)
     ctx = reference_context()
