@@ -202,7 +202,24 @@ def _run_lodo(args) -> int:
     return 0
 
 
-_VERBS += [_add_evaluate, _add_predict, _add_lodo]
+def _add_lodo_table(sub) -> None:
+    p = sub.add_parser(
+        "lodo-table", help="write lodo's tables again from the lodo_records.json of a study (no training)"
+    )
+    p.add_argument("records", help="a lodo_records.json, as lodo writes it into its --out folder")
+    p.add_argument("--out", required=True, help="folder for lodo_table.md, lodo_table.csv, lodo_effects.csv, ...")
+    p.set_defaults(run=_run_lodo_table)
+
+
+def _run_lodo_table(args) -> int:
+    from gsema_fast.lodo import rebuild_lodo_table
+
+    tables = rebuild_lodo_table(args.records, args.out)
+    log.info("results: %s", tables["markdown"])
+    return 0
+
+
+_VERBS += [_add_evaluate, _add_predict, _add_lodo, _add_lodo_table]
 
 
 def _add_train(sub) -> None:
