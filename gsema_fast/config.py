@@ -302,6 +302,9 @@ class TrainConfig:
     max_steps: int | None = None
     # Validate every this many epochs (and after the last); 0: only after the last.
     val_every: int = 1
+    # Also score the student on the validation cases (log.jsonl's "student_dice"): a teacher is worth having only
+    # where it beats its student. Doubles the validation time; the teacher alone chooses best.pt either way.
+    val_student: bool = False
     # auto: bf16 on CUDA, fp32 on CPU (bf16 autocast of 3D convs on CPU is far slower than fp32).
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # auto: compile on CUDA only.

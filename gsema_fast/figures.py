@@ -229,8 +229,13 @@ def draw_progress(log_path: str | os.PathLike, out_path: str | os.PathLike) -> N
     ax.set(title="losses", xlabel="step")
     ax = axes[0, 1]
     for key in sorted({k for r in val for k in r.get("dice", {})}):
-        ax.plot([r["step"] for r in val], [r["dice"].get(key, float("nan")) for r in val], marker="o", label=key)
-    ax.set(title="validation Dice (teacher)", xlabel="step", ylim=(0, 1))
+        line = ax.plot([r["step"] for r in val], [r["dice"].get(key, float("nan")) for r in val], marker="o", label=key)
+        student = [r for r in val if "student_dice" in r]
+        if student:  # train.val_student: the student dashed, in its class's colour
+            steps, dice = [r["step"] for r in student], [r["student_dice"].get(key, float("nan")) for r in student]
+            ax.plot(steps, dice, linestyle="--", color=line[0].get_color(), label=f"{key} (student)")
+    title = "validation Dice (teacher; student dashed)" if any("student_dice" in r for r in val) else None
+    ax.set(title=title or "validation Dice (teacher)", xlabel="step", ylim=(0, 1))
     ax = axes[1, 0]
     if train and "aligned" in train[0]:
         ax.plot([r["step"] for r in train], [r["aligned"] for r in train], label="aligned fraction")

@@ -318,9 +318,17 @@ def _end_epoch(run: _Run, cfg: Config) -> None:
             run.ctx.teacher, run.data.val, run.data.manifest.labels, cfg, amp=run.ctx.amp_dtype, desc="validation"
         )
         run.last_val = val["mean"]
-        run.interval.write({"kind": "val", "step": run.step, "epoch": run.epoch, "dice": val["mean"]})
+        record = {"kind": "val", "step": run.step, "epoch": run.epoch, "dice": val["mean"]}
+        if cfg.train.val_student and cfg.ema.mode != "none":  # without an EMA the teacher mirrors the student
+            student = score_volumes(
+                run.ctx.student, run.data.val, run.data.manifest.labels, cfg, amp=run.ctx.amp_dtype, desc="student"
+            )
+            record["student_dice"] = student["mean"]
+        run.interval.write(record)
         score = float(np.nanmean(list(val["mean"].values()))) if val["mean"] else float("nan")
-        log.info("epoch %d: validation Dice (teacher) %s", run.epoch, {k: round(v, 3) for k, v in val["mean"].items()})
+        log.info("epoch %d: validation Dice (teacher) %s", run.epoch, _rounded(val["mean"]))
+        if "student_dice" in record:
+            log.info("epoch %d: validation Dice (student) %s", run.epoch, _rounded(record["student_dice"]))
         if score > run.best_score:  # the same on every rank: the metrics were gathered
             run.best_score, run.best_val = score, {"step": run.step, "dice": val["mean"]}
             _save(run, cfg, run.checkpoints / "best.pt")
@@ -329,6 +337,10 @@ def _end_epoch(run: _Run, cfg: Config) -> None:
     if run.main and run.interval.path is not None and run.interval.path.exists():
         draw_progress(run.interval.path, run.folder / "progress.png")
         run.interval.figure("progress", run.folder / "progress.png", run.step)
+
+
+def _rounded(dice: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in dice.items()}
 
 
 def _save(run: _Run, cfg: Config, path: Path) -> None:

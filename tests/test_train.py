@@ -221,6 +221,20 @@ def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeyp
         torch.testing.assert_close(ck_resumed["teacher"][name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("mode", "scored"), [("gsema", True), ("none", False)])
+def test_validation_scores_the_student_beside_the_teacher_on_request(phantoms, tmp_path, mode, scored):
+    """``train.val_student``: each validation record also holds the student's Dice (a teacher is worth having only
+    where it beats its student); without an EMA the teacher mirrors the student and nothing more is scored."""
+    run_dir = tmp_path / mode
+    train(tiny_config(phantoms, run_dir, "train.val_student=true", f"ema.mode={mode}", "train.epochs=1"))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    (val,) = [r for r in records if r["kind"] == "val"]
+    assert ("student_dice" in val) == scored
+    if scored:
+        assert set(val["student_dice"]) == set(val["dice"])
+        assert all(0.0 <= v <= 1.0 for v in val["student_dice"].values())
+
+
 def test_bench_step_times_every_mode_and_the_data(phantoms, tmp_path):
     from gsema_fast.cli import main
 
