@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gsema_fast.benchstep",
             "gsema_fast.integrations.nnunet",
             "gsema_fast.integrations.lightning",
+            "gsema_fast.integrations.monai",
         ),
     ),
     ("evaluation", ("gsema_fast.evaluate",)),
