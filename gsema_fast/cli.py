@@ -320,31 +320,55 @@ _VERBS.append(_add_bench_step)
 def _add_nnunet_train(sub) -> None:
     p = sub.add_parser(
         "nnunet-train",
-        help="train nnU-Net v2 with GS-EMA (nnUNetTrainerGSEMA; needs gsema-fast[nnunet])",
+        help="train nnU-Net v2 with GS-EMA (nnUNetTrainerGSEMA or a variant; needs gsema-fast[nnunet])",
         description="nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerGSEMA, with nnU-Net's options; "
-        "the nnUNet_raw, nnUNet_preprocessed and nnUNet_results variables as nnU-Net reads them.",
+        "the nnUNet_raw, nnUNet_preprocessed and nnUNet_results variables as nnU-Net reads them. A run never "
+        "replaces another: --c continues it, another trainer name (-tr) trains beside it, --overwrite replaces it.",
     )
     p.add_argument("dataset", metavar="DATASET", help="dataset id or DatasetXXX_Name (planned and preprocessed)")
     p.add_argument("configuration", metavar="CONFIGURATION", help="a 3D configuration of the plans, e.g. 3d_fullres")
     p.add_argument("fold", metavar="FOLD", help="fold number or 'all'")
+    p.add_argument(
+        "-tr",
+        dest="trainer",
+        default="nnUNetTrainerGSEMA",
+        help="GS-EMA trainer: nnUNetTrainerGSEMA (default), a variant of gsema-fast's (nnUNetTrainerGSEMA_sign, "
+        "_noBACL, _5epochs) or your own subclass, found as nnUNetv2_train finds trainers; each trains into its own "
+        "results folder",
+    )
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start student and teacher from")
     p.add_argument("-device", default="cuda", help="cuda, cpu or mps (default cuda)")
     p.add_argument("--npz", action="store_true", help="also save the final validation's softmax outputs")
-    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint (GS-EMA state included)")
-    p.add_argument("--val", action="store_true", help="only run the final validation (training must have finished)")
+    p.add_argument(
+        "--c",
+        action="store_true",
+        help="continue from the latest checkpoint, with the run's own --set, epochs and iterations (GS-EMA state "
+        "included); more --epochs extend it",
+    )
+    p.add_argument(
+        "--val", action="store_true", help="only run the final validation of the finished run (no settings needed)"
+    )
     p.add_argument("--val_best", action="store_true", help="validate checkpoint_best instead of checkpoint_final")
     p.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run in the trainer's fold folder (refused without)"
+    )
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="GS-EMA setting: ema.*, loss.*, bacl.*, target_transform.*, train.seed (repeatable)",
+        help="GS-EMA setting on top of the trainer's: ema.*, loss.*, bacl.*, target_transform.*, train.seed "
+        "(repeatable; saved with the run)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="nnU-Net's num_epochs (default 1000)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations per epoch (default 250)")
-    p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
+    p.add_argument("--epochs", type=int, default=None, help="nnU-Net's num_epochs (default: the trainer's, 1000)")
+    p.add_argument(
+        "--iterations", type=int, default=None, help="training iterations per epoch (default: the trainer's, 250)"
+    )
+    p.add_argument(
+        "--val-iterations", type=int, default=None, help="validation iterations per epoch (default: the trainer's, 50)"
+    )
     p.set_defaults(run=_run_nnunet_train)
 
 
@@ -355,6 +379,7 @@ def _run_nnunet_train(args) -> int:
         args.dataset,
         args.configuration,
         args.fold,
+        trainer_class=args.trainer,
         plans_identifier=args.plans,
         pretrained_weights=args.pretrained_weights,
         export_validation_probabilities=args.npz,
@@ -367,11 +392,39 @@ def _run_nnunet_train(args) -> int:
         epochs=args.epochs,
         iterations_per_epoch=args.iterations,
         val_iterations_per_epoch=args.val_iterations,
+        overwrite=args.overwrite,
     )
     return 0
 
 
-_VERBS.append(_add_nnunet_train)
+def _add_nnunet_trainers(sub) -> None:
+    p = sub.add_parser(
+        "nnunet-trainers",
+        help="write the file through which nnUNetv2_train finds gsema-fast's trainers (nnUNet_extTrainer)",
+        description="Writes FOLDER/gsema_fast_trainers.py, which imports nnUNetTrainerGSEMA and its variants; with "
+        "nnUNet_extTrainer=FOLDER, nnU-Net 2.8 or later finds them by name (nnUNetv2_train ... -tr NAME).",
+    )
+    p.add_argument("folder", metavar="FOLDER", help="folder for nnUNet_extTrainer (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace another file of the same name (refused without)")
+    p.set_defaults(run=_run_nnunet_trainers)
+
+
+def _run_nnunet_trainers(args) -> int:
+    from gsema_fast.integrations.nnunet import EXT_TRAINER, TRAINERS, ext_trainer_supported, write_trainer_file
+
+    path = write_trainer_file(args.folder, overwrite=args.overwrite)
+    log.info("wrote %s (%s)", path, ", ".join(cls.__name__ for cls in TRAINERS))
+    if not ext_trainer_supported():
+        log.warning(
+            "this nnU-Net looks for trainers in its own package only (nnUNet_extTrainer needs nnU-Net 2.8): copy %s "
+            "into nnunetv2/training/nnUNetTrainer/variants/ instead",
+            path,
+        )
+    log.info("export %s=%s", EXT_TRAINER, path.parent.resolve())
+    return 0
+
+
+_VERBS += [_add_nnunet_train, _add_nnunet_trainers]
 
 
 def main(argv: list[str] | None = None) -> int:

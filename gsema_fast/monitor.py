@@ -84,7 +84,7 @@ def build_loggers(cfg: Config, run_dir: Path, *, resume_step: int | None = None)
     if "tensorboard" in cfg.train.loggers:
         from gsema_fast.integrations.tensorboard import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(run_dir / "tensorboard", purge_step=resume_step))
+        loggers.append(TensorBoardLogger(run_dir / "tensorboard", resume_step=resume_step))
     return loggers
 
 

@@ -359,6 +359,8 @@ def _finish(run: _Run, cfg: Config) -> dict:
     untrained = None
     if run.initial_teacher is not None:
         result["test"], untrained = _score_unseen(run, cfg, best=result["best"])
+        test = {"dice": result["test"]["mean"], "untrained_dice": untrained}
+        run.interval.write({"kind": "test", "step": run.step, "epoch": run.epoch, **test})
     if run.main:
         summary = {
             "test_domain": run.data.split.test_domain,  # None: the dataset had no unseen centre

@@ -58,6 +58,13 @@ class Regressor(pl.LightningModule):
         x, y = batch
         self.log("val_loss", F.mse_loss(self.net(x), y))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.mse_loss(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch[0])
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -94,55 +101,155 @@ def expected_average(start, snapshots, decay):
     return avg
 
 
+def val_data() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(4, 4, generator=g), torch.randn(4, 1, generator=g)), batch_size=4)
+
+
+def close(got: dict, want: dict, **tolerance) -> None:
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value.to(got[name].dtype), msg=name, **tolerance)
+
+
+@pytest.mark.parametrize("use_average", [True, False])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_fused_ema_follows_every_optimizer_step_and_validates_on_the_average(accumulate):
-    model, ema, snaps = Regressor(), FusedEMA(0.6), Snapshots()
+def test_fused_ema_follows_every_optimizer_step_and_the_model_is_one_set_of_weights(accumulate, use_average):
+    model, ema, snaps = Regressor(), FusedEMA(0.6, use_average=use_average), Snapshots()
     trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[ema, snaps]).fit(
-        model, regression_data(), DataLoader(TensorDataset(torch.randn(4, 4), torch.randn(4, 1)), batch_size=4)
+        model, regression_data(), val_data()
     )
     steps = 8 // accumulate
     assert len(snaps.after_step) == steps and int(ema.ema.num_updates) == steps
-    want = expected_average(snaps.start, snaps.after_step, 0.6)
-    got = ema.averaged()
-    assert set(got) == set(model.state_dict())
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value.to(got[name].dtype), rtol=1e-5, atol=1e-6, msg=name)
-    # The last validation ran after the last step, on the averaged weights; the live ones came back afterwards.
-    for name, value in got.items():
-        torch.testing.assert_close(model.seen_in_validation[name], value, rtol=0, atol=0, msg=name)
-    live = model.state_dict()
-    for name, value in snaps.after_step[-1].items():
-        torch.testing.assert_close(live[name], value, rtol=0, atol=0, msg=name)
-    assert not torch.equal(live["net.0.weight"], got["net.0.weight"])
+    averaged = ema.averaged()
+    close(averaged, expected_average(snaps.start, snaps.after_step, 0.6), rtol=1e-5, atol=1e-6)
+    live = snaps.after_step[-1]
+    assert not torch.equal(live["net.0.weight"], averaged["net.0.weight"])
+    # The model, wherever it is used outside the training steps: the average (default) or the live weights.
+    model_weights = averaged if use_average else live
+    close(model.seen_in_validation, model_weights, rtol=0, atol=0)  # the last validation, after the last step
+    close(model.state_dict(), model_weights, rtol=0, atol=0)  # the module after fit
+    evaluate = trainer(callbacks=[ema])
+    validated = evaluate.validate(model, val_data())[0]["val_loss"]
+    tested = evaluate.test(model, val_data())[0]["test_loss"]
+    (predicted,) = evaluate.predict(model, val_data())
+    assert tested == pytest.approx(validated, rel=1e-6)
+    reference = Regressor()
+    reference.load_state_dict(model_weights)
+    reference.eval()
+    x, y = next(iter(val_data()))
+    torch.testing.assert_close(predicted, reference.net(x), rtol=1e-6, atol=1e-6)
+    assert validated == pytest.approx(float(F.mse_loss(reference.net(x), y)), rel=1e-5)
 
 
-def test_fused_ema_resumes_from_a_checkpoint_exactly(tmp_path):
-    val = DataLoader(TensorDataset(torch.randn(4, 4), torch.randn(4, 1)), batch_size=4)
+def test_checkpoints_hold_the_average_as_the_model_and_resume_exactly(tmp_path):
     full_model, full = Regressor(), FusedEMA(0.6)
-    trainer(max_epochs=4, callbacks=[full]).fit(full_model, regression_data(), val)
+    trainer(max_epochs=4, callbacks=[full]).fit(full_model, regression_data(), val_data())
 
     first_model, first = Regressor(), FusedEMA(0.6)
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(max_epochs=2, callbacks=[first, saver], enable_checkpointing=True).fit(first_model, regression_data(), val)
+    trainer(max_epochs=2, callbacks=[first, saver], enable_checkpointing=True).fit(
+        first_model, regression_data(), val_data()
+    )
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    # The model's state in the checkpoint is the live one (validation's swap was undone before saving) ...
-    for name, value in first_model.state_dict().items():
-        torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=0, atol=0, msg=name)
-    # ... and the average is the callback's, readable for inference.
-    averaged = ema_state_dict(tmp_path / "last.ckpt")
-    assert set(averaged) == set(first_model.state_dict())
-    for name, value in first.averaged().items():
-        torch.testing.assert_close(averaged[name], value, rtol=0, atol=0, msg=name)
-    Regressor().load_state_dict(averaged)
+    # The model in the checkpoint is the average; the live weights are beside it, for resuming.
+    close(checkpoint["state_dict"], first.averaged(), rtol=0, atol=0)
+    assert not torch.equal(checkpoint["current_model_state"]["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
+    close(ema_state_dict(tmp_path / "last.ckpt"), first.averaged(), rtol=0, atol=0)
+    loaded = Regressor.load_from_checkpoint(tmp_path / "last.ckpt")
+    close(loaded.state_dict(), first.averaged(), rtol=0, atol=0)
+    fresh = Regressor()
+    trainer(callbacks=[FusedEMA(0.6)]).test(fresh, val_data(), ckpt_path=tmp_path / "last.ckpt")
+    close(fresh.state_dict(), first.averaged(), rtol=0, atol=0)
 
     resumed_model, resumed = Regressor(), FusedEMA(0.6)
     fit = trainer(max_epochs=4, callbacks=[resumed])
-    fit.fit(resumed_model, regression_data(), val, ckpt_path=tmp_path / "last.ckpt")
+    fit.fit(resumed_model, regression_data(), val_data(), ckpt_path=tmp_path / "last.ckpt")
     assert int(resumed.ema.num_updates) == int(full.ema.num_updates) == 16
-    for name, value in full.averaged().items():
-        torch.testing.assert_close(resumed.averaged()[name], value, rtol=1e-6, atol=1e-7, msg=name)
-    for name, value in full_model.state_dict().items():
-        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    close(resumed.averaged(), full.averaged(), rtol=1e-6, atol=1e-7)
+    close(resumed_model.state_dict(), full_model.state_dict(), rtol=1e-6, atol=1e-7)
+
+
+def test_without_use_average_the_average_is_kept_beside_the_live_model(tmp_path):
+    model, ema = Regressor(), FusedEMA(0.6, use_average=False)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=2, callbacks=[ema, saver], enable_checkpointing=True).fit(model, regression_data(), val_data())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    close(checkpoint["state_dict"], model.state_dict(), rtol=0, atol=0)
+    assert "current_model_state" not in checkpoint
+    close(ema_state_dict(checkpoint), ema.averaged(), rtol=0, atol=0)
+    resumed = FusedEMA(0.6, use_average=False)
+    trainer(max_epochs=3, callbacks=[resumed]).fit(Regressor(), regression_data(), ckpt_path=tmp_path / "last.ckpt")
+    assert int(resumed.ema.num_updates) == 12
+
+
+class FailsInValidation(Regressor):
+    """Raises ``error`` in the validation of the second epoch."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        super().__init__()
+        self.error = error
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        if self.current_epoch == 1:
+            raise self.error("in validation")
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_exception_or_ctrl_c_in_validation_leaves_the_live_weights_and_checkpoints_them(tmp_path, error):
+    import signal
+
+    model, ema, snaps = FailsInValidation(error), FusedEMA(0.6), Snapshots()
+    on_exception = pl.callbacks.OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+    fit = trainer(max_epochs=3, callbacks=[on_exception, ema, snaps], enable_checkpointing=True)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        # Lightning ends the process on Ctrl-C (sys.exit(1)) after its exception hooks, and raises anything else
+        with pytest.raises(SystemExit if error is KeyboardInterrupt else error):
+            fit.fit(model, regression_data(), val_data())
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C from then on
+    live = snaps.after_step[-1]
+    assert len(snaps.after_step) == 8
+    close(model.seen_in_validation, ema.averaged(), rtol=0, atol=0)  # it failed while holding the average ...
+    close(model.state_dict(), live, rtol=0, atol=0)  # ... and holds the live weights again
+    checkpoint = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)
+    close(checkpoint["current_model_state"], live, rtol=0, atol=0)
+    close(checkpoint["state_dict"], ema.averaged(), rtol=0, atol=0)
+
+
+class Tied(pl.LightningModule):
+    """An embedding and an output layer sharing one weight, and a buffer that is not saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed = nn.Embedding(6, 3)
+        self.out = nn.Linear(3, 6, bias=False)
+        self.out.weight = self.embed.weight
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return F.cross_entropy(self.out(self.embed(tokens)), tokens)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_tied_weights_are_averaged_once_and_keyed_like_the_state_dict(tmp_path):
+    model, ema = Tied(), FusedEMA(0.5, use_average=False)
+    tokens = DataLoader(TensorDataset(torch.arange(6).repeat(4)), batch_size=6)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=1, callbacks=[ema, saver], enable_checkpointing=True).fit(model, tokens)
+    averaged = ema.averaged()
+    assert set(averaged) == set(model.state_dict()) == {"embed.weight", "out.weight"}
+    assert averaged["embed.weight"] is averaged["out.weight"]
+    assert not torch.equal(averaged["embed.weight"], model.embed.weight)
+    Tied().load_state_dict(averaged)
+    Tied().load_state_dict(ema_state_dict(tmp_path / "last.ckpt"))
+    torch.testing.assert_close(ema_state_dict(tmp_path / "last.ckpt")["out.weight"], averaged["embed.weight"])
 
 
 def test_fused_ema_rejects_a_bad_decay_and_a_checkpoint_without_it(tmp_path):
@@ -244,6 +351,21 @@ def test_gsema_module_resumes_teacher_counters_and_target_streams(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_gsema_module_keeps_its_counters_across_fits():
+    # Two fits of one epoch train as one fit of two (SGD without momentum keeps no state between them).
+    once, _ = make_segmenter()
+    trainer(max_epochs=2).fit(once, segmentation_data())
+    twice, _ = make_segmenter()
+    for _ in range(2):
+        trainer(max_epochs=1).fit(twice, segmentation_data())
+    assert int(twice.gsema.step) == int(once.gsema.step) == 4
+    assert int(twice.gsema.num_aligned) == int(once.gsema.num_aligned)
+    for name, value in once.state_dict().items():
+        if name.endswith("_extra_state"):
+            continue
+        torch.testing.assert_close(twice.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_gsema_module_refuses_what_its_step_cannot_do():
     with pytest.raises(ValueError, match="ema.mode"):
         Segmenter(build_model(**TINY_MODEL), load_config("demo", ["ema.mode=ema"]))
@@ -261,14 +383,14 @@ def test_gsema_module_trains_under_bf16_autocast():
 
 
 @pytest.mark.slow
-def test_the_readmes_gsema_script_runs_as_written(tmp_path):
+def test_the_documented_gsema_script_runs_as_written(tmp_path):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (script,) = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "(GSEMAModule):" in b]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    (script,) = [b.split("```", 1)[0] for b in docs.split("```python\n")[1:] if "(GSEMAModule):" in b]
     (tmp_path / "script.py").write_text(script)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as on a user's machine
     done = subprocess.run(
@@ -276,3 +398,69 @@ def test_the_readmes_gsema_script_runs_as_written(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'train/aligned_fraction'" in done.stdout and (tmp_path / "teacher.pt").is_file()
+
+
+DDP_SPAWN_SCRIPT = """
+import sys
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gsema_fast.integrations.lightning import FusedEMA, ema_state_dict
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+    model = Regressor()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=sys.argv[1], save_last=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, callbacks=[FusedEMA(0.6), saver],
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    checkpoint = torch.load(sys.argv[1] + "/last.ckpt", weights_only=False)
+    average, live = ema_state_dict(checkpoint), checkpoint["current_model_state"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, average[name]), name
+    assert not torch.equal(live["net.0.weight"], average["net.0.weight"])
+    print("the main process holds the average")
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_spawn_the_main_process_gets_the_average(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "spawned.py").write_text(DDP_SPAWN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "spawned.py", str(tmp_path / "checkpoints")],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the main process holds the average" in done.stdout

@@ -1,10 +1,12 @@
 """nnU-Net v2: the GS-EMA trainer's parts on tiny networks, then the whole path on a tiny synthesised dataset (slow):
-``gsema-fast synth``, nnU-Net's planning and preprocessing, ``nnunet-train`` on the CPU, ``--c``, ``nnUNetv2_predict``.
+``gsema-fast synth``, nnU-Net's planning and preprocessing, ``nnunet-train`` and ``nnUNetv2_train`` on the CPU,
+variants by name, ``--c``, ``--val``, refused runs, ``nnUNetv2_predict``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -27,12 +30,19 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class  #
 from gsema_fast.cli import main  # noqa: E402
 from gsema_fast.integrations import nnunet as integration  # noqa: E402
 from gsema_fast.integrations.nnunet import (  # noqa: E402
+    TRAINERS,
     ClippedSGD,
     LatentUNet,
     deep_supervision_targets,
+    epoch_summary,
     method_config,
+    nnUNetTrainerGSEMA_sign,
     run_training,
+    trainer_class_by_name,
+    write_trainer_file,
 )
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 
 # ------------------------------------------------------------------------------------------------ the parts
 
@@ -109,6 +119,10 @@ def test_clipped_sgd_clips_the_gradient_norm_before_its_step():
 
 def test_method_config_takes_only_the_methods_settings():
     assert method_config(["ema.rule=sign", "train.seed=3"]).ema.rule == "sign"
+    on_top = method_config(["loss.lambda_con=0.2"], base=method_config(["ema.rule=sign"]))
+    assert (on_top.ema.rule, on_top.loss.lambda_con) == ("sign", 0.2)
+    with pytest.raises(TypeError, match="list of"):
+        method_config("ema.rule=sign")
     with pytest.raises(ValueError, match="nnunet-train takes only"):
         method_config(["data.patch_size=[64,64,64]"])
     with pytest.raises(ValueError, match="ema.mode"):
@@ -129,6 +143,11 @@ def test_nnunet_train_reports_bad_input_in_one_line(tmp_path, monkeypatch, caplo
         (["977", "3d_fullres", "0", "--set", "model.name=unet"], "nnunet-train takes only"),
         (["977", "3d_fullres", "0", "--epochs", "0"], "--epochs"),
         (["977", "3d_fullres", "0", "--c", "--val"], "--c and --val"),
+        (["977", "3d_fullres", "0", "--val", "--set", "ema.rule=sign"], "--val validates the finished run"),
+        (["977", "3d_fullres", "0", "--val", "--epochs", "3"], "--val validates the finished run"),
+        (["977", "3d_fullres", "0", "--c", "--overwrite"], "--overwrite replaces a run"),
+        (["977", "3d_fullres", "0", "-tr", "nnUNetTrainerNoSuchThing"], "-tr nnUNetTrainerNoSuchThing: "),
+        (["977", "3d_fullres", "0", "-tr", "nnUNetTrainer"], "not a GS-EMA trainer"),
     ):
         caplog.clear()
         assert main(["nnunet-train", *argv, "-device", "cpu"]) == 2, argv
@@ -136,15 +155,77 @@ def test_nnunet_train_reports_bad_input_in_one_line(tmp_path, monkeypatch, caplo
         assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], (argv, errors)
 
 
-def test_the_readmes_trainer_file_registers_the_class_with_nnunet(tmp_path):
-    # What `nnUNetv2_train -tr nnUNetTrainerGSEMA` does with nnUNet_extTrainer pointing at the folder.
-    if not hasattr(importlib.import_module("nnunetv2.paths"), "nnUNet_extTrainer"):
+def test_epoch_summary_averages_the_cosine_over_every_step_aligned_or_not():
+    conflicts = {
+        "aligned": np.zeros(3),
+        "grad_cos": np.array([-0.5, -0.25, np.nan]),  # the third step had non-finite gradients and was skipped
+        "skipped": np.array([0.0, 0.0, 1.0]),
+        "dce_student_trg": np.array([1.0, 2.0, 3.0]),
+    }
+    summary = epoch_summary(conflicts)
+    assert summary["gsema_aligned_fraction"] == 0 and summary["gsema_skipped_steps"] == 1
+    assert summary["gsema_grad_cos"] == pytest.approx(-0.375)
+    assert summary["gsema_dce_target"] == pytest.approx(2.0) and np.isnan(summary["gsema_bacl"])
+    mixed = {**conflicts, "aligned": np.array([1.0, 0.0, 0.0]), "bacl": np.array([0.5, 0.5, 0.5])}
+    assert epoch_summary(mixed)["gsema_grad_cos"] == pytest.approx(-0.375)
+    assert epoch_summary(mixed)["gsema_bacl"] == pytest.approx(0.5)
+    nothing_finite = {**conflicts, "grad_cos": np.full(3, np.nan)}
+    assert np.isnan(epoch_summary(nothing_finite)["gsema_grad_cos"])
+    with pytest.raises(ValueError, match="no steps"):
+        epoch_summary({k: v[:0] for k, v in conflicts.items()})
+
+
+def test_a_variant_written_with_args_and_kwargs_gets_nnunets_signature():
+    # nnU-Net looks each parameter name of type(self).__init__ up among its own __init__'s locals to record them.
+    class nnUNetTrainerGSEMA_loose(integration.nnUNetTrainerGSEMA):  # noqa: N801
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_epochs = 3
+
+    names = ["plans", "configuration", "fold", "dataset_json", "device"]
+    recorded = list(inspect.signature(object.__new__(nnUNetTrainerGSEMA_loose).__init__).parameters)
+    assert recorded == names
+    assert set(recorded) <= set(inspect.signature(integration.nnUNetTrainer.__init__).parameters)
+    shipped = object.__new__(integration.nnUNetTrainerGSEMA_5epochs).__init__
+    assert list(inspect.signature(shipped).parameters) == names
+
+
+def test_trainers_are_found_by_name():
+    for cls in TRAINERS:
+        assert trainer_class_by_name(cls.__name__) is cls
+    assert nnUNetTrainerGSEMA_sign.gsema_overrides == ("ema.rule=sign",)
+    assert method_config(nnUNetTrainerGSEMA_sign.gsema_overrides).ema.rule == "sign"
+    with pytest.raises(ValueError, match="not a GS-EMA trainer"):
+        trainer_class_by_name("nnUNetTrainer")
+    # not found, or nnU-Net's own trainers cannot be searched here (Primus's need timm): one error either way
+    with pytest.raises(ValueError, match="^-tr nnUNetTrainerGSEMA_typo: "):
+        trainer_class_by_name("nnUNetTrainerGSEMA_typo")
+
+
+def test_the_trainer_file_makes_every_trainer_known_to_nnunet(tmp_path, caplog):
+    # What `nnUNetv2_train -tr NAME` does with nnUNet_extTrainer pointing at the folder.
+    if not integration.ext_trainer_supported():
         pytest.skip("nnU-Net before 2.8 looks for trainers in its own package only")
-    (tmp_path / "gsema_trainers.py").write_text("from gsema_fast.integrations.nnunet import nnUNetTrainerGSEMA\n")
-    found = recursive_find_python_class(
-        str(tmp_path), "nnUNetTrainerGSEMA", None, base_folder=str(tmp_path), cleanup_imports_from_base_folder=True
-    )
-    assert found is integration.nnUNetTrainerGSEMA
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    folder = tmp_path / "trainers"
+    assert main(["nnunet-trainers", str(folder)]) == 0
+    assert f"export nnUNet_extTrainer={folder}" in caplog.text
+    for cls in TRAINERS:  # nnU-Net's search of each nnUNet_extTrainer folder
+        found = recursive_find_python_class(
+            str(folder), cls.__name__, None, base_folder=str(folder), cleanup_imports_from_base_folder=True
+        )
+        assert found is cls
+    # the same file again: nothing to do; another file of that name: refused in one line, unless --overwrite
+    text = (folder / "gsema_fast_trainers.py").read_text()
+    assert write_trainer_file(folder) == folder / "gsema_fast_trainers.py"
+    (folder / "gsema_fast_trainers.py").write_text("# mine\n")
+    caplog.clear()
+    assert main(["nnunet-trainers", str(folder)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "--overwrite" in errors[0]
+    assert (folder / "gsema_fast_trainers.py").read_text() == "# mine\n"
+    assert main(["nnunet-trainers", str(folder), "--overwrite"]) == 0
+    assert (folder / "gsema_fast_trainers.py").read_text() == text
 
 
 # ------------------------------------------------------------------------------------------------ the whole path
@@ -237,6 +318,9 @@ def test_nnunet_train_predict_and_resume_on_the_cpu(nnunet_env, tmp_path, monkey
     assert fold.parent.name == "nnUNetTrainerGSEMA__nnUNetPlans__3d_fullres"
     log_text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert log_text.count("GS-EMA: ") >= 3 and " of 2 steps aligned (teacher updated)" in log_text
+    # nnU-Net's "EMA pseudo Dice" (its average over epochs) says what it is
+    best_lines = [line for line in log_text.splitlines() if "New best EMA pseudo Dice" in line]
+    assert best_lines and all(integration.BEST_EMA_NOTE in line for line in best_lines)
     aligned = trainer.logger.get_value("gsema_aligned_fraction", step=None)
     assert len(aligned) == 2 and all(0 <= a <= 1 for a in aligned)
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
@@ -250,19 +334,49 @@ def test_nnunet_train_predict_and_resume_on_the_cpu(nnunet_env, tmp_path, monkey
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
     assert int(checkpoint["gsema"]["ema"]["step"]) == 4
 
-    run = {"env": {**os.environ, **env}, "capture_output": True, "text": True}
+    run = {"env": {**os.environ, **env}, "capture_output": True, "text": True, "timeout": 600}
     cli = [sys.executable, "-m", "gsema_fast", "nnunet-train", "901", "3d_fullres", "0", "-device", "cpu"]
-    short = ["--iterations", "2", "--val-iterations", "1"]
-    # --c with other GS-EMA settings: one line, nothing trained
-    refused = subprocess.run([*cli, *short, "--epochs", "3", "--c", "--set", "ema.decay_aligned=0.5"], **run)
+    final = (fold / "checkpoint_final.pth").read_bytes()
+    logs = sorted(fold.glob("training_log_*.txt"))
+
+    def untouched():
+        assert (fold / "checkpoint_final.pth").read_bytes() == final
+        assert sorted(fold.glob("training_log_*.txt")) == logs  # not even a log of the refused run
+
+    # a new run with other settings into the same trainer's folder: refused, nothing written
+    refused = subprocess.run([*cli, "--set", "ema.rule=sign", "--epochs", "1"], **run)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "holds a run of nnUNetTrainerGSEMA (checkpoint_final.pth" in refused.stderr and "-tr" in refused.stderr
+    untouched()
+    # --c with other GS-EMA settings: one line, nothing trained or written
+    refused = subprocess.run([*cli, "--c", "--epochs", "3", "--set", "ema.decay_aligned=0.5"], **run)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "ema.decay_aligned: checkpoint 0.9, now 0.5" in refused.stderr
-    # --c: one more epoch from the final checkpoint, the GS-EMA state carried on
-    resumed = subprocess.run([*cli, *short, "--epochs", "3", "--c"], **run)
+    untouched()
+    # --c, one more epoch: the run's own iterations (2) and validation iterations (1), the GS-EMA state carried on
+    resumed = subprocess.run([*cli, "--c", "--epochs", "3"], **run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert int(checkpoint["gsema"]["ema"]["step"]) == 6 and checkpoint["current_epoch"] == 3
+    assert checkpoint["gsema"]["lengths"] == {
+        "num_epochs": 3,
+        "num_iterations_per_epoch": 2,
+        "num_val_iterations_per_epoch": 1,
+    }
     assert len(checkpoint["logging"]["gsema_aligned_fraction"]) == 3
+    # a replacement, asked for, with other settings
+    short = ["--epochs", "1", "--iterations", "1", "--val-iterations", "1"]
+    replaced = subprocess.run([*cli, "--overwrite", *short, "--set", "train.seed=5"], **run)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert int(checkpoint["gsema"]["ema"]["step"]) == 1 and checkpoint["current_epoch"] == 1
+    assert checkpoint["gsema"]["config"]["train.seed"] == 5
+    assert len(list(fold.glob("training_log_*.txt"))) == 1
+    # --val: the finished run's teacher, validated without its settings
+    validated = subprocess.run([*cli, "--val"], **run)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert len(list(fold.glob("training_log_*.txt"))) == 2
+    assert (fold / "validation" / "summary.json").is_file()
 
     # nnU-Net's own prediction loads the exported teacher
     image = Path(env["nnUNet_raw"]) / DATASET / "imagesTr" / "A_000_0000.nii.gz"
@@ -276,3 +390,98 @@ def test_nnunet_train_predict_and_resume_on_the_cpu(nnunet_env, tmp_path, monkey
     label = nib.load(tmp_path / "out" / "A_000.nii.gz")
     assert label.shape == nib.load(image).shape
     assert set(torch.from_numpy(label.get_fdata()).unique().tolist()) <= {0.0, 1.0, 2.0}
+
+
+def needs_nnunets_own_trainer_search():
+    # nnUNetv2_train looks a trainer up by importing every module of nnU-Net's trainer package first, Primus's
+    # among them, which imports timm and with it torchvision
+    try:
+        importlib.import_module("timm")
+    except Exception as err:  # a missing or a broken torchvision (RuntimeError) alike
+        pytest.skip(f"nnUNetv2_train cannot search for trainers here: importing timm fails ({type(err).__name__})")
+
+
+def docs_variant(path: Path = DOCS) -> str:
+    blocks = [b.split("```", 1)[0] for b in path.read_text().split("```python\n")[1:]]
+    (variant,) = [b for b in blocks if "class nnUNetTrainerGSEMA_sign_2epochs(" in b]
+    return variant
+
+
+def test_the_readmes_variant_is_the_one_the_documentation_trains():
+    assert docs_variant(DOCS.parents[1] / "README.md") == docs_variant()
+
+
+def trainer_folder(tmp_path: Path) -> Path:
+    """A folder for nnUNet_extTrainer: gsema-fast's trainer file and the documentation's variant, as written."""
+    folder = tmp_path / "trainers"
+    assert main(["nnunet-trainers", str(folder)]) == 0
+    (folder / "my_trainers.py").write_text(docs_variant())
+    return folder
+
+
+def variant_env(env: dict, tmp_path: Path) -> dict:
+    """The test's own results folder (the preprocessed dataset shared), and its trainer folder."""
+    own = {"nnUNet_results": str(tmp_path / "results"), "nnUNet_extTrainer": str(trainer_folder(tmp_path))}
+    return {"env": {**os.environ, **env, **own}, "capture_output": True, "text": True, "timeout": 600}
+
+
+@pytest.mark.slow
+def test_the_documented_variant_trains_into_its_own_folder(nnunet_env, tmp_path):
+    root, env = nnunet_env
+    run = variant_env(env, tmp_path)
+    cli = [sys.executable, "-m", "gsema_fast", "nnunet-train", "901", "3d_fullres", "0", "-device", "cpu"]
+    done = subprocess.run([*cli, "-tr", "nnUNetTrainerGSEMA_sign_2epochs"], **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold = tmp_path / "results" / DATASET / "nnUNetTrainerGSEMA_sign_2epochs__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    config = checkpoint["gsema"]["config"]
+    assert (config["ema"]["rule"], config["loss"]["lambda_con"]) == ("sign", 0.2)
+    assert checkpoint["current_epoch"] == 2 and int(checkpoint["gsema"]["ema"]["step"]) == 4
+    assert list(checkpoint["init_args"]) == ["plans", "configuration", "fold", "dataset_json", "device"]
+
+
+@pytest.mark.slow
+def test_nnunets_own_commands_train_variants_by_name_and_continue_them_with_their_settings(nnunet_env, tmp_path):
+    root, env = nnunet_env
+    needs_nnunets_own_trainer_search()
+    run = variant_env(env, tmp_path)
+    nnunet_train = [shutil.which("nnUNetv2_train", path=os.path.dirname(sys.executable)), "901", "3d_fullres", "0"]
+    results = tmp_path / "results" / DATASET
+
+    # nnU-Net's own command trains the documented variant
+    done = subprocess.run([*nnunet_train, "-tr", "nnUNetTrainerGSEMA_sign_2epochs", "-device", "cpu"], **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold = results / "nnUNetTrainerGSEMA_sign_2epochs__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert checkpoint["gsema"]["config"]["ema"]["rule"] == "sign" and checkpoint["current_epoch"] == 2
+
+    # a shipped variant, its run's lengths and settings set by nnunet-train, continued by nnU-Net's --c: it goes on
+    # with them (one epoch of two steps, seed 5), not with nnU-Net's 1000 epochs of 250
+    short = ["--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--set", "train.seed=5"]
+    done = subprocess.run([sys.executable, "-m", "gsema_fast", "nnunet-train", "901", "3d_fullres", "0", "-device",
+                           "cpu", "-tr", "nnUNetTrainerGSEMA_noBACL", *short], **run)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([*nnunet_train, "-tr", "nnUNetTrainerGSEMA_noBACL", "--c", "-device", "cpu"], **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold = results / "nnUNetTrainerGSEMA_noBACL__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert checkpoint["current_epoch"] == 1 and int(checkpoint["gsema"]["ema"]["step"]) == 2
+    assert checkpoint["gsema"]["overrides"] == ["train.seed=5"] and checkpoint["gsema"]["config"]["train.seed"] == 5
+    assert checkpoint["gsema"]["config"]["loss"]["lambda_con"] == 0
+    # nnU-Net's --val validates it without the settings nnUNetv2_train has no option for
+    done = subprocess.run([*nnunet_train, "-tr", "nnUNetTrainerGSEMA_noBACL", "--val", "-device", "cpu"], **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_variant_written_with_args_and_kwargs_is_built_by_nnunet(nnunet_env):
+    class nnUNetTrainerGSEMA_loose(integration.nnUNetTrainerGSEMA):  # noqa: N801
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_epochs = 3
+
+    trainer = integration.build_trainer("901", "3d_fullres", "0", device="cpu", trainer_class=nnUNetTrainerGSEMA_loose)
+    assert trainer.num_epochs == 3
+    assert list(trainer.my_init_kwargs) == ["plans", "configuration", "fold", "dataset_json", "device"]
+    assert trainer.my_init_kwargs["fold"] == 0 and trainer.my_init_kwargs["device"] == torch.device("cpu")
+    assert not list(Path(trainer.output_folder).glob("training_log_*.txt"))  # nothing written before a run starts

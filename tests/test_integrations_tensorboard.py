@@ -86,6 +86,56 @@ def test_training_run_logs_every_record_and_the_progress_figure(phantoms, tmp_pa
         np.testing.assert_allclose([v for _, v in got], [r["dice"][name] for r in val_records], rtol=1e-6)
     # progress.png is drawn after every epoch, and each drawing goes to TensorBoard too
     assert [image.step for image in events.Images("progress")] == [2, 4]
+    # the unseen centre, scored once at the end: the chosen teacher and the untrained one, as in summary.json
+    summary = json.loads((run / "summary.json").read_text())
+    for name in ("vessel", "aneurysm"):
+        assert scalar_series(events, f"test/dice/{name}") == [(4, pytest.approx(summary["test"]["mean"][name]))]
+        untrained = scalar_series(events, f"test/untrained_dice/{name}")
+        assert untrained == [(4, pytest.approx(summary["untrained"][name]))]
+
+
+def test_logger_of_a_resumed_run_keeps_the_checkpoints_step_and_hides_what_came_after(tmp_path):
+    first = TensorBoardLogger(tmp_path / "tb")
+    for step in (1, 2, 3):  # a run killed after step 3, its checkpoint at step 2
+        first.write({"kind": "train", "step": step, "total": float(step)})
+    first.close()
+    resumed = TensorBoardLogger(tmp_path / "tb", resume_step=2)
+    for step in (3, 4):
+        resumed.write({"kind": "train", "step": step, "total": 10.0 * step})
+    resumed.close()
+    assert scalar_series(read_events(tmp_path / "tb"), "train/total") == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_resumed_training_shows_every_step_once_as_log_jsonl_does(phantoms, tmp_path, monkeypatch):
+    import gsema_fast.train as train_module
+
+    cfg = load_config(
+        "demo", [*tiny_run(phantoms), f"train.out_dir={tmp_path / 'run'}", "train.loggers=[jsonl,tensorboard]"]
+    )
+    log_interval = train_module._log_interval
+
+    def killed_after_step_3(run, *args):
+        log_interval(run, *args)  # the record of step 3 is written, the checkpoint is still step 2's
+        if run.step == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_log_interval", killed_after_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    run = train(cfg, resume=True)["run_dir"]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    events = read_events(run / "tensorboard")
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for key in ("total", "aligned", "lr"):
+        got = scalar_series(events, f"train/{key}")
+        assert [s for s, _ in got] == [1, 2, 3, 4], key
+        np.testing.assert_allclose([v for _, v in got], [r[key] for r in train_records], rtol=1e-6, err_msg=key)
+    val_steps = [r["step"] for r in records if r["kind"] == "val"]
+    assert val_steps == [2, 4]
+    assert [s for s, _ in scalar_series(events, "val/dice/vessel")] == val_steps
+    assert [s for s, _ in scalar_series(events, "test/dice/vessel")] == [4]
 
 
 def test_tensorboard_alone_writes_no_jsonl(phantoms, tmp_path):

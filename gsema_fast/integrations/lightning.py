@@ -2,8 +2,9 @@
 
 - :class:`FusedEMA`, a callback: an exponential moving average of a LightningModule's weights
   (:class:`gsema_fast.ema.EMA`, one :func:`gsema_fast.ops.fused_ema_` per optimizer step, warm-up and counter on the
-  device), swapped in for validation, kept in the checkpoint and resumed with it. :func:`ema_state_dict` reads the
-  averaged weights back from a checkpoint for inference.
+  device). By default the average is the model, as with Lightning's ``EMAWeightAveraging``: validation, test and
+  predict run on it, the module holds it after ``fit``, and checkpoints store it as the model. It resumes with the
+  checkpoint; :func:`ema_state_dict` reads it back for inference.
 - :class:`GSEMAModule`, a LightningModule that trains a segmentation network with GS-EMA and BACL through
   :func:`gsema_fast.step.train_step` under manual optimisation: the simulated target batch from
   :class:`gsema_fast.data.TargetTransform`, three backward passes that add up to one, ``grad_stats``, the optimizer
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,38 +24,51 @@ from torch import nn
 from gsema_fast.config import Config, with_overrides
 from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import EMA, GSEMA
-from gsema_fast.integrations import MissingExtraError
+from gsema_fast.integrations import optional_imports
 from gsema_fast.losses import DiceCE
 from gsema_fast.step import StepContext, bacl_from_config, train_step, updater_from_config
 
-try:
+with optional_imports("lightning", "gsema_fast.integrations.lightning"):
     import lightning.pytorch as pl
-except ImportError as err:
-    raise MissingExtraError("lightning", "gsema_fast.integrations.lightning") from err
+    from lightning.pytorch.trainer.states import TrainerFn
 
 __all__ = ["FusedEMA", "GSEMAModule", "ema_state_dict"]
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ FusedEMA
 
 
 class _Weights(nn.Module):
-    """A module's parameters and buffers by position: the same tensors, not copies. ``EMA`` averages into a copy of
-    this shell rather than of the LightningModule, which refers to its Trainer."""
+    """A module's parameters and buffers, each tensor once (a tied weight is one tensor under several names): the
+    same tensors, not copies. ``EMA`` averages into a copy of this shell rather than of the LightningModule, which
+    refers to its Trainer. ``keys`` maps every tensor entry of the module's ``state_dict()`` to its tensor's position
+    in :meth:`tensors`."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        persistent = set(module.state_dict())
-        self.names = [name for name, _ in module.named_parameters()]
-        self.names += [name for name, _ in module.named_buffers()]
-        self.persistent = [name in persistent for name in self.names]
-        for i, p in enumerate(module.parameters()):
-            self.register_parameter(f"p{i}", p)
-        for i, b in enumerate(module.buffers()):
-            self.register_buffer(f"b{i}", b)
+        in_state_dict = set(module.state_dict(keep_vars=True))
+        position: dict[int, int] = {}
+        self.keys: dict[str, int] = {}
+        named = [
+            *((name, t, True) for name, t in module.named_parameters(remove_duplicate=False)),
+            *((name, t, False) for name, t in module.named_buffers(remove_duplicate=False)),
+        ]
+        for name, tensor, is_parameter in named:
+            if id(tensor) not in position:
+                position[id(tensor)] = len(position)
+                register = self.register_parameter if is_parameter else self.register_buffer
+                register(f"t{position[id(tensor)]}", tensor)
+            if name in in_state_dict:
+                self.keys[name] = position[id(tensor)]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t.detach() for t in (*self.parameters(), *self.buffers())]
+
+    def named(self, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (in the order of :meth:`tensors`) by state-dict name, tied names sharing one tensor."""
+        return {name: tensors[i] for name, i in self.keys.items()}
 
 
 def _check_decay(decay: float) -> float:
@@ -62,15 +77,27 @@ def _check_decay(decay: float) -> float:
     return float(decay)
 
 
+# The format of the callback's state in a checkpoint.
+STATE_VERSION = 2
+
+
 class FusedEMA(pl.Callback):
     """Keep ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step (``warmup``: decay capped at
     ``1 - 1/(t+1)`` at update ``t``), through the fused op; integer buffers are copied, and with ``exclude_buffers``
-    every buffer is.
+    every buffer is. Nothing here reads the device: the count and the warm-up stay there.
 
-    ``validate_with_ema``: validation runs on the averaged weights (the live ones are put back afterwards, before any
-    checkpoint is written). The callback's state in the checkpoint holds the averaged weights and the update count,
-    so ``trainer.fit(..., ckpt_path=...)`` resumes the average exactly; :func:`ema_state_dict` extracts the weights.
-    Nothing here reads the device: the count and the warm-up stay there.
+    ``use_average`` (default True, as Lightning's ``EMAWeightAveraging``): the average is the model wherever the model
+    is used outside the training steps. Validation during ``fit`` runs on it (the live weights are put back after
+    each validation epoch, and on any exception or Ctrl-C before Lightning writes a checkpoint); after ``fit`` the
+    module holds it, so ``trainer.test``, ``trainer.predict``, your own use of the module and, under ``ddp_spawn``, the
+    module in the main process get it; a checkpoint's ``state_dict`` is the average (``load_from_checkpoint`` and
+    ``test/predict(ckpt_path=...)`` get it) and ``current_model_state`` the live weights, from which ``fit(...,
+    ckpt_path=...)`` resumes training. The next ``fit`` on the same module and callback continues from the live
+    weights. ``use_average=False``: the live weights are the model everywhere, and the average is kept beside them
+    (in :meth:`averaged`, in the checkpoint's callback state, through :func:`ema_state_dict`).
+
+    The average follows every tensor of the module once, tied weights included, and is keyed by the module's
+    ``state_dict()`` names.
     """
 
     def __init__(
@@ -78,41 +105,83 @@ class FusedEMA(pl.Callback):
         decay: float = 0.999,
         *,
         warmup: bool = True,
-        validate_with_ema: bool = True,
+        use_average: bool = True,
         exclude_buffers: bool = False,
     ) -> None:
         self.decay = _check_decay(decay)
         self.warmup = bool(warmup)
-        self.validate_with_ema = bool(validate_with_ema)
+        self.use_average = bool(use_average)
         self.exclude_buffers = bool(exclude_buffers)
         self.weights: _Weights | None = None
         self.ema: EMA | None = None
-        self._pending: dict | None = None  # a checkpoint's state, loaded before the model is on its device
-        self._live: list[torch.Tensor] | None = None  # the live weights while validation runs on the average
+        self._module_id: int | None = None
+        self._pending: dict | None = None  # a checkpoint's callback state, loaded before the model is on its device
+        self._pending_model: Mapping | None = None  # that checkpoint's state_dict (where the average may be)
+        self._live: list[torch.Tensor] | None = None  # the live weights while the module holds the average
         self._seen_step = 0
 
+    # ---------------------------------------------------------------------------------------- the average
+
     def _build(self, pl_module: pl.LightningModule) -> None:
-        if self.ema is None:
+        if self.ema is None or self._module_id != id(pl_module):
             self.weights = _Weights(pl_module)
             self.ema = EMA(self.weights, decay=self.decay, warmup=self.warmup, exclude_buffers=self.exclude_buffers)
+            self._module_id, self._live = id(pl_module), None
         if self._pending is not None:
-            state, self._pending = self._pending, None
-            if state["names"] != self.weights.names:
+            state, model, self._pending, self._pending_model = self._pending, self._pending_model, None, None
+            if state.get("version") != STATE_VERSION:
+                raise ValueError("FusedEMA: the checkpoint's average was written in another format: start a new fit")
+            if set(state["keys"]) != set(self.weights.keys):
                 raise ValueError(
-                    "FusedEMA: the checkpoint's average holds other weights than this module "
-                    f"({len(state['names'])} tensors, this module {len(self.weights.names)})"
+                    f"FusedEMA: the checkpoint's average holds other weights than this module "
+                    f"({len(state['keys'])} tensors, this module {len(self.weights.keys)})"
                 )
-            self.ema.load_state_dict(state["ema"])
+            average = state["average"] if state["average"] is not None else model
+            with torch.no_grad():
+                ema = self.ema.module.tensors()
+                for name, i in self.weights.keys.items():
+                    ema[i].copy_(average[name])
+                self.ema.num_updates.copy_(state["num_updates"])
 
     def averaged(self) -> dict[str, torch.Tensor]:
-        """The averaged weights by the module's state-dict names (persistent ones only)."""
+        """The averaged weights by the module's state-dict names (its parameters and persistent buffers)."""
         if self.ema is None:
-            raise ValueError("FusedEMA: no average yet (it starts with trainer.fit)")
-        pairs = zip(self.weights.names, self.weights.persistent, self.ema.module.tensors(), strict=True)
-        return {name: tensor for name, keep, tensor in pairs if keep}
+            raise ValueError(
+                "FusedEMA: no average in this process (it starts with trainer.fit; under ddp_spawn the module holds "
+                "it after fit, or read it from a checkpoint with ema_state_dict)"
+            )
+        return self.weights.named(self.ema.module.tensors())
+
+    def _hold_average(self) -> None:
+        if self.ema is None or self._live is not None:
+            return
+        live = self.weights.tensors()
+        self._live = [t.clone() for t in live]
+        with torch.no_grad():
+            for t, avg in zip(live, self.ema.module.tensors(), strict=True):
+                t.copy_(avg)
+
+    def _hold_live(self) -> None:
+        if self._live is None:
+            return
+        with torch.no_grad():
+            for t, saved in zip(self.weights.tensors(), self._live, strict=True):
+                t.copy_(saved)
+        self._live = None
+
+    # ---------------------------------------------------------------------------------------- Lightning's hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        spawned = type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
+        if stage == TrainerFn.FITTING and spawned and not self.use_average:
+            log.warning(
+                "FusedEMA(use_average=False) under a spawning strategy: the main process gets the live weights back; "
+                "the average is in the checkpoints (ema_state_dict)"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build(pl_module)
+        self._hold_live()  # a previous fit left the average in the module: training goes on from the live weights
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_step = trainer.global_step  # restored from a checkpoint by now
@@ -123,31 +192,49 @@ class FusedEMA(pl.Callback):
             self._seen_step = trainer.global_step
             self.ema.update(self.weights)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.validate_with_ema:
-            return
-        self._build(pl_module)  # trainer.validate(..., ckpt_path=...) starts here
-        live = self.weights.tensors()
-        self._live = [t.clone() for t in live]
-        with torch.no_grad():
-            for t, avg in zip(live, self.ema.module.tensors(), strict=True):
-                t.copy_(avg)
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.use_average and trainer.state.fn == TrainerFn.FITTING:
+            self._hold_average()
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._live is None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._hold_live()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.use_average:
+            self._hold_average()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Before OnExceptionCheckpoint (Lightning runs checkpoint callbacks last) and before the caller sees the module.
+        self._hold_live()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.ema is None:
             return
-        with torch.no_grad():
-            for t, saved in zip(self.weights.tensors(), self._live, strict=True):
-                t.copy_(saved)
-        self._live = None
+        live = dict(checkpoint["state_dict"])
+        if self._live is not None:  # the module holds the average now
+            live.update(self.weights.named(self._live))
+        if self.use_average:
+            checkpoint["state_dict"] = {**live, **self.averaged()}
+            checkpoint["current_model_state"] = live
+        else:
+            checkpoint["state_dict"] = live
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._pending_model = checkpoint["state_dict"]
+        if trainer.state.fn == TrainerFn.FITTING and "current_model_state" in checkpoint:
+            pl_module.load_state_dict(checkpoint["current_model_state"])  # training resumes from the live weights
+            self._live = None
 
     def state_dict(self) -> dict:
         if self.ema is None:
             return {} if self._pending is None else self._pending
         return {
-            "names": list(self.weights.names),
-            "persistent": list(self.weights.persistent),
-            "ema": self.ema.state_dict(),
+            "version": STATE_VERSION,
+            "keys": list(self.weights.keys),
+            "num_updates": self.ema.num_updates.clone(),
+            # with use_average the average is the checkpoint's state_dict; otherwise it is kept here
+            "average": None if self.use_average else self.averaged(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -156,8 +243,8 @@ class FusedEMA(pl.Callback):
 
 
 def ema_state_dict(checkpoint: str | Path | Mapping, *, key: str | None = None) -> dict[str, torch.Tensor]:
-    """The weights averaged by :class:`FusedEMA`, from a Lightning checkpoint (a path or the loaded dict), keyed like
-    the module's ``state_dict()``: ``model.load_state_dict(ema_state_dict("last.ckpt"))``.
+    """The module's ``state_dict`` with the weights averaged by :class:`FusedEMA`, from a Lightning checkpoint (a path
+    or the loaded dict): ``model.load_state_dict(ema_state_dict("last.ckpt"))``.
 
     ``key``: the callback's state key when a checkpoint holds several (default: the only ``FusedEMA`` one).
     """
@@ -169,9 +256,11 @@ def ema_state_dict(checkpoint: str | Path | Mapping, *, key: str | None = None) 
     if len(states) != 1 or not next(iter(states.values())):
         raise ValueError(f"checkpoint: expected one FusedEMA state, found {sorted(states) or 'none'}")
     state = next(iter(states.values()))
-    tensors = [v for k, v in state["ema"].items() if k.startswith("module.")]
-    pairs = zip(state["names"], state["persistent"], tensors, strict=True)
-    return {name: tensor for name, keep, tensor in pairs if keep}
+    if state.get("version") != STATE_VERSION:
+        raise ValueError("checkpoint: its FusedEMA state was written in another format")
+    if state["average"] is None:  # use_average: the checkpoint's model is the average
+        return dict(checkpoint["state_dict"])
+    return {**checkpoint["state_dict"], **state["average"]}
 
 
 # ------------------------------------------------------------------------------------------------ GSEMAModule
@@ -223,7 +312,8 @@ class GSEMAModule(pl.LightningModule):
     output of the step (``total``, ``dce_student_src``, ``dce_student_trg``, ``bacl``, ``aligned``, ``grad_cos``,
     ``skipped``; the teacher's DCE on logging steps) and ``train/aligned_fraction`` since the start. The GS-EMA
     counters go into the checkpoint (``checkpoint["gsema"]``), the teacher and the transform's random streams into
-    its ``state_dict``: ``trainer.fit(..., ckpt_path=...)`` resumes all of it.
+    its ``state_dict``: ``trainer.fit(..., ckpt_path=...)`` resumes all of it. The counters belong to the module: a
+    second ``fit`` on it goes on from them (the warm-up does not start again).
     """
 
     def __init__(self, student: nn.Module, config: Config | None = None) -> None:
@@ -234,13 +324,13 @@ class GSEMAModule(pl.LightningModule):
         self.automatic_optimization = False
         self.gsema_config = cfg
         self.student = student
-        self.teacher = GSEMA(student).teacher
+        # One updater for the module's life: its counters (warm-up, aligned fraction) go on across fits.
+        self.gsema: GSEMA = updater_from_config(cfg.ema, student)
+        self.teacher = self.gsema.teacher
         self.dce = DiceCE(batch=cfg.loss.batch_dice)
         self.bacl = bacl_from_config(cfg.loss, cfg.bacl)
         self.target_transform = TargetTransform.from_config(cfg.target_transform, seed=cfg.train.seed)
-        self.gsema: GSEMA | None = None  # built at fit start, on the training device
-        self.step_context: StepContext | None = None
-        self._pending_counters: dict | None = None
+        self.step_context: StepContext | None = None  # built at fit start, around that fit's optimizer
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -268,11 +358,6 @@ class GSEMAModule(pl.LightningModule):
         if isinstance(optimizer, list):
             raise ValueError(f"GSEMAModule: configure_optimizers must return one optimizer, got {len(optimizer)}")
         loss = self.gsema_config.loss
-        self.gsema = updater_from_config(self.gsema_config.ema, self.student, self.teacher)
-        if self._pending_counters is not None:
-            self.gsema.step.copy_(self._pending_counters["step"])
-            self.gsema.num_aligned.copy_(self._pending_counters["num_aligned"])
-            self._pending_counters = None
         self.step_context = StepContext(
             student=self.student,
             teacher=self.teacher,
@@ -307,8 +392,10 @@ class GSEMAModule(pl.LightningModule):
         self.log("val/dce_teacher", self.dce(logits, y), batch_size=x.shape[0])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.gsema is not None:
-            checkpoint["gsema"] = {"step": self.gsema.step.clone(), "num_aligned": self.gsema.num_aligned.clone()}
+        checkpoint["gsema"] = {"step": self.gsema.step.clone(), "num_aligned": self.gsema.num_aligned.clone()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_counters = checkpoint.get("gsema")
+        counters = checkpoint.get("gsema")
+        if counters is not None:
+            self.gsema.step.copy_(counters["step"])
+            self.gsema.num_aligned.copy_(counters["num_aligned"])

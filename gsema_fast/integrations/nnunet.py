@@ -1,5 +1,6 @@
-"""GS-EMA inside nnU-Net v2 (extra ``gsema-fast[nnunet]``): the trainer :class:`nnUNetTrainerGSEMA` and
-:func:`run_training`, the ``gsema-fast nnunet-train`` command.
+"""GS-EMA inside nnU-Net v2 (extra ``gsema-fast[nnunet]``): the trainer :class:`nnUNetTrainerGSEMA`, its ready-made
+variants (:data:`TRAINERS`), :func:`write_trainer_file` (``gsema-fast nnunet-trainers``) and :func:`run_training`
+(``gsema-fast nnunet-train``).
 
 The trainer keeps everything of nnU-Net (plans, preprocessing, data augmentation, deep supervision and its loss, SGD
 with the poly schedule and gradient clipping, validation, checkpoints, export) and replaces its ``train_step`` with
@@ -13,8 +14,12 @@ device; the per-step values are read once per epoch.
 The teacher is the model: validation (the pseudo Dice of each epoch and the final validation) runs on it, and
 checkpoints hold it as ``network_weights`` under the nnU-Net trainer the network comes from (``nnUNetTrainer``), so
 ``nnUNetv2_predict -tr nnUNetTrainerGSEMA ...`` loads it as a plain nnU-Net model without knowing this package. The
-student, the GS-EMA counters and settings and the target transform's random streams are saved beside it
-(``checkpoint["gsema"]``) and resumed with ``--c``.
+student, the GS-EMA counters, the run's settings and lengths and the target transform's random streams are saved
+beside it (``checkpoint["gsema"]``) and resumed with ``--c``.
+
+A run never replaces another: a fresh training into a fold folder that holds checkpoints is refused (``--c``
+continues it; another trainer name, such as a variant, trains beside it; ``nnunet-train --overwrite`` replaces it).
+Nothing is written to the folder (not even nnU-Net's training log) before the run is accepted.
 
 Single process only (no ``-num_gpus``), 3D configurations without a cascade, and nnU-Net's U-Nets (a network with an
 ``encoder`` returning its skips and a ``decoder``); torch.compile is off (nnU-Net compiles the whole network, the step
@@ -27,7 +32,9 @@ import contextlib
 import inspect
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -39,35 +46,51 @@ from gsema_fast.config import Config, config_to_dict, parse_override, with_overr
 from gsema_fast.data.target import TargetTransform
 from gsema_fast.ema import GSEMA
 from gsema_fast.files import atomic_path
-from gsema_fast.integrations import MissingExtraError
+from gsema_fast.integrations import optional_imports
 from gsema_fast.step import StepContext, bacl_from_config, train_step, updater_from_config
 
-try:
+with optional_imports("nnunet", "gsema_fast.integrations.nnunet"):
+    import nnunetv2
+    import nnunetv2.paths
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-except ImportError as err:
-    raise MissingExtraError("nnunet", "gsema_fast.integrations.nnunet") from err
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 __all__ = [
+    "TRAINERS",
     "ClippedSGD",
     "LatentUNet",
     "build_trainer",
     "deep_supervision_targets",
+    "epoch_summary",
     "method_config",
     "nnUNetTrainerGSEMA",
+    "nnUNetTrainerGSEMA_5epochs",
+    "nnUNetTrainerGSEMA_noBACL",
+    "nnUNetTrainerGSEMA_sign",
     "run_training",
+    "trainer_class_by_name",
+    "write_trainer_file",
 ]
 
 # The config sections that describe the method; nnU-Net's plans describe everything else.
 METHOD_KEYS = ("ema", "loss", "bacl", "target_transform", "train.seed")
 # The per-epoch values the trainer adds to nnU-Net's log (and to its checkpoints' logging state).
 LOG_KEYS = ("gsema_aligned_fraction", "gsema_grad_cos", "gsema_dce_target", "gsema_bacl", "gsema_skipped_steps")
+# nnU-Net's epoch lengths, by attribute name: saved with a run and continued by --c.
+LENGTHS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+# The checkpoints that make a fold folder hold a run, and what else nnU-Net writes there for one.
+RUN_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+RUN_FILES = ("progress.png", "debug.json")
 CUDA = torch.device("cuda")
 # nnU-Net's folders, as it names its environment variables
-RAW, PREPROCESSED = "nnUNet_raw", "nnUNet_preprocessed"
+RAW, PREPROCESSED, EXT_TRAINER = "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_extTrainer"
+# nnU-Net's line for a new best checkpoint; its "EMA" is an average over epochs of the (teacher's) pseudo Dice.
+BEST_EMA_LINE = "Yayy! New best EMA pseudo Dice"
+BEST_EMA_NOTE = "(EMA: nnU-Net's average over epochs of the teacher's pseudo Dice, not the GS-EMA teacher itself)"
 
 
 class LatentUNet(nn.Module):
@@ -121,8 +144,11 @@ class ClippedSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def method_config(overrides: Sequence[str] = ()) -> Config:
-    """The package's config with ``--set`` overrides of the method's sections only (:data:`METHOD_KEYS`)."""
+def method_config(overrides: Sequence[str] = (), *, base: Config | None = None) -> Config:
+    """``base`` (default: the package's defaults, which are the paper's settings) with ``--set`` overrides of the
+    method's sections only (:data:`METHOD_KEYS`)."""
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of 'a.b=c' strings, got the string {overrides!r}")
     for text in overrides:
         key = ".".join(parse_override(text)[0])
         if not any(key == k or key.startswith(k + ".") for k in METHOD_KEYS):
@@ -130,7 +156,7 @@ def method_config(overrides: Sequence[str] = ()) -> Config:
                 f"--set {text}: nnunet-train takes only {', '.join(k + '.*' for k in METHOD_KEYS[:-1])} and "
                 f"train.seed; nnU-Net's plans decide the rest"
             )
-    cfg = with_overrides(Config(), *overrides)
+    cfg = with_overrides(Config() if base is None else base, *overrides)
     if cfg.ema.mode != "gsema":
         raise ValueError(f"ema.mode: nnUNetTrainerGSEMA trains with 'gsema', got {cfg.ema.mode!r}")
     return cfg
@@ -153,14 +179,50 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
+def epoch_summary(per_step: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The per-epoch values the trainer logs (:data:`LOG_KEYS`) from its steps' outputs, one array over the epoch's
+    steps per key (``aligned``, ``grad_cos``, ``skipped``, ``dce_student_trg`` and, with BACL, ``bacl``).
+
+    The mean cosine is over every step whose gradients were finite, aligned or not: it is what the aligned/conflict
+    decision reads, and an epoch of conflicts has a (negative) mean too; NaN only when no step had one.
+    """
+    steps = len(per_step["aligned"])
+    if steps == 0:
+        raise ValueError("epoch_summary: no steps")
+    cosines = np.asarray(per_step["grad_cos"], dtype=np.float64)
+    cosines = cosines[np.isfinite(cosines)]
+    return {
+        "gsema_aligned_fraction": float(np.sum(per_step["aligned"])) / steps,
+        "gsema_grad_cos": float(cosines.mean()) if cosines.size else float("nan"),
+        "gsema_dce_target": float(np.mean(per_step["dce_student_trg"])),
+        "gsema_bacl": float(np.mean(per_step["bacl"])) if "bacl" in per_step else float("nan"),
+        "gsema_skipped_steps": int(np.sum(per_step["skipped"])),
+    }
+
+
 class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trainers)
     """nnU-Net's trainer with GS-EMA, a teacher that is validated and exported, and BACL (see the module docstring).
 
-    Settings, like nnU-Net's own, are attributes to set before ``initialize()`` (or in a subclass's ``__init__``):
-    ``gsema_config`` (:class:`gsema_fast.config.Config`; its ``ema``, ``loss``, ``bacl``, ``target_transform``
-    sections and ``train.seed`` are used, :func:`method_config` builds one from ``--set`` overrides) and
-    ``gsema_latent_stage`` (the encoder stage BACL reads; None: the first stage at stride 4 or more).
+    A variant is a subclass, as with nnU-Net's own trainers: ``gsema_overrides`` (class attribute) holds its method
+    settings as ``--set`` strings (:func:`method_config`: ``ema.*``, ``loss.*``, ``bacl.*``, ``target_transform.*``,
+    ``train.seed``), and its ``__init__``, with nnU-Net's signature, sets nnU-Net's attributes (``num_epochs``, ...).
+    Other settings are attributes to set before ``initialize()``: ``gsema_config`` (the whole
+    :class:`gsema_fast.config.Config`) and ``gsema_latent_stage`` (the encoder stage BACL reads; None: the first stage
+    at stride 4 or more). :meth:`configure_run` adds one run's settings on top (``nnunet-train``'s options).
     """
+
+    gsema_overrides: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # nnU-Net records its init arguments (my_init_kwargs, kept in its checkpoints) by looking up each parameter
+        # name of type(self).__init__ among its own locals: an __init__(self, *args, **kwargs) would send it looking
+        # for 'args'. Such a variant takes nnU-Net's arguments, so it gets nnU-Net's signature.
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            kinds = {p.kind for p in inspect.signature(init).parameters.values()}
+            if kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+                init.__signature__ = inspect.signature(nnUNetTrainerGSEMA.__init__)
 
     def __init__(
         self,
@@ -170,17 +232,80 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
         dataset_json: dict,
         device: torch.device = CUDA,  # nnU-Net records these arguments by name: its signature, unchanged
     ) -> None:
+        # nnU-Net's training log waits until the run is accepted (a refused one leaves no log behind): the lines
+        # are kept here, shown on the console as nnU-Net shows them, and written when the run starts.
+        self._held_log: list[str] | None = []
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.gsema_config = method_config()
+        self.gsema_config = method_config(self.gsema_overrides)
         self.gsema_latent_stage: int | None = None
+        self.gsema_overwrite = False
         self.teacher: nn.Module | None = None
         self.gsema: GSEMA | None = None
         self.target_transform: TargetTransform | None = None
         self.step_context: StepContext | None = None
+        self._run_overrides: tuple[str, ...] = ()  # this run's --set, on top of the variant's
+        self._explicit_lengths: dict[str, int] = {}  # lengths this command set (they win over the checkpoint's)
+        self._variant_lengths: dict[str, int] | None = None  # the lengths the variant itself sets
+        self._resumed: dict | None = None  # the GS-EMA state of the checkpoint loaded, if any
         # nnU-Net 2.8 logs through a MetaLogger around the per-epoch history, earlier versions keep it themselves
         history = getattr(self.logger, "local_logger", self.logger).my_fantastic_logging
         for key in LOG_KEYS:
             history.setdefault(key, [])
+
+    def configure_run(
+        self,
+        *,
+        overrides: Sequence[str] = (),
+        lengths: Mapping[str, int] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """One run's settings on top of the variant's, before ``initialize()`` (what ``nnunet-train`` passes):
+        ``overrides``, ``--set`` strings of the method; ``lengths``, nnU-Net's epoch lengths by attribute name
+        (:data:`LENGTHS`); ``overwrite``: a fresh run may replace the run in its folder. Settings and lengths are saved
+        with the run, and ``--c`` continues with them unless given again (other settings than the run's are refused;
+        other lengths are taken)."""
+        if self.was_initialized:
+            raise ValueError("configure_run: call it before initialize()")
+        lengths = dict(lengths or {})
+        for key, value in lengths.items():
+            if key not in LENGTHS:
+                raise ValueError(f"lengths: expected keys among {LENGTHS}, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: expected a whole number of at least 1, got {value!r}")
+        self.gsema_config = method_config(overrides, base=self.gsema_config)
+        self._run_overrides = tuple(overrides)
+        self._variant_lengths = self._lengths()
+        for key, value in lengths.items():
+            setattr(self, key, value)
+        self._explicit_lengths = lengths
+        self.gsema_overwrite = bool(overwrite)
+
+    def _lengths(self) -> dict[str, int]:
+        return {key: int(getattr(self, key)) for key in LENGTHS}
+
+    # ------------------------------------------------------------------------------------------- nnU-Net's log
+
+    def print_to_log_file(self, *args, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
+        if args and isinstance(args[0], str) and args[0].startswith(BEST_EMA_LINE):
+            args = (f"{args[0]} {BEST_EMA_NOTE}", *args[1:])
+        held = getattr(self, "_held_log", None)
+        if held is None or self.local_rank != 0:
+            super().print_to_log_file(*args, also_print_to_console=also_print_to_console, add_timestamp=add_timestamp)
+            return
+        if add_timestamp:
+            args = (f"{datetime.now()}:", *args)
+        held.append("".join(f"{a} " for a in args) + "\n")  # nnU-Net's line format
+        log_file, self.log_file = self.log_file, os.devnull  # nnU-Net's console output now, the file later
+        try:
+            super().print_to_log_file(*args, also_print_to_console=also_print_to_console, add_timestamp=False)
+        finally:
+            self.log_file = log_file
+
+    def _release_log(self) -> None:
+        held, self._held_log = self._held_log, None
+        if held and self.local_rank == 0:
+            with open(self.log_file, "a+") as log:
+                log.writelines(held)
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -243,7 +368,40 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
             teacher_terms=False,  # the teacher's loss is what validation measures
         )
 
+    def _accept_run(self) -> None:
+        """Refuse a run that would replace another or continue one with other settings, before anything is
+        written; with ``gsema_overwrite``, remove the previous run's files (and only those)."""
+        folder = Path(self.output_folder)
+        if self._resumed is not None:
+            differs = _first_difference(self._resumed["config"], _method_dict(self.gsema_config))
+            if differs:
+                raise ValueError(
+                    f"{folder}: the run there was trained with other GS-EMA settings ({differs}); --c continues a run "
+                    f"with its own settings (leave out --set), and other settings train under another trainer name "
+                    f"(-tr, e.g. one of gsema-fast's variants or your own)"
+                )
+            return
+        existing = [name for name in RUN_CHECKPOINTS if (folder / name).is_file()]
+        if not existing:
+            return
+        if not self.gsema_overwrite:
+            raise FileExistsError(
+                f"{folder} holds a run of {type(self).__name__} ({', '.join(existing)}): continue it with --c, train "
+                f"other settings under another trainer name (-tr; nnU-Net keeps each trainer's runs apart), or replace "
+                f"it (gsema-fast nnunet-train --overwrite)"
+            )
+        for name in (*RUN_CHECKPOINTS, *RUN_FILES):
+            (folder / name).unlink(missing_ok=True)
+        for log in folder.glob("training_log_*.txt"):
+            log.unlink()
+        shutil.rmtree(folder / "validation", ignore_errors=True)
+        self.print_to_log_file(f"GS-EMA: replaced the previous run in {folder} (--overwrite)")
+
     def on_train_start(self) -> None:
+        self._accept_run()
+        self._release_log()
+        if self._variant_lengths is None:
+            self._variant_lengths = self._lengths()
         super().on_train_start()
         if int(self.gsema.step) == 0:  # a fresh run: the student may hold -pretrained_weights by now
             self.teacher.load_state_dict(self.network.state_dict())
@@ -251,7 +409,8 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
         self.print_to_log_file(
             f"GS-EMA: rule {e.rule}, decay aligned {e.decay_aligned}, conflict {e.decay_conflict}, warm-up {e.warmup}; "
             f"lambda_sup {loss.lambda_sup}, lambda_con {loss.lambda_con}, BACL on encoder stage "
-            f"{self.step_context.student.stage}; the teacher is validated and exported"
+            f"{self.step_context.student.stage}; {self.num_epochs} epochs of {self.num_iterations_per_epoch} steps. "
+            f"The teacher is validated and exported: nnU-Net's pseudo Dice below is the teacher's"
         )
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
@@ -289,19 +448,13 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
         values = dict(zip(keys, per_step.T, strict=True))  # the epoch's one host read of the step's values
         # nnU-Net's train loss stays what it is in a plain run: its loss on the (source) batch
         super().on_train_epoch_end([{"loss": v} for v in values["dce_student_src"]])
-        steps, aligned, skipped = len(train_outputs), int(values["aligned"].sum()), int(values["skipped"].sum())
-        logged = {
-            "gsema_aligned_fraction": aligned / steps,
-            "gsema_grad_cos": float(values["grad_cos"][np.isfinite(values["grad_cos"])].mean()) if aligned else np.nan,
-            "gsema_dce_target": float(values["dce_student_trg"].mean()),
-            "gsema_bacl": float(values["bacl"].mean()) if "bacl" in values else np.nan,
-            "gsema_skipped_steps": skipped,
-        }
+        logged = epoch_summary(values)
         for key, value in logged.items():
             self.logger.log(key, value, self.current_epoch)
+        skipped = logged["gsema_skipped_steps"]
         self.print_to_log_file(
-            f"GS-EMA: {aligned} of {steps} steps aligned (teacher updated), mean cos(g_src, g_trg) "
-            f"{logged['gsema_grad_cos']:.4f}, target loss {logged['gsema_dce_target']:.4f}, BACL "
+            f"GS-EMA: {int(values['aligned'].sum())} of {len(train_outputs)} steps aligned (teacher updated), mean "
+            f"cos(g_src, g_trg) {logged['gsema_grad_cos']:.4f}, target loss {logged['gsema_dce_target']:.4f}, BACL "
             f"{logged['gsema_bacl']:.4f}" + (f", {skipped} non-finite steps skipped" if skipped else "")
         )
 
@@ -312,6 +465,7 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
             return super().validation_step(batch)
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        self._release_log()  # --val: validating a finished run is a run of its own
         with self.teacher_as_network():
             super().perform_actual_validation(save_probabilities)
 
@@ -337,24 +491,137 @@ class nnUNetTrainerGSEMA(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of trai
                 "target_transform": self.target_transform.state_dict(),
                 "latent_stage": self.step_context.student.stage,
                 "config": _method_dict(self.gsema_config),
+                "overrides": list(self._run_overrides),
+                "lengths": self._lengths(),
+                "variant_lengths": self._variant_lengths or self._lengths(),
             }
             torch.save(checkpoint, tmp)
 
+    def _continue_with(self, state: dict) -> None:
+        """The run's own settings and lengths, before the networks and the schedule are built from them: the run's
+        ``--set`` unless this command gives its own (which must then agree, see :meth:`_accept_run`), each length
+        unless this command sets it or the variant's code has changed it since."""
+        if not self._run_overrides and state.get("overrides"):
+            self.gsema_config = method_config(state["overrides"], base=self.gsema_config)
+            self._run_overrides = tuple(state["overrides"])
+        variant_now = self._variant_lengths or self._lengths()
+        variant_then = state.get("variant_lengths", {})
+        for key, value in state.get("lengths", {}).items():
+            if key in LENGTHS and key not in self._explicit_lengths and variant_then.get(key) == variant_now[key]:
+                setattr(self, key, int(value))
+        self._variant_lengths = variant_now
+
     def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
-        super().load_checkpoint(filename_or_checkpoint)  # the teacher lands in self.network; put it where it belongs
         checkpoint = filename_or_checkpoint
         if not isinstance(checkpoint, dict):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "checkpoint"
         state = checkpoint.get("gsema")
         if state is None:
             raise ValueError(f"{where}: holds no GS-EMA state (it was not written by nnUNetTrainerGSEMA)")
-        differs = _first_difference(state["config"], _method_dict(self.gsema_config))
-        if differs:
-            raise ValueError(f"{where}: trained with other GS-EMA settings ({differs}); resume with the same --set")
+        if not self.was_initialized:
+            self._continue_with(state)
+        super().load_checkpoint(filename_or_checkpoint)  # the teacher lands in self.network; put it where it belongs
         self.gsema.load_state_dict({**state["ema"], "teacher": checkpoint["network_weights"]})
         self.network.load_state_dict(state["student"])
         self.target_transform.load_state_dict(state["target_transform"])
+        self._resumed = state
+
+
+class nnUNetTrainerGSEMA_sign(nnUNetTrainerGSEMA):  # noqa: N801
+    """GS-EMA with the sign rule: the teacher follows when the gradients' signs agree more often than not."""
+
+    gsema_overrides = ("ema.rule=sign",)
+
+
+class nnUNetTrainerGSEMA_noBACL(nnUNetTrainerGSEMA):  # noqa: N801
+    """GS-EMA without the contrastive term (the ablation's "GS-EMA" row)."""
+
+    gsema_overrides = ("loss.lambda_con=0",)
+
+
+class nnUNetTrainerGSEMA_5epochs(nnUNetTrainerGSEMA):  # noqa: N801
+    """Five epochs, as nnU-Net's ``nnUNetTrainer_5epochs``: a check that everything runs."""
+
+    def __init__(
+        self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = CUDA
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+# The trainers gsema-fast ships, which `-tr` finds by name and the nnUNet_extTrainer file imports.
+TRAINERS = (nnUNetTrainerGSEMA, nnUNetTrainerGSEMA_sign, nnUNetTrainerGSEMA_noBACL, nnUNetTrainerGSEMA_5epochs)
+
+
+def _find_trainer(name: str) -> type | None:
+    # The folders of nnUNet_extTrainer first, where variants of nnUNetTrainerGSEMA live: nnU-Net's own search starts
+    # with its whole package, whose Primus trainers import timm (and torchvision), which a CPU torch may not have.
+    for folder in os.environ.get(EXT_TRAINER, "").split(os.pathsep):
+        if folder.strip() and os.path.isdir(folder):
+            found = recursive_find_python_class(
+                folder, name, None, base_folder=folder, cleanup_imports_from_base_folder=True
+            )
+            if found is not None:
+                return found
+    package = join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
+    with optional_imports("nnunet", f"-tr {name}: nnU-Net's search of its own trainers"):
+        return recursive_find_python_class(package, name, "nnunetv2.training.nnUNetTrainer")
+
+
+def trainer_class_by_name(name: str) -> type[nnUNetTrainerGSEMA]:
+    """The GS-EMA trainer ``-tr name`` means: gsema-fast's own (:data:`TRAINERS`), else a class of that name in the
+    folders of ``nnUNet_extTrainer`` or in nnU-Net's package, which must derive from :class:`nnUNetTrainerGSEMA`."""
+    shipped = {cls.__name__: cls for cls in TRAINERS}
+    if name in shipped:
+        return shipped[name]
+    found = _find_trainer(name)
+    if found is None:
+        raise ValueError(
+            f"-tr {name}: no such trainer among gsema-fast's ({', '.join(shipped)}), in {EXT_TRAINER} "
+            f"({os.environ.get(EXT_TRAINER) or 'not set'}) or in nnU-Net's package"
+        )
+    if not (isinstance(found, type) and issubclass(found, nnUNetTrainerGSEMA)):
+        raise ValueError(
+            f"-tr {name}: not a GS-EMA trainer (a subclass of nnUNetTrainerGSEMA); nnUNetv2_train trains it"
+        )
+    return found
+
+
+TRAINER_FILE = "gsema_fast_trainers.py"
+
+
+def ext_trainer_supported() -> bool:
+    """Whether this nnU-Net looks for trainers in the folders of ``nnUNet_extTrainer`` (2.8 and later)."""
+    return hasattr(nnunetv2.paths, EXT_TRAINER)
+
+
+def trainer_file_text() -> str:
+    names = "".join(f"    {cls.__name__},\n" for cls in TRAINERS)
+    return (
+        f'"""gsema-fast\'s nnU-Net trainers for nnUNetv2_train and nnUNetv2_predict -tr NAME, with {EXT_TRAINER}\n'
+        f"naming this folder (nnU-Net 2.8 or later). Written by `gsema-fast nnunet-trainers`; it imports them, so it\n"
+        f'follows the installed gsema-fast."""\n\n'
+        f"from gsema_fast.integrations.nnunet import (  # noqa: F401\n{names})\n"
+    )
+
+
+def write_trainer_file(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``folder/gsema_fast_trainers.py``, the file through which nnU-Net finds gsema-fast's trainers
+    (:data:`TRAINERS`) once ``nnUNet_extTrainer`` names ``folder``; returns its path. A file of that name with other
+    contents is replaced only with ``overwrite``."""
+    path = Path(folder).expanduser() / TRAINER_FILE
+    text = trainer_file_text()
+    if path.exists() or path.is_symlink():
+        if path.is_file() and path.read_text() == text:
+            return path
+        if not overwrite:
+            raise FileExistsError(
+                f"{path}: holds something else than gsema-fast's trainer file (--overwrite replaces it)"
+            )
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -424,6 +691,7 @@ def run_training(
     configuration: str,
     fold: str | int,
     *,
+    trainer_class: type[nnUNetTrainerGSEMA] | str = nnUNetTrainerGSEMA,
     plans_identifier: str = "nnUNetPlans",
     pretrained_weights: str | None = None,
     export_validation_probabilities: bool = False,
@@ -436,27 +704,45 @@ def run_training(
     epochs: int | None = None,
     iterations_per_epoch: int | None = None,
     val_iterations_per_epoch: int | None = None,
-    trainer_class: type[nnUNetTrainerGSEMA] = nnUNetTrainerGSEMA,
+    overwrite: bool = False,
 ) -> nnUNetTrainerGSEMA:
-    """``nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerGSEMA`` in one process: nnU-Net's own sequence
-    (checkpoint loading, ``run_training``, the final validation) on a trainer built from ``trainer_class``.
+    """``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER`` in one process: nnU-Net's own sequence (checkpoint
+    loading, ``run_training``, the final validation) on a GS-EMA trainer, given as a class or by name
+    (:func:`trainer_class_by_name`).
 
-    ``overrides``: ``--set`` settings of the method (:func:`method_config`); ``epochs``, ``iterations_per_epoch``,
-    ``val_iterations_per_epoch``: nnU-Net's ``num_epochs`` (1000), ``num_iterations_per_epoch`` (250) and
-    ``num_val_iterations_per_epoch`` (50). Returns the trainer.
+    ``overrides``: ``--set`` settings of the method (:func:`method_config`) on top of the trainer's; ``epochs``,
+    ``iterations_per_epoch``, ``val_iterations_per_epoch``: nnU-Net's ``num_epochs`` (1000),
+    ``num_iterations_per_epoch`` (250) and ``num_val_iterations_per_epoch`` (50). They are saved with the run:
+    ``continue_training`` (``--c``) goes on with them unless given again (other settings are refused, other lengths
+    taken). ``overwrite``: a new run may replace the run in its folder (refused without). Returns the trainer.
     """
     if continue_training and only_run_validation:
         raise ValueError("--c and --val: continue training or only validate, not both")
     if val_with_best and disable_checkpointing:
         raise ValueError("--val_best needs the checkpoints that --disable_checkpointing turns off")
-    for name, value in (
-        ("--epochs", epochs),
-        ("--iterations", iterations_per_epoch),
-        ("--val-iterations", val_iterations_per_epoch),
+    if overwrite and (continue_training or only_run_validation):
+        raise ValueError("--overwrite replaces a run with a new one: not with --c or --val")
+    lengths = {}
+    for key, name, value in zip(
+        LENGTHS,
+        ("--epochs", "--iterations", "--val-iterations"),
+        (epochs, iterations_per_epoch, val_iterations_per_epoch),
+        strict=True,
     ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}: expected at least 1, got {value}")
-    cfg = method_config(overrides)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{name}: expected at least 1, got {value}")
+            lengths[key] = value
+    if only_run_validation and (overrides or lengths):
+        raise ValueError(
+            "--val validates the finished run's teacher as it was trained: --set, --epochs, --iterations and "
+            "--val-iterations do not apply"
+        )
+    method_config(overrides)  # bad keys and values are refused before anything is built
+    if isinstance(trainer_class, str):
+        trainer_class = trainer_class_by_name(trainer_class)
+    elif not (isinstance(trainer_class, type) and issubclass(trainer_class, nnUNetTrainerGSEMA)):
+        raise TypeError(f"trainer_class: expected a subclass of nnUNetTrainerGSEMA, got {trainer_class!r}")
     trainer = build_trainer(
         dataset_name_or_id,
         configuration,
@@ -466,13 +752,7 @@ def run_training(
         continue_training=continue_training,
         trainer_class=trainer_class,
     )
-    trainer.gsema_config = cfg
-    if epochs is not None:
-        trainer.num_epochs = epochs
-    if iterations_per_epoch is not None:
-        trainer.num_iterations_per_epoch = iterations_per_epoch
-    if val_iterations_per_epoch is not None:
-        trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
+    trainer.configure_run(overrides=overrides, lengths=lengths, overwrite=overwrite)
     trainer.disable_checkpointing = disable_checkpointing
     maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
     if torch.cuda.is_available():

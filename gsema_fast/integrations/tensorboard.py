@@ -2,8 +2,11 @@
 
 Every record the trainer logs becomes scalars named after its kind, at the record's step: ``train/total``,
 ``train/dce_student_src``, ``train/aligned``, ``train/grad_cos``, ``train/lr``, ``train/step_time_s``,
-``train/peak_memory_gib`` (CUDA), ..., and ``val/dice/<class>``; each time ``progress.png`` is drawn it is added as
-the image ``progress``. The files go to ``<run folder>/tensorboard``; a resumed run appends a new event file there.
+``train/peak_memory_gib`` (CUDA), ..., ``val/dice/<class>``, and at the end the unseen centre's ``test/dice/<class>``
+(the chosen teacher) and ``test/untrained_dice/<class>``; each time ``progress.png`` is drawn it is added as the image
+``progress``. The files go to ``<run folder>/tensorboard``; a resumed run appends a new event file there, and
+TensorBoard shows each step once: what the interrupted run wrote after its checkpoint's step is hidden, what it wrote
+at that step and before is kept (the records ``log.jsonl`` keeps).
 """
 
 from __future__ import annotations
@@ -11,12 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from gsema_fast.integrations import MissingExtraError
+from gsema_fast.integrations import optional_imports
 
-try:
+with optional_imports("tensorboard", "train.loggers: tensorboard"):
     from torch.utils.tensorboard import SummaryWriter
-except ImportError as err:
-    raise MissingExtraError("tensorboard", "train.loggers: tensorboard") from err
 
 # Record fields that are coordinates, not measurements.
 _NOT_SCALARS = ("kind", "step", "epoch")
@@ -37,9 +38,11 @@ def scalars(record: Mapping, prefix: str) -> Iterator[tuple[str, float]]:
 class TensorBoardLogger:
     """A sink for the trainer's log records (``write``) and progress figures (``figure``)."""
 
-    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:
+    def __init__(self, log_dir: str | Path, *, resume_step: int | None = None) -> None:
+        """``resume_step``: a resumed run, from a checkpoint written at that step. Its records up to that step stand;
+        TensorBoard hides those the interrupted run wrote after it (``purge_step`` is the first step hidden)."""
         self.log_dir = Path(log_dir)
-        # purge_step: a resumed run; TensorBoard hides the events a killed run wrote past its checkpoint
+        purge_step = None if resume_step is None else int(resume_step) + 1
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def write(self, record: Mapping) -> None:
