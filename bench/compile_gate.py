@@ -86,10 +86,7 @@ def compile_variant(index: int, target: int, cache_dir: str | None) -> dict[str,
     if cached is not None and cached.is_file():
         return {**json.loads(cached.read_text()), "index": index, "cached": True}
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    signature = {**dict(variant.args), **{name: "constexpr" for name, _ in variant.constexprs}}
     result: dict[str, Any] = {
         "kernel": variant.name,
         "variant": variant.describe(),
@@ -98,22 +95,35 @@ def compile_variant(index: int, target: int, cache_dir: str | None) -> dict[str,
     }
     start = time.perf_counter()
     try:
-        compiled = triton.compile(
-            ASTSource(variant.kernel, signature, dict(variant.constexprs)),
-            target=GPUTarget("cuda", target, 32),
-            options={"num_warps": variant.num_warps, "enable_fp_fusion": True},
-        )
+        compiled = compile_for(variant, target)
     except Exception as err:  # noqa: BLE001 - a compile failure of any kind is the gate's finding, reported whole
         result.update(ok=False, error=f"{type(err).__name__}: {err}"[-2000:])
     else:
-        result.update(ok=True, **_resources(compiled, target))
+        result.update(ok=True, **resources(compiled, target))
     result["seconds"] = round(time.perf_counter() - start, 2)
     if cached is not None and result["ok"]:
         write_json(result, cached)
     return {**result, "index": index, "cached": False}
 
 
-def _resources(compiled, target: int) -> dict[str, Any]:
+def compile_for(variant, target: int):
+    """``variant`` through Triton's whole pipeline for ``sm_<target>``, as its launch would compile it: the signature
+    and constexprs of the variant, no argument specialised, its warps and FP fusion."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**dict(variant.args), **{name: "constexpr" for name, _ in variant.constexprs}}
+    return triton.compile(
+        ASTSource(variant.kernel, signature, dict(variant.constexprs)),
+        target=GPUTarget("cuda", target, 32),
+        options={"num_warps": variant.num_warps, "enable_fp_fusion": True},
+    )
+
+
+def resources(compiled, target: int) -> dict[str, Any]:
+    """Registers, stack, local and shared memory (bytes) of a compiled kernel, read from its cubin, and the widest
+    global load of its PTX (bits)."""
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])

@@ -108,6 +108,37 @@ def _sm90(results):
     return [r for r in results if r["target"] == 90 and r["ok"]]
 
 
+def _launched_by_training(variant) -> bool:
+    """A variant a bf16 training on a GPU launches: aligned streams of fp32 and bf16, BACL on bf16 latents and on
+    fp32 boundary features (the symmetric mask)."""
+    c = dict(variant.constexprs)
+    codes = {_multi_tensor.DTYPE_CODES[torch.float32], _multi_tensor.DTYPE_CODES[torch.bfloat16]}
+    if not c.get("ALIGNED"):
+        return False
+    if variant.name in STREAMING:
+        return all(value in codes for key, value in c.items() if key.endswith("_CODE"))
+    if variant.name in BACL_STREAMING:
+        return (c["MODE"], variant.args[0][1]) in ((bacl_kernels.IDENTITY, "*bf16"), (bacl_kernels.ABS, "*fp32"))
+    return False
+
+
+@pytest.mark.gpu
+def test_the_device_reports_what_the_gate_reads():
+    """On a GPU: each variant the paper's training launches (aligned fp32/bf16 streams, BACL on bf16 latents and
+    fp32 boundary features), compiled for this device and loaded, reports the registers the gate read from its
+    cubin, and no spill."""
+    major, minor = torch.cuda.get_device_capability()
+    target = 10 * major + minor
+    chosen = [v for v in kernels.variants() if _launched_by_training(v)]
+    assert chosen
+    for variant in chosen:
+        compiled = compile_gate.compile_for(variant, target)
+        compiled._init_handles()
+        static = compile_gate.resources(compiled, target)
+        assert compiled.n_regs == static["registers"], variant.describe()
+        assert compiled.n_spills == 0 and static["stack"] == 0, variant.describe()
+
+
 # ------------------------------------------------------------------------------------- the list is complete
 
 
