@@ -1023,7 +1023,13 @@ def _contrast_backward(xs, coef: torch.Tensor, grad_total: torch.Tensor, outs, m
                 f"got {e if e is None else (e.dtype, tuple(e.shape))}"
             )
     ptrs = [o if o is not None else xi for o, xi in zip(outs, xs, strict=True)]
-    adds = [e if e is not None else xi for e, xi in zip(extras, xs, strict=True)] if extra else list(xs)
+    if extra:
+        # A gradient that is not wanted has nothing to add: another input's stands in, unread, so that the four
+        # arguments keep the variant's type (the accumulation dtype).
+        present = next(e for e in extras if e is not None)
+        adds = [e if e is not None else present for e in extras]
+    else:
+        adds = list(xs)
     stride = 2 if mode == COMPLEX_ABS else 1
     aligned = _aligned((*xs, *ptrs), n, stride) and (not extra or _aligned(adds, n, 2 if extra == 2 else 1))
     plan = _plan(n, batch, mode, x.dtype, aligned, x.device)
