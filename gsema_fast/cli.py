@@ -280,20 +280,22 @@ def _add_bench_step(sub) -> None:
 
 def _run_bench_step(args) -> int:
     import json
-    import sys
-    from pathlib import Path
 
     import torch
 
     from gsema_fast.benchstep import MODES, bench_step
     from gsema_fast.config import load_config
+    from gsema_fast.files import atomic_path, require_writable_file
 
     cfg = load_config(args.config or ("gpu" if torch.cuda.is_available() else "demo"), args.set)
     modes = MODES if args.mode == "all" else (args.mode,)
+    if args.out:  # found now, not after the whole benchmark has run
+        require_writable_file(args.out, "--out")
     text = json.dumps(bench_step(cfg, modes, steps=args.steps, warmup=args.warmup, loader=not args.no_loader), indent=1)
     sys.stdout.write(text + "\n")
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text + "\n")
     return 0
 
 

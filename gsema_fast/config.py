@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gsema_fast.files import atomic_path
+from gsema_fast.files import atomic_path, require_file
 
 log = logging.getLogger(__name__)
 
@@ -528,8 +528,7 @@ def _read_config_text(path: str | Path | None) -> tuple[str, str]:
             raise FileNotFoundError(f"config {path!r}: no such file, and not a shipped config ({', '.join(names)})")
         resource = importlib.resources.files(_CONFIG_PACKAGE) / f"{path}.yaml"
         return resource.read_text(encoding="utf-8"), f"shipped config '{path}'"
-    if not candidate.is_file():
-        raise FileNotFoundError(f"config file not found: {candidate}")
+    require_file(candidate, "config file")
     return candidate.read_text(encoding="utf-8"), str(candidate)
 
 

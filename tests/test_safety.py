@@ -627,3 +627,46 @@ def test_synth_overwrite_leaves_exactly_the_new_dataset(tmp_path, caplog):
         [],
     )
     assert sorted(p.name for p in (other / "labelsTr").iterdir()) == ["A_000.nii.gz"]
+
+
+# ------------------------------------------------------------------------------------------------ smaller cases
+
+
+def test_bench_step_checks_its_output_before_it_runs(tmp_path, caplog, monkeypatch):
+    import gsema_fast.benchstep
+
+    ran = []
+    monkeypatch.setattr(gsema_fast.benchstep, "bench_step", lambda *args, **kwargs: ran.append(1) or {})
+    (tmp_path / "a-file").write_text("mine")
+    for out, pattern in (
+        (tmp_path, rf"^--out {re.escape(str(tmp_path))} is a folder; expected a file$"),
+        (tmp_path / "a-file" / "x.json", rf"^cannot write {re.escape(str(tmp_path / 'a-file'))}: it is a file, not a"),
+    ):
+        rc, errors = run_cli(caplog, "bench-step", "--no-loader", "--out", out)
+        assert rc == 2
+        one_line(errors, pattern)
+    assert not ran and (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_a_folder_where_a_file_is_expected_is_named_so(phantoms, finished, tmp_path, caplog):
+    (tmp_path / "folder").mkdir()
+    folder = tmp_path / "folder"
+    rc, errors = run_cli(caplog, "evaluate", "--checkpoint", folder)
+    assert rc == 2
+    one_line(errors, rf"^checkpoint {re.escape(str(folder))} is a folder; expected a file$")
+    rc, errors = run_cli(caplog, *train_args(phantoms, tmp_path / "run"), "--config", folder)
+    assert rc == 2
+    one_line(errors, rf"^config file {re.escape(str(folder))} is a folder; expected a file$")
+    rc, errors = run_cli(caplog, *train_args(phantoms, tmp_path / "run", f"data.manifest={folder}"))
+    assert rc == 2
+    one_line(errors, rf"{re.escape(str(folder))} is a folder; expected a file$")
+
+
+def test_a_plain_pickle_is_named_so(tmp_path, caplog):
+    import pickle
+
+    (tmp_path / "weights.pkl").write_bytes(pickle.dumps({"teacher": {"w": [1.0]}}))
+    rc, errors = run_cli(caplog, "evaluate", "--checkpoint", tmp_path / "weights.pkl")
+    assert rc == 2
+    one_line(errors, r"^checkpoint .*weights\.pkl: cannot be read as a torch checkpoint \(it is a plain pickle, not a "
+                     r"file written by torch\.save\)$")  # fmt: skip

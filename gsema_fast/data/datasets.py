@@ -43,7 +43,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
-from gsema_fast.files import atomic_path, cache_root, first_line
+from gsema_fast.files import atomic_path, cache_root, first_line, require_file
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ class Manifest:
 
 
 def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+    require_file(path, what)
     try:
         return json.loads(path.read_text())
     except ValueError as err:
@@ -101,8 +100,7 @@ def _read_json(path: Path, what: str):
 
 def _read_domain_map(path: Path) -> dict[str, str]:
     if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise FileNotFoundError(f"domain map {path} does not exist")
+        require_file(path, "domain map")
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"case", "domain"} <= set(rows[0]):
@@ -220,8 +218,8 @@ def load_manifest(
     if check:
         for c in cases:
             for kind, path in (("image", c.image), ("label", c.label)):
-                if path is not None and not path.is_file():
-                    raise FileNotFoundError(f"case {c.name}: {kind} file {path} does not exist")
+                if path is not None:
+                    require_file(path, f"case {c.name}: {kind} file")
             _check_headers(c)
     return Manifest(json_path, tuple(cases), dict(labels), ending)
 
