@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import logging
+import os
 import re
 import types
 import typing
@@ -45,6 +46,8 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "EvalConfig",
+    "DATA_PATH_KEYS",
+    "absolute_paths",
     "builtin_config_names",
     "config_from_dict",
     "config_to_dict",
@@ -589,6 +592,21 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     with atomic_path(path, fsync=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+# The settings that locate files of the dataset; a run stores them as absolute paths (absolute_paths).
+DATA_PATH_KEYS = ("root", "manifest", "synth_dir", "cache_dir")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose dataset paths (:data:`DATA_PATH_KEYS` of ``data``) are absolute (``~`` expanded,
+    relative paths taken from the working directory), so that a stored config names the same files from anywhere."""
+    paths = {
+        key: os.path.abspath(os.path.expanduser(value))
+        for key in DATA_PATH_KEYS
+        if (value := getattr(cfg.data, key)) is not None
+    }
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
 
 
 def resolve_auto(cfg: Config, device: str | None = None) -> Config:

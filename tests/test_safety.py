@@ -629,6 +629,90 @@ def test_synth_overwrite_leaves_exactly_the_new_dataset(tmp_path, caplog):
     assert sorted(p.name for p in (other / "labelsTr").iterdir()) == ["A_000.nii.gz"]
 
 
+# ------------------------------------------------------------------------------------------------ the dataset of a run
+
+
+@pytest.fixture(scope="module")
+def own_data_run(phantoms, tmp_path_factory):
+    """A finished tiny run on a dataset of its own (tests change copies of both)."""
+    root = tmp_path_factory.mktemp("own")
+    data = Path(shutil.copytree(phantoms, root / "data"))
+    assert cli_main(train_args(data, root / "run")) == 0
+    return data, root / "run"
+
+
+@pytest.fixture
+def moved_run(own_data_run, tmp_path):
+    """Copies of the run and of its dataset, the dataset in another folder than the one the run recorded."""
+    data, run = own_data_run
+    return Path(shutil.copytree(data, tmp_path / "data")), Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _move_to_domain_1(data: Path) -> None:
+    manifest = json.loads((data / "dataset.json").read_text())
+    manifest["training"][0]["domain"] = 1  # A_000, of centre 0
+    (data / "dataset.json").write_text(json.dumps(manifest))
+
+
+def _rewrite_image(data: Path) -> None:
+    path = data / "imagesTr" / "B_001_0000.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine, img.header), path)
+
+
+def _drop_case(data: Path) -> None:
+    manifest = json.loads((data / "dataset.json").read_text())
+    manifest["training"] = [e for e in manifest["training"] if e["case"] != "C_001"]
+    (data / "dataset.json").write_text(json.dumps(manifest))
+
+
+DATASET_CHANGES = {
+    "a case moved to another domain": (_move_to_domain_1, r"1 case\(s\) moved to another domain \(A_000 0 -> 1\)"),
+    "an image rewritten in place": (_rewrite_image, r"1 image file\(s\) changed \(B_001: rewritten"),
+    "a case removed": (_drop_case, r"1 case\(s\) removed \(C_001\)"),
+}
+
+
+@pytest.mark.parametrize("change", list(DATASET_CHANGES))
+def test_resume_refuses_a_changed_dataset(moved_run, caplog, change):
+    data, run = moved_run
+    edit, pattern = DATASET_CHANGES[change]
+    edit(data)
+    before = digests(run)
+    rc, errors = run_cli(caplog, *train_args(data, run, "train.epochs=3"), "--resume")
+    assert rc == 2
+    one_line(errors, rf"^--resume: the dataset .*data/dataset\.json is not the one .*latest\.pt was trained on: "
+                     rf"{pattern}.*; resume on the original data, or start a new run")  # fmt: skip
+    assert digests(run) == before
+
+
+def test_resume_accepts_the_same_dataset_moved_and_touched(moved_run, caplog):
+    """The identity is the content: a dataset copied to another folder, its files touched, is the same dataset."""
+    data, run = moved_run
+    for path in data.rglob("*.nii.gz"):
+        os.utime(path, (time.time() + 60, time.time() + 60))
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    rc, errors = run_cli(caplog, *train_args(data, run, "train.epochs=3"), "--resume")
+    assert rc == 0 and not errors
+    assert re.search(r"take effect from step 4: data\.root: '[^']*/own\d*/data' -> '[^']*/data'", caplog.text)
+    state = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
+    assert state["step"] == 6 and set(state["dataset"]["cases"]) == {f"{c}_00{i}" for c in "ABC" for i in (0, 1)}
+
+
+def test_a_run_records_absolute_dataset_paths(phantoms, tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(phantoms.parent)
+    run = tmp_path / "run"
+    args = train_args(Path(phantoms.name), run)
+    assert f"data.root={phantoms.name}" in args  # typed relative
+    assert run_cli(caplog, *args) == (0, [])
+    state = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
+    assert state["config"]["data"]["root"] == str(phantoms)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["root"] == str(phantoms)
+    assert state["dataset"]["labels"] == LABELS
+    image = state["dataset"]["cases"]["A_000"]["image"]
+    assert image["path"] == "imagesTr/A_000_0000.nii.gz" and len(image["sha256"]) == 64
+
+
 # ------------------------------------------------------------------------------------------------ smaller cases
 
 
