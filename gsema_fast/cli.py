@@ -82,6 +82,12 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation_<checkpoint name>)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier evaluation (or a training run's summary.json) in --out (refused "
+        "without)",
+    )
+    p.add_argument(
         "--config", default=None, help="YAML whose data and eval sections replace the checkpoint's (model must agree)"
     )
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
@@ -120,6 +126,7 @@ def _run_evaluate(args) -> int:
         sw_batch_size=args.sw_batch_size,
         save_predictions=args.save_predictions,
         hd95=not args.no_hd95,
+        overwrite=args.overwrite,
     )
     return 0
 

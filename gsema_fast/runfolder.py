@@ -87,6 +87,14 @@ class RunFolderLock:
                 folder.rmdir()  # only if empty
 
 
+def run_outputs(folder: Path) -> list[str]:
+    """The outputs of a training run that ``folder`` holds (names; folders end with ``/``): [] for a folder that
+    holds no run."""
+    names = [n for n in RUN_FILES if (folder / n).is_file()]
+    names += [f"{n}/" for n in ("checkpoints", *RUN_FOLDERS) if (folder / n).is_dir()]
+    return names if set(names) - {"summary.json"} else []  # a summary.json alone is not a run's
+
+
 def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
     """A fresh run needs an empty folder, or ``overwrite``; a resumed one its ``checkpoints/latest.pt``."""
     latest = folder / "checkpoints" / "latest.pt"

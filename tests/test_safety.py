@@ -629,6 +629,111 @@ def test_synth_overwrite_leaves_exactly_the_new_dataset(tmp_path, caplog):
     assert sorted(p.name for p in (other / "labelsTr").iterdir()) == ["A_000.nii.gz"]
 
 
+# ------------------------------------------------------------------------------------------------ results and settings
+
+
+def test_evaluate_never_replaces_a_run_or_earlier_results_unasked(run_copy, tmp_path, caplog):
+    checkpoint = run_copy / "checkpoints" / "final.pt"
+    before = digests(run_copy)
+    rc, errors = run_cli(caplog, "evaluate", "--checkpoint", checkpoint, "--out", run_copy)
+    assert rc == 2
+    one_line(
+        errors,
+        rf"^evaluate: --out {re.escape(str(run_copy))} is the folder of a training run \(config\.yaml, log\.jsonl, "
+        r"progress\.png, summary\.json\): the evaluation's summary\.json would replace the run's; .*--overwrite",
+    )
+    assert digests(run_copy) == before
+
+    out = tmp_path / "evaluation"
+    args = ["evaluate", "--checkpoint", checkpoint, "--out", out, "--save-predictions"]
+    assert run_cli(caplog, *args) == (0, [])
+    (out / "predictions" / "a-case-not-scored-now.nii.gz").write_bytes(b"an earlier evaluation's")
+    results = digests(out)
+    rc, errors = run_cli(caplog, *args)
+    assert rc == 2
+    one_line(errors, r"already holds the results of an evaluation \(summary\.json, metrics\.csv, predictions/.*\); "
+                     r"pass --overwrite to replace them")  # fmt: skip
+    assert digests(out) == results
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    assert run_cli(caplog, *args, "--overwrite") == (0, [])
+    assert re.search(
+        r"--overwrite: the results in .* replaced \(summary\.json, metrics\.csv, 3 prediction", caplog.text
+    )
+    assert "removed 1 earlier file(s) of cases not scored now (a-case-not-scored-now.nii.gz)" in caplog.text
+    assert not (out / "predictions" / "a-case-not-scored-now.nii.gz").exists()
+
+    assert run_cli(caplog, "evaluate", "--checkpoint", checkpoint, "--out", run_copy, "--overwrite") == (0, [])
+    assert "replaced (the training run's summary.json)" in caplog.text
+    assert strict_json(run_copy / "summary.json")["checkpoint"] == str(checkpoint)
+    assert {k: v for k, v in digests(run_copy).items() if k.startswith("checkpoints/")} == {
+        k: v for k, v in before.items() if k.startswith("checkpoints/")
+    }
+
+
+def test_evaluate_refuses_a_dataset_whose_classes_mean_something_else(phantoms, finished, tmp_path, caplog):
+    data = Path(shutil.copytree(phantoms, tmp_path / "data"))
+    manifest = json.loads((data / "dataset.json").read_text())
+    manifest["labels"] = {**manifest["labels"], "calcification": 3}
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    checkpoint = finished / "checkpoints" / "final.pt"
+    args = ["--data", data, "--out", tmp_path / "evaluation"]
+    rc, errors = run_cli(caplog, "evaluate", "--checkpoint", checkpoint, *args)
+    assert rc == 2
+    one_line(errors, r"label map of .*data/dataset\.json \(\{'background': 0, 'vessel': 1, 'aneurysm': 2, "
+                     r"'calcification': 3\}\) is not the one .*final\.pt was trained with \(\{'background': 0, "
+                     r"'vessel': 1, 'aneurysm': 2\}\): its classes would be scored under other names")  # fmt: skip
+    # a checkpoint of an earlier version records no label map: the number of classes still must agree
+    state = torch.load(checkpoint, weights_only=True)
+    del state["dataset"]
+    torch.save(state, tmp_path / "older.pt")
+    rc, errors = run_cli(caplog, "evaluate", "--checkpoint", tmp_path / "older.pt", *args)
+    assert rc == 2
+    one_line(errors, r"has 4 label values .* but the network of .*older\.pt predicts 3 classes")
+    assert not (tmp_path / "evaluation").exists()
+
+
+@pytest.mark.parametrize("where", ["is the input folder", "lies inside it", "is the folder of an input file"])
+def test_predict_never_writes_among_its_inputs(finished, tmp_path, caplog, where):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    scan = nifti(inputs / "a.nii.gz", _image())  # its label map would be a.nii.gz: the scan itself
+    output = inputs / "labels" if where == "lies inside it" else inputs
+    given = scan if where == "is the folder of an input file" else inputs
+    before = digests(inputs)
+    for extra in ([], ["--overwrite"]):
+        rc, errors = run_cli(
+            caplog, "predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", given, "--output",
+            output, *extra,
+        )  # fmt: skip
+        assert rc == 2
+        pattern = rf"^--output {re.escape(str(output))} (is|lies inside) the folder {re.escape(str(inputs))} of the "
+        one_line(errors, pattern + "inputs: the label maps would land among the scans")
+        assert digests(inputs) == before and sorted(p.name for p in inputs.iterdir()) == ["a.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "names, clash",
+    [
+        (["a.nii.gz", "a_probabilities.nii.gz"], r"a_probabilities\.nii\.gz would be the probabilities of .*/"
+         r"a\.nii\.gz and the label map of .*/a_probabilities\.nii\.gz"),
+        (["a.nii", "a.nii.gz"], r"a\.nii\.gz would be the label map of .*/a\.nii and the label map of .*/a\.nii\.gz"),
+    ],
+)  # fmt: skip
+def test_predict_refuses_inputs_whose_outputs_would_be_one_file(finished, tmp_path, caplog, names, clash):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for name in names:
+        nifti(inputs / name, _image())
+    out = tmp_path / "out"
+    rc, errors = run_cli(
+        caplog, "predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", inputs, "--output", out,
+        "--probabilities",
+    )  # fmt: skip
+    assert rc == 2
+    one_line(errors, rf"^inputs would overwrite each other's outputs: {clash}; rename an input")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ the dataset of a run
 
 
