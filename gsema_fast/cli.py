@@ -188,6 +188,12 @@ def _add_lodo(sub) -> None:
         default="best",
         help="checkpoint to evaluate (default best: chosen on held-out cases of the training centres)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train again the runs in --out that were made with other settings (config, dataset, seed, --use); "
+        "without it such a run is refused. Runs made with these settings are kept",
+    )
     p.set_defaults(run=_run_lodo)
 
 
@@ -204,6 +210,7 @@ def _run_lodo(args) -> int:
         out_dir=args.out,
         overrides=args.set,
         checkpoint=args.use,
+        overwrite=args.overwrite,
     )
     log.info("results: %s", result["tables"]["markdown"])
     return 0

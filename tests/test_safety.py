@@ -632,6 +632,53 @@ def test_synth_overwrite_leaves_exactly_the_new_dataset(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ results and settings
 
 
+def lodo_args(data: Path, out: Path, *sets: str) -> list[str]:
+    pairs = [*tiny_run(data), *sets]
+    return ["lodo", *[a for kv in pairs for a in ("--set", kv)], "--row", "no EMA", "--domain", "2", "--out", str(out)]
+
+
+def run_list(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lodo_never_reports_old_results_under_new_settings(phantoms, tmp_path, caplog):
+    """A rerun of a study into its folder with other settings is refused in one line naming them, and nothing there
+    changes; --overwrite trains the run again; the run list has one line per run however often the study runs."""
+    data = Path(shutil.copytree(phantoms, tmp_path / "data"))
+    out = tmp_path / "L"
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    assert run_cli(caplog, *lodo_args(data, out)) == (0, [])
+    assert len(run_list(out)) == 1
+    before = digests(out)
+
+    rc, errors = run_cli(caplog, *lodo_args(data, out, "optim.lr=0.5", "train.epochs=1"))
+    assert rc == 2
+    one_line(
+        errors,
+        rf"^lodo: {re.escape(str(out))}/no-ema/centre-2/seed-0 holds a finished run made with other settings than "
+        rf"this study's \(optim\.lr: {DEMO_LR!r} -> 0\.5; train\.epochs: 2 -> 1\): its results are not this study's; "
+        r"pass --overwrite to train it again, or choose another --out$",
+    )
+    rc, errors = run_cli(caplog, *lodo_args(data, out), "--use", "final")
+    assert rc == 2
+    one_line(errors, r"\(its evaluation scored best\.pt, this study scores final\.pt \(--use final\)\)")
+    assert digests(out) == before
+
+    assert run_cli(caplog, *lodo_args(data, out)) == (0, [])  # the same settings: read back, not trained
+    assert "already evaluated" in caplog.text and len(run_list(out)) == 1
+
+    rc, errors = run_cli(caplog, *lodo_args(data, out, "optim.lr=0.5", "train.epochs=1"), "--overwrite")
+    assert rc == 0 and not errors
+    assert "--overwrite: " in caplog.text and "training it again" in caplog.text
+    assert "- training: 1 epochs x 2 steps" in (out / "lodo_table.md").read_text()
+    (record,) = run_list(out)
+    run = out / "no-ema" / "centre-2" / "seed-0"
+    summary = strict_json(run / "evaluation" / "summary.json")
+    assert summary["step"] == torch.load(run / "checkpoints" / "best.pt", weights_only=True)["step"] <= 2
+    assert record["unseen"]["vessel"]["dice"] == pytest.approx(summary["mean"]["vessel"]["dice"])
+
+
 def test_evaluate_never_replaces_a_run_or_earlier_results_unasked(run_copy, tmp_path, caplog):
     checkpoint = run_copy / "checkpoints" / "final.pt"
     before = digests(run_copy)
