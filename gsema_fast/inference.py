@@ -310,6 +310,12 @@ def segment_case(
         amp_dtype=loaded.amp_dtype,
     )
     probs = torch.softmax(logits[0], dim=0)
+    bad = int((~torch.isfinite(probs)).sum())
+    if bad:  # nothing can be computed from it: a label map of argmax over NaN would be a silent background
+        raise ValueError(
+            f"case {item.get('case', item['image'])}: the network's output is not finite in {bad} of {probs.numel()} "
+            f"values; no segmentation can be computed from it"
+        )
     return to_original_grid(transform, probs, image), data
 
 

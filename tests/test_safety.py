@@ -412,6 +412,8 @@ def bad_dataset(root: Path, kind: str, *, size: int = 24, per_domain: int = 4) -
                     image += _image(size, seed=1)  # noise: a file long enough to cut in the middle of its voxels
                 elif kind == "2D image":
                     image, label = image[:, :, 0], label[:, :, 0]
+                elif kind == "huge image":  # finite float32, but beyond what float32 arithmetic can normalise
+                    image = ((2 * _image(size, seed=2) - 1) * np.float32(1e38) + image * np.float32(1e38)) / 2
             image_file = nifti(root / "imagesTr" / f"{name}_0000.nii.gz", image)
             nifti(root / "labelsTr" / f"{name}.nii.gz", label)
             if name == "c0_00" and kind == "truncated image":
@@ -779,6 +781,64 @@ def test_predict_refuses_inputs_whose_outputs_would_be_one_file(finished, tmp_pa
     assert rc == 2
     one_line(errors, rf"^inputs would overwrite each other's outputs: {clash}; rename an input")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ extreme intensities
+
+
+@pytest.mark.parametrize("dtype, peak", [(np.float32, 1e38), (np.float64, 3e303)])
+def test_predict_extreme_finite_intensities_as_the_same_image_at_any_scale(finished, tmp_path, caplog, dtype, peak):
+    """zscore normalisation does not depend on the image's scale: an image of +-1e38 (float32) or 3e303 (float64)
+    is segmented as the same image in [-1, 1], not as NaN (or as 'non-finite voxels')."""
+    plain = (2 * _image() - 1).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    nifti(tmp_path / "in" / "plain.nii.gz", plain)
+    nifti(tmp_path / "in" / "huge.nii.gz", (plain.astype(np.float64) * peak).astype(dtype))
+    out = tmp_path / "out"
+    checkpoint = finished / "checkpoints" / "final.pt"
+    args = ["predict", "--checkpoint", checkpoint, "--output", out, "--probabilities", "--input", tmp_path / "in"]
+    assert run_cli(caplog, *args) == (0, [])
+    probs = {n: np.asarray(nib.load(out / f"{n}_probabilities.nii.gz").dataobj) for n in ("plain", "huge")}
+    assert np.isfinite(probs["huge"]).all()
+    np.testing.assert_allclose(probs["huge"], probs["plain"], atol=1e-4)
+    labels = {n: np.asarray(nib.load(out / f"{n}.nii.gz").dataobj) for n in ("plain", "huge")}
+    np.testing.assert_array_equal(labels["huge"], labels["plain"])
+
+
+def test_predict_never_reports_success_for_an_output_it_could_not_compute(finished, tmp_path, caplog):
+    state = torch.load(finished / "checkpoints" / "final.pt", weights_only=True)
+    broken = {**state, "teacher": {k: torch.full_like(v, math.nan) if v.is_floating_point() else v
+                                   for k, v in state["teacher"].items()}}  # fmt: skip
+    torch.save(broken, tmp_path / "nan.pt")
+    unscaled = {**state, "config": {**state["config"], "data": {**state["config"]["data"], "intensity": "none"}}}
+    torch.save(unscaled, tmp_path / "unscaled.pt")
+    (tmp_path / "in").mkdir()
+    huge = nifti(tmp_path / "in" / "huge.nii.gz", (2 * _image() - 1).astype(np.float32) * np.float32(1e38))
+    out = tmp_path / "out"
+    rc, errors = run_cli(caplog, "predict", "--checkpoint", tmp_path / "nan.pt", "--input", huge, "--output", out)
+    assert rc == 1
+    one_line(errors, r"huge\.nii\.gz: failed: case huge: the network's output is not finite in 24000 of 24000 values")
+    rc, errors = run_cli(caplog, "predict", "--checkpoint", tmp_path / "unscaled.pt", "--input", huge, "--output", out)
+    assert rc == 1
+    one_line(errors, r"failed: case huge: image .*huge\.nii\.gz has intensities in \[-9\.998e\+37, 1e\+38\], beyond "
+                     r"\+-4\.295e\+09, which data.intensity 'none' would give the network unscaled")  # fmt: skip
+    assert list(out.iterdir()) == []
+
+
+def test_training_on_extreme_intensities(tmp_path, caplog):
+    root = bad_dataset(tmp_path / "data", "huge image")
+    short = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "train.log_every=1"]
+    rc, errors = run_cli(caplog, *bad_data_args(root, tmp_path / "run"), *short)
+    assert rc == 0 and not errors
+    losses = [json.loads(line)["total"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]  # fmt: skip
+    assert losses and all(math.isfinite(v) for v in losses)
+    rc, errors = run_cli(caplog, *bad_data_args(root, tmp_path / "none"), *short, "--set", "data.intensity=none")
+    assert rc == 2
+    one_line(
+        errors, r"^case c0_00: image .*c0_00_0000\.nii\.gz has intensities in \[-?\d.*e\+3\d, \d.*e\+3\d\], beyond"
+    )
+    assert not (tmp_path / "none").exists()
 
 
 # ------------------------------------------------------------------------------------------------ the dataset of a run

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -286,23 +287,62 @@ def run_domains(manifest: Manifest, data) -> tuple[list[str], str]:
 # ------------------------------------------------------------------------------------------------ transforms
 
 
+# Images whose intensities reach beyond this, in absolute value, are scaled into range before they become float32:
+# the percentile clip and the normalisation sum and square them in float32, which would overflow to inf, then NaN.
+INTENSITY_LIMIT = 2.0**32
+
+
 class _LoadCase(Transform):
     """Load image (and label) as channel-first MetaTensors, failing on a bad case with its name, file and problem.
 
-    A MONAI ``Transform`` (not a bare callable) so that caching datasets keep its output.
+    The image is read in its file's own type and checked there (a float64 value beyond float32's range is finite, not
+    "non-finite"), then given as float32. Intensities beyond :data:`INTENSITY_LIMIT` are scaled by a power of two
+    (exact) into range first when ``intensity`` is ``zscore`` or ``minmax``, whose results do not depend on the
+    image's scale; with ``none`` such an image is refused. A MONAI ``Transform`` (not a bare callable) so that
+    caching datasets keep its output.
     """
 
-    def __init__(self, label_values: Sequence[int] | None):
-        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+    def __init__(self, label_values: Sequence[int] | None, intensity: str = "zscore"):
+        self.image_loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=None)
+        self.label_loader = LoadImage(
+            reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32
+        )
         self.label_values = None if label_values is None else np.asarray(sorted(label_values), np.float32)
+        self.intensity = intensity
 
     def _read(self, case: str, kind: str, path) -> torch.Tensor:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"case {case}: {kind} file {path} does not exist")
+        require_file(path, f"case {case}: {kind} file")
+        loader = self.image_loader if kind == "image" else self.label_loader
         try:
-            return self.loader(path)
+            return loader(path)
         except Exception as err:
             raise ValueError(f"case {case}: cannot read {kind} file {path}: {_read_error(err, path)}") from err
+
+    def _as_float32(self, case: str, path, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype.is_floating_point:
+            finite = torch.isfinite(image)
+            if not bool(finite.all()):
+                raise ValueError(f"case {case}: image {path} has {int((~finite).sum())} non-finite voxels")
+        low, high = float(image.min()), float(image.max())
+        peak = max(abs(low), abs(high))
+        if peak > INTENSITY_LIMIT:
+            if self.intensity == "none":
+                raise ValueError(
+                    f"case {case}: image {path} has intensities in [{low:.4g}, {high:.4g}], beyond "
+                    f"+-{INTENSITY_LIMIT:.4g}, which data.intensity 'none' would give the network unscaled; normalise "
+                    f"them (data.intensity zscore or minmax) or rescale the file"
+                )
+            exponent = math.ceil(math.log2(peak / INTENSITY_LIMIT))
+            log.info(
+                "case %s: intensities in [%.4g, %.4g] scaled by 2^-%d before %s normalisation (float32's safe range)",
+                case,
+                low,
+                high,
+                exponent,
+                self.intensity,
+            )
+            image = image.to(torch.float64) * 2.0**-exponent
+        return image.to(torch.float32)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -314,9 +354,7 @@ class _LoadCase(Transform):
             )
         if image.shape[0] != 1:
             raise ValueError(f"case {case}: image {d['image']} has {image.shape[0]} channels; one is expected")
-        finite = torch.isfinite(image)
-        if not bool(finite.all()):
-            raise ValueError(f"case {case}: image {d['image']} has {int((~finite).sum())} non-finite voxels")
+        image = self._as_float32(case, d["image"], image)
         if self.label_values is not None and d.get("label") is not None:
             label = self._read(case, "label", d["label"])
             if label.shape != image.shape:
@@ -451,7 +489,7 @@ def preprocess_transforms(
     keys = ["image", "label"] if labels is not None else ["image"]
     modes = ["bilinear", "nearest"][: len(keys)]
     xforms: list = [
-        _LoadCase(None if labels is None else labels.values()),
+        _LoadCase(None if labels is None else labels.values(), intensity),
         Orientationd(keys=keys, axcodes="RAS", labels=None, allow_missing_keys=True),
     ]
     if spacing is not None:
