@@ -222,8 +222,12 @@ def test_synth_reuses_a_complete_folder_and_redoes_an_interrupted_one(tmp_path, 
     (root / "dataset.json").unlink()
     synthesize(root, domains=2, cases_per_domain=1, size=24, seed=1)
     assert _digests(root) == before
-    # other settings regenerate
-    synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2)
+    # another dataset, even one of this generator, is never replaced unasked; with overwrite it is
+    message = r"holds another synthesised dataset \(2 centre\(s\) x 1 case\(s\), size 24, seed 1, .*--overwrite"
+    with pytest.raises(FileExistsError, match=message):
+        synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2)
+    assert _digests(root) == before
+    synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2, overwrite=True)
     assert json.loads((root / "dataset.json").read_text())["synth"]["seed"] == 2
 
 

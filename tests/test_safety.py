@@ -622,13 +622,40 @@ def test_synth_overwrite_leaves_exactly_the_new_dataset(tmp_path, caplog):
     assert run_cli(caplog, *args, "--overwrite") == (0, [])
     assert sorted(p.name for p in (other / "imagesTr").iterdir()) == ["A_000_0000.nii.gz", "B_000_0000.nii.gz"]
     assert (other / "notes.txt").read_text() == "mine" and not leftovers(other)
-    # its own dataset with other settings: regenerated without a refusal, the cases it no longer has removed
+    # a dataset of this generator with other settings is another dataset: refused, then replaced with --overwrite,
+    # the cases it no longer has removed
     (other / "notes.txt").unlink()
-    assert run_cli(caplog, "synth", "--out", other, "--domains", "1", "--cases-per-domain", "1", "--size", "24") == (
-        0,
-        [],
+    before = digests(other)
+    smaller = ["synth", "--out", other, "--domains", "1", "--cases-per-domain", "1", "--size", "24"]
+    rc, errors = run_cli(caplog, *smaller)
+    assert rc == 2
+    one_line(
+        errors,
+        r"holds another synthesised dataset \(2 centre\(s\) x 1 case\(s\), size 24, seed 0, format \d+\); pass "
+        r"--overwrite to replace it with this one \(1 centre\(s\) x 1 case\(s\)",
     )
+    assert digests(other) == before
+    assert run_cli(caplog, *smaller, "--overwrite") == (0, [])
     assert sorted(p.name for p in (other / "labelsTr").iterdir()) == ["A_000.nii.gz"]
+
+
+def test_synth_checks_memory_before_it_allocates(tmp_path, caplog, monkeypatch):
+    out = tmp_path / "big"
+    rc, errors = run_cli(caplog, "synth", "--out", out, "--size", "5000")
+    assert rc == 2
+    one_line(errors, r"^synth: size=5000 needs about \d+\.\d GiB of memory to generate one case, and \d+\.\d GiB is "
+                     r"available; choose a size of at most \d+$")  # fmt: skip
+    assert not out.exists()  # nothing created, not even empty folders
+    # workers are lowered to what fits: here one case at a time
+    from gsema_fast.data import synth
+
+    monkeypatch.setattr(synth, "available_memory", lambda: int(1.5 * synth.PEAK_BYTES_PER_VOXEL * 24**3))
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    rc, errors = run_cli(caplog, "synth", "--out", out, "--domains", "2", "--cases-per-domain", "1", "--size", "24",
+                         "--workers", "4")  # fmt: skip
+    assert rc == 0 and not errors
+    assert re.search(r"synth: 2 worker process\(es\) would need .* GiB is available: using 1", caplog.text)
+    assert "with 1 process(es)" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ results and settings
