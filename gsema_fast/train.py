@@ -307,7 +307,7 @@ def _train_epoch(run: _Run, cfg: Config, bar: tqdm, interrupt: InterruptFlag) ->
                 save_compile_cache(run.compile_cache)
         if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
             _log_interval(run, cfg, bar)
-        if interrupt.requested:
+        if distributed.any_rank(interrupt.requested):  # every rank stops after the same step
             raise interrupted(run.step, run.saved_at, run.checkpoints / "latest.pt")
         if run.step >= run.total_steps:
             return

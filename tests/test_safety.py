@@ -993,3 +993,94 @@ def test_a_plain_pickle_is_named_so(tmp_path, caplog):
     assert rc == 2
     one_line(errors, r"^checkpoint .*weights\.pkl: cannot be read as a torch checkpoint \(it is a plain pickle, not a "
                      r"file written by torch\.save\)$")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ signals, processes
+
+
+def error_records(stderr: str) -> list[str]:
+    """Every ERROR line, of any process and rank."""
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+def wait_for_checkpoint(job: subprocess.Popen, run: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoints" / "latest.pt").is_file() and job.poll() is None:
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout} s"
+        time.sleep(0.2)
+    assert job.poll() is None, job.stderr.read()
+
+
+INTERRUPTED = r"interrupted at step (\d+); resume with --resume \(from step (\d+), .*latest\.pt\)$"
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_training_as_ctrl_c_does(phantoms, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "gsema_fast", *train_args(phantoms, run, "train.epochs=1000")]
+    job = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+    try:
+        wait_for_checkpoint(job, run)
+        job.send_signal(signal.SIGTERM)
+        stderr = job.communicate(timeout=120)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, stderr
+    stopped, saved = map(int, re.search(INTERRUPTED, one_line(error_lines(stderr), "^" + INTERRUPTED)).groups())
+    assert "Traceback" not in stderr and saved <= stopped
+    assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["step"] == saved
+    assert not leftovers(run) and not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_nproc_stops_on_ctrl_c_or_sigterm_as_one_process_does(phantoms, tmp_path, sig):
+    """Ctrl-C (SIGINT to the launcher, as a terminal sends it) or SIGTERM: both ranks stop after the same whole step;
+    one line, exit code 130, the checkpoint whole, with both ranks' random streams."""
+    run = tmp_path / "run"
+    sets = train_args(phantoms, run, "train.epochs=1000", "data.batch_size=1", "train.device=cpu")
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "gsema_fast", *sets, "--nproc", "2"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for_checkpoint(job, run)
+        job.send_signal(sig)
+        stderr = job.communicate(timeout=180)[1]
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, stderr
+    (line,) = error_records(stderr)
+    stopped, saved = map(int, re.search(INTERRUPTED, line).groups())
+    assert re.search(r"ERROR gsema_fast: " + INTERRUPTED, line) and saved <= stopped
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["step"] == saved and len(state["ranks"]) == 2
+    assert not leftovers(run) and not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_nproc_a_bad_case_is_one_line_and_exit_2(tmp_path):
+    """A bad case met by one rank while the other waits for it in a collective: the bad case's line alone, exit 2,
+    no traceback of the rank that lost its peer, nothing of torchrun's."""
+    root = bad_dataset(tmp_path / "data", "label 7")
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = [*bad_data_args(root, tmp_path / "run"), "--set", "train.device=cpu", "--set", "data.batch_size=1"]
+    job = subprocess.run(
+        [sys.executable, "-m", "gsema_fast", *args, "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert job.returncode == 2, job.stderr[-3000:]
+    (line,) = error_records(job.stderr)
+    assert re.search(r"ERROR gsema_fast: " + BAD_DATA["label 7"], line), line
+    for noise in ("Traceback", "Connection closed", "ChildFailedError", "Root Cause", "SIGTERM"):
+        assert noise not in job.stderr, job.stderr[-3000:]
