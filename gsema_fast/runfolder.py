@@ -1,6 +1,7 @@
 """The run folder: one training process at a time (a lock), a fresh run only in an empty folder (or with
 ``overwrite``, which removes the previous run's outputs and nothing else), a resumed run's log cut back to its
-checkpoint, and Ctrl-C or SIGTERM that stops after a whole step."""
+checkpoint, the temporary files of writes a killed run left removed, and Ctrl-C or SIGTERM that stops after a whole
+step."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import socket
 import threading
 from pathlib import Path
 
-from gsema_fast.files import WriteError, atomic_path
+from gsema_fast.files import WriteError, atomic_path, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,24 @@ def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
         )
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files that writes of a killed run left beside its outputs (``.<random>.tmp.<name>``):
+    whole outputs replace them, and nothing reads them. Called with the folder's lock held, when no writer is
+    alive."""
+    removed = remove_temporaries(folder, RUN_FILES) + remove_temporaries(folder / "checkpoints", CHECKPOINT_FILES)
+    if removed:
+        log.info(
+            "removed %d temporary file(s) that an interrupted write left in %s (%s)",
+            len(removed),
+            folder,
+            ", ".join(p.name for p in removed[:3]),
+        )
+    return removed
+
+
 def clear_run_folder(folder: Path) -> None:
     """--overwrite: remove the previous run's outputs (other files in the folder stay)."""
+    remove_leftovers(folder)
     paths = [folder / name for name in RUN_FILES] + [folder / "checkpoints" / name for name in CHECKPOINT_FILES]
     removed = [p for p in paths if p.is_file()]
     for path in removed:

@@ -60,6 +60,7 @@ from gsema_fast.runfolder import (
     check_run_folder,
     clear_run_folder,
     interrupted,
+    remove_leftovers,
     truncate_log,
 )
 from gsema_fast.step import StepContext, train_step
@@ -193,6 +194,8 @@ def _set_up(
     if main:  # only now that data, model and the resumed config passed their checks
         if overwrite:
             clear_run_folder(folder)
+        elif resume:
+            remove_leftovers(folder)
         save_config(cfg, folder / "config.yaml")
     # Once the folder is settled: a resumed run's sinks drop what was logged after its checkpoint.
     loggers = build_loggers(cfg, folder, resume_step=state["step"] if resume else None) if main else []

@@ -955,6 +955,35 @@ def test_a_run_records_absolute_dataset_paths(phantoms, tmp_path, caplog, monkey
 # ------------------------------------------------------------------------------------------------ smaller cases
 
 
+def test_leftover_temporary_files_go_on_resume_and_overwrite(phantoms, run_copy, caplog):
+    """A killed write leaves '.<random>.tmp.<name>' beside the output; a resumed or replaced run removes them (with
+    the folder locked, no writer can be alive)."""
+    made = [run_copy / ".k2j3h4g5.tmp.progress.png", run_copy / "checkpoints" / ".ab_12cd3.tmp.latest.pt"]
+    mine = run_copy / ".k2j3h4g5.tmp.notes.txt"  # not a run's output: stays
+    for path in [*made, mine]:
+        path.write_bytes(b"half")
+    caplog.set_level(logging.INFO, logger="gsema_fast")
+    assert run_cli(caplog, *train_args(phantoms, run_copy, "train.epochs=3"), "--resume") == (0, [])
+    assert "removed 2 temporary file(s) that an interrupted write left" in caplog.text
+    assert not any(p.exists() for p in made) and mine.exists()
+    made[0].write_bytes(b"half")
+    assert run_cli(caplog, *train_args(phantoms, run_copy), "--overwrite") == (0, [])
+    assert not made[0].exists() and mine.exists()
+
+
+def test_a_patch_larger_than_the_volumes_is_said(phantoms, caplog):
+    from gsema_fast.data import build_loaders
+
+    caplog.set_level(logging.WARNING, logger="gsema_fast")
+    build_loaders(phantoms, patch_size=(48, 16, 16), batch_size=1, val_per_domain=1, steps_per_epoch=1)
+    assert re.search(r"data\.patch_size \[48, 16, 16\] is larger than 3 of the 3 training volumes along some axis "
+                     r"\(smallest grid \[\d+, \d+, \d+\] after preprocessing, e\.g\. case A_00\d\): they are padded up "
+                     r"to the patch", caplog.text)  # fmt: skip
+    caplog.clear()
+    build_loaders(phantoms, patch_size=(16, 16, 16), batch_size=1, val_per_domain=1, steps_per_epoch=1)
+    assert "is larger than" not in caplog.text
+
+
 def test_bench_step_checks_its_output_before_it_runs(tmp_path, caplog, monkeypatch):
     import gsema_fast.benchstep
 

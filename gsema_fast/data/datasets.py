@@ -733,6 +733,39 @@ def shared_cache_dir() -> Path:
     return cache_root() / "preprocessed"
 
 
+def preprocessed_grid(path: Path, spacing: Sequence[float] | None) -> tuple[int, int, int]:
+    """The voxel grid (RAS axis order) of the image at ``path`` after preprocessing, from its header alone: reoriented
+    to RAS, and resampled to ``spacing`` (mm) when given."""
+    img = nib.load(path)
+    shape, zooms = img.shape[:3], img.header.get_zooms()[:3]
+    ras_shape, ras_zooms = [0, 0, 0], [1.0, 1.0, 1.0]
+    for axis, (target, _) in enumerate(nib.orientations.io_orientation(img.affine)):
+        ras_shape[int(target)], ras_zooms[int(target)] = shape[axis], float(zooms[axis])
+    if spacing is not None:
+        ras_shape = [max(1, round(n * z / float(s))) for n, z, s in zip(ras_shape, ras_zooms, spacing, strict=True)]
+    return tuple(int(n) for n in ras_shape)
+
+
+def _warn_small_volumes(cases: Sequence[Case], patch: Sequence[int], spacing: Sequence[float] | None) -> None:
+    """Say when the patch is larger than training volumes: they are padded up to it, and every step then computes
+    on padding (a patch twice a volume's size costs eight times the voxels)."""
+    grids = {c.name: preprocessed_grid(c.image, spacing) for c in cases}
+    small = {name: g for name, g in grids.items() if any(n < p for n, p in zip(g, patch, strict=True))}
+    if small:
+        smallest = [min(g[axis] for g in grids.values()) for axis in range(3)]
+        log.warning(
+            "data.patch_size %s is larger than %d of the %d training volumes along some axis (smallest grid %s after "
+            "preprocessing, e.g. case %s): they are padded up to the patch, and each step computes on the padding "
+            "too; a patch within %s avoids it",
+            list(patch),
+            len(small),
+            len(grids),
+            smallest,
+            next(iter(small)),
+            smallest,
+        )
+
+
 def _seed_for(seed: int, epoch: int, rank: int = 0) -> int:
     # rank 0 keeps the single-process seeds; other ranks draw their own crops and worker seeds
     return int(np.random.SeedSequence([seed, epoch, *([rank] if rank else [])]).generate_state(1)[0])
@@ -827,6 +860,8 @@ def build_loaders(
             f"label value, not all zero"
         )
 
+    if rank == 0:
+        _warn_small_volumes(split.train, patch, spacing)
     pre = preprocess_transforms(
         labels=man.labels, spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity
     )
