@@ -363,12 +363,13 @@ def _case_name(path: Path) -> str:
     return name.removesuffix("_0000")
 
 
-def _refuse_outputs_among_inputs(out: Path, files: Sequence[Path]) -> None:
-    """An output folder that is the folder of an input, or inside it, would mix label maps with the scans (and a
-    label map named like its scan would replace it); the next run on that folder would read them as inputs."""
+def _refuse_outputs_among_inputs(out: Path, inputs: Sequence[Path], files: Sequence[Path]) -> None:
+    """An output folder that is the folder of an input, or lies inside an input folder, would mix label maps with the
+    scans (and a label map named like its scan would replace it); a run on that folder would read them as inputs."""
     where = out.resolve()
-    for folder in dict.fromkeys(f.parent.resolve() for f in files):
-        if where == folder or folder in where.parents:
+    folders = [p.resolve() for p in inputs if p.is_dir()]
+    for folder in dict.fromkeys([*folders, *(f.parent.resolve() for f in files)]):
+        if where == folder or (folder in folders and folder in where.parents):
             inside = "is the folder" if where == folder else "lies inside the folder"
             raise ValueError(
                 f"--output {out} {inside} {folder} of the inputs: the label maps would land among the scans (and be "
@@ -420,18 +421,18 @@ def predict(
     Each output has its input's voxel grid, affine and header (uint8 labels; ``case_0000.nii.gz`` gives
     ``case.nii.gz``). ``probabilities`` also writes ``<case>_probabilities.nii.gz`` (float32, classes along the 4th
     axis). Any volume size works (sliding windows, padding). Outputs already in ``output_dir`` are refused unless
-    ``overwrite``; so are an ``output_dir`` that is (or lies inside) the folder of an input, and inputs whose outputs
-    would be one file. A file that fails (unreadable, or a network output that is not finite) is logged with the
-    reason (one line) and skipped; the others still run; an output that cannot be written (read-only folder, full
-    disk) stops the run. Returns ``{"written": [paths],
-    "failed": {input: reason}}``.
+    ``overwrite``; so are an ``output_dir`` that is the folder of an input (or lies inside an input folder), and
+    inputs whose outputs would be one file. A file that fails (unreadable, or a network output that is not finite)
+    is logged with the reason (one line) and skipped; the others still run; an output that cannot be written
+    (read-only folder, full disk) stops the run. Returns ``{"written": [paths], "failed": {input: reason}}``.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file; expected a folder (created if missing)")
     files = _input_files(inputs)
     names = [_case_name(f) for f in files]
-    _refuse_outputs_among_inputs(out, files)
+    given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    _refuse_outputs_among_inputs(out, given, files)
     _refuse_existing_outputs(out, _output_names(files, names, probabilities=probabilities), overwrite=overwrite)
     loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
     cfg = loaded.config

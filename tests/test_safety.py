@@ -787,6 +787,15 @@ def test_predict_never_writes_among_its_inputs(finished, tmp_path, caplog, where
         assert digests(inputs) == before and sorted(p.name for p in inputs.iterdir()) == ["a.nii.gz"]
 
 
+def test_predict_may_write_below_the_folder_of_a_file_it_was_given(finished, tmp_path, caplog):
+    """Only a folder given as input is read whole: a folder below that of a file given alone is not read next time."""
+    scan = nifti(tmp_path / "a_0000.nii.gz", _image())
+    out = tmp_path / "labels"
+    args = ["predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", scan, "--output", out]
+    assert run_cli(caplog, *args) == (0, [])
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+
+
 @pytest.mark.parametrize(
     "names, clash",
     [
