@@ -136,7 +136,7 @@ def lost_peer(err: BaseException) -> bool:
     if isinstance(err, (dist.DistBackendError, dist.DistNetworkError)):
         return True
     return isinstance(err, RuntimeError) and bool(
-        re.search(r"Connection (closed|reset) by peer|gloo/transport|Broken pipe|timed out", str(err))
+        re.search(r"Connection (closed|reset) by peer|gloo/transport|Broken pipe|timed out", str(err), re.IGNORECASE)
     )
 
 

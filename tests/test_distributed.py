@@ -203,3 +203,19 @@ def test_a_job_of_several_ranks_ends_as_one_process_would(reports, failures, sig
     from gsema_fast.distributed import _job_outcome
 
     assert _job_outcome({r["rank"]: r for r in reports}, failures, signalled) == expected
+
+
+@pytest.mark.parametrize(
+    "err, lost",
+    [
+        (RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:64214"), True),
+        (RuntimeError("Timed out waiting 600000ms for recv operation to complete"), True),
+        (torch.distributed.DistBackendError("NCCL communicator was aborted"), True),
+        (RuntimeError("CUDA out of memory"), False),
+        (ValueError("Connection closed by peer"), False),  # not a collective's error
+    ],
+)
+def test_a_collective_that_lost_its_peer_is_told_from_other_errors(err, lost):
+    from gsema_fast.distributed import lost_peer
+
+    assert lost_peer(err) is lost
