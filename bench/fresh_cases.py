@@ -27,10 +27,10 @@ from gsema_fast.inference import load_checkpoint, score_volumes
 log = logging.getLogger("bench.fresh_cases")
 
 
-def synthesis_of(cfg) -> dict:
-    """The synthesis settings (domains, cases_per_domain, size, seed) of the dataset a run trained on; ValueError
-    when it is not the built-in phantoms."""
-    root = dataset_folder(cfg.data)
+def synthesis_of(cfg, data: str | Path | None = None) -> dict:
+    """The synthesis settings (domains, cases_per_domain, size, seed) of the dataset a run trained on (``data``, or
+    the folder its config names); ValueError when it is not the built-in phantoms."""
+    root = Path(data) if data is not None else dataset_folder(cfg.data)
     manifest = json.loads((root / "dataset.json").read_text())
     if "synth" not in manifest:
         raise ValueError(f"{root}: not built-in phantoms (dataset.json has no 'synth' entry): no fresh cases to draw")
@@ -50,14 +50,15 @@ def fresh_split(man, centres: list[str], first: int, count: int) -> list:
     return cases
 
 
-def score_runs(runs: list[str], cases: int) -> dict:
+def score_runs(runs: list[str], cases: int, data: str | Path | None = None) -> dict:
     """Per run (keyed by its checkpoint path): the mean Dice per class and the aneurysm Dice per case on the fresh
-    cases (``fresh``) and on the unseen centre's cases of its own dataset (``unseen``)."""
+    cases (``fresh``) and on the unseen centre's cases of its own dataset (``unseen``). ``data``: the phantoms' folder
+    the runs trained on, where it is not (or no longer) the one their checkpoints name."""
     if cases < 1:
         raise ValueError(f"cases={cases}: expected at least 1 fresh case per centre")
     paths = [Path(r) / "checkpoints" / "best.pt" if Path(r).is_dir() else Path(r) for r in runs]
     loaded = [load_checkpoint(p, device="cpu") for p in paths]
-    synths = [synthesis_of(ck.config) for ck in loaded]
+    synths = [synthesis_of(ck.config, data) for ck in loaded]
     phantom_sets = {(s["domains"], s["size"], s["seed"]) for s in synths}
     if len(phantom_sets) > 1:
         raise ValueError(f"the runs trained on different phantom sets (domains, size, seed): {sorted(phantom_sets)}")
@@ -92,10 +93,13 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="run folders (their checkpoints/best.pt) or checkpoint files")
     parser.add_argument("--cases", type=int, default=8, help="fresh cases per training centre (default: 8)")
     parser.add_argument("--out", help="write the per-run and per-case Dice here (JSON)")
+    parser.add_argument(
+        "--data", help="the phantoms' folder the runs trained on (default: the one their checkpoints name)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        results = score_runs(args.runs, args.cases)
+        results = score_runs(args.runs, args.cases, args.data)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     runs = list(results["runs"].values())

@@ -1,5 +1,6 @@
-"""Checkpoints of a run: what they hold (weights, optimizer, schedule, updater, every rank's random streams),
-writing them atomically, restoring them, and which settings a resumed run may change."""
+"""Checkpoints of a run: what they hold (weights, optimizer, schedule, updater, every rank's random streams, the
+config and the dataset's identity), writing them atomically, restoring them, which settings a resumed run may
+change, and whether a finished run's results are those of given settings."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 
 from gsema_fast import distributed
-from gsema_fast.config import Config, config_from_dict, config_to_dict
-from gsema_fast.data import PREPROCESSING_KEYS
+from gsema_fast.config import Config, absolute_paths, config_from_dict, config_to_dict, resolve_auto
+from gsema_fast.data import PREPROCESSING_KEYS, Manifest, dataset_identity, identity_changes
 from gsema_fast.ema import GSEMA
 from gsema_fast.files import atomic_path
 from gsema_fast.models import unwrap_model
@@ -114,23 +115,47 @@ def restore(state: dict, ctx, scheduler, transform) -> None:
         torch.cuda.set_rng_state_all([t.cpu() for t in own["rng"]["cuda"]])
 
 
+def run_config(cfg: Config) -> Config:
+    """The config a run is trained with and stores: ``auto`` fields resolved for this machine, dataset paths
+    absolute."""
+    return absolute_paths(resolve_auto(cfg))
+
+
+# Where the dataset lies: its recorded identity (gsema_fast.data.identity), not the path, says whether it changed, so a
+# dataset moved to another folder is the same dataset.
+DATASET_LOCATION = tuple(f"data.{key}" for key in ("root", "manifest", "synth_dir"))
 # Settings a resumed run cannot change: the networks and the state built for them (model, EMA kind, optimizer kind),
-# and what decides the cases and what the network sees (dataset, split, preprocessing, seed). Any other change takes
-# effect from the checkpoint's step on.
+# and what decides the cases and what the network sees (the dataset, checked by its identity; its split and
+# preprocessing; the seed). Any other change takes effect from the checkpoint's step on.
 FIXED_ON_RESUME = (
     "model.",
     "ema.mode",
     "optim.name",
-    "data.root",
-    "data.manifest",
     "data.train_domains",
     "data.test_domain",
     "data.val_per_domain",
     *(f"data.{key}" for key in PREPROCESSING_KEYS),
-    "data.synth_",
+    "data.synth_domains",
+    "data.synth_cases_per_domain",
+    "data.synth_size",
+    "data.synth_seed",
     "train.seed",
 )
 _NOT_COMPARED = ("train.out_dir",)  # a run folder may have been moved
+# Settings that change where files are or how the work is done, never a number a run produces: a finished run made
+# with other values of these is still a result of the settings it is reused under (gsema-fast lodo).
+NOT_RESULT_SETTINGS = (
+    "note",
+    "train.out_dir",
+    *DATASET_LOCATION,
+    "data.cache",
+    "data.cache_dir",
+    "train.compile_cache",
+    "train.compile_cache_dir",
+    "train.loggers",
+    "train.retain_cpu_memory",
+    "train.dist_timeout_s",
+)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -143,23 +168,73 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _stored_config(state: dict, path: Path, what: str) -> dict:
+    """The checkpoint's config as flat ``key: value``, normalised as a config built now is (relative dataset paths
+    of checkpoints written before they were stored absolute are taken from the working directory)."""
+    try:
+        saved = config_from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{what}: {path} holds no config this version can read ({err})") from None
+    return _flat(config_to_dict(absolute_paths(saved)))
+
+
+def _differences(old: dict, cfg: Config, ignored: tuple[str, ...]) -> list[tuple[str, object, object]]:
+    new = _flat(config_to_dict(cfg))
+    return [(k, old.get(k), new[k]) for k in new if old.get(k) != new[k] and not k.startswith(ignored)]
+
+
+def _shown(changes: list[tuple[str, object, object]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+
+
 def resume_changes(state: dict, cfg: Config, path: Path) -> list[str]:
     """Compare a resumed run's config with its checkpoint's: a changed setting of :data:`FIXED_ON_RESUME` is
-    refused (one ``ValueError`` naming every such field); the other changes are returned as ``key: old -> new``."""
-    try:
-        saved = config_to_dict(config_from_dict(state["config"]))  # the stored values, normalised as ours are
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"--resume: {path} holds no config this version can read ({err})") from None
-    old, new = _flat(saved), _flat(config_to_dict(cfg))
-    changed = [k for k in new if old.get(k) != new[k] and not k.startswith(_NOT_COMPARED)]
-    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    refused (one ``ValueError`` naming every such field); the other changes are returned as ``key: old -> new``.
+    A checkpoint without a dataset identity (written by an earlier version) also fixes the dataset's location."""
+    changed = _differences(_stored_config(state, path, "--resume"), cfg, _NOT_COMPARED)
+    fixed_keys = FIXED_ON_RESUME if "dataset" in state else (*FIXED_ON_RESUME, *DATASET_LOCATION)
+    fixed = [c for c in changed if c[0].startswith(fixed_keys)]
     if fixed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in fixed)
         raise ValueError(
-            f"--resume: {path} was trained with other values of settings a run cannot change ({shown}); resume "
-            f"with the checkpoint's values, or start a new run (another --out, or --overwrite)"
+            f"--resume: {path} was trained with other values of settings a run cannot change ({_shown(fixed)}); "
+            f"resume with the checkpoint's values, or start a new run (another --out, or --overwrite)"
         )
-    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed]
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
+
+
+def check_resume_dataset(state: dict, manifest: Manifest, path: Path) -> dict | None:
+    """Refuse to resume on another dataset than the checkpoint's (one ``ValueError`` naming what changed). Returns the
+    dataset's identity to store from now on (None when the checkpoint predates identities: then only the dataset's
+    location is compared, by :func:`resume_changes`, and a warning says so)."""
+    recorded = state.get("dataset")
+    if recorded is None:
+        log.warning(
+            "--resume: %s records no dataset identity (written by an earlier version): only the dataset's location "
+            "is compared, not its cases and files",
+            path,
+        )
+        return None
+    changes = identity_changes(recorded, manifest)
+    if changes:
+        raise ValueError(
+            f"--resume: the dataset {manifest.path} is not the one {path} was trained on: {'; '.join(changes)}; "
+            f"resume on the original data, or start a new run (another --out, or --overwrite)"
+        )
+    return dataset_identity(manifest, previous=recorded)
+
+
+def result_changes(state: dict, cfg: Config, manifest: Manifest, path: Path) -> list[str]:
+    """What a finished run's checkpoint ``state`` was made with that differs from training ``cfg`` on ``manifest``
+    now: every setting that changes its numbers (all but :data:`NOT_RESULT_SETTINGS`, compared after
+    :func:`run_config`), and the dataset (cases, domains, file contents). [] when its results are those of these
+    settings."""
+    changed = _differences(_stored_config(state, path, "run"), run_config(cfg), NOT_RESULT_SETTINGS)
+    out = [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
+    if "dataset" not in state:
+        out.append("no record of the dataset it was trained on (written by an earlier version)")
+    else:
+        out += [f"dataset: {change}" for change in identity_changes(state["dataset"], manifest)]
+    return out
 
 
 def apply_settings(ctx: StepContext, scheduler, cfg: Config) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 log = logging.getLogger("gsema_fast")
 
@@ -82,6 +84,12 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation_<checkpoint name>)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier evaluation (or a training run's summary.json) in --out (refused "
+        "without)",
+    )
+    p.add_argument(
         "--config", default=None, help="YAML whose data and eval sections replace the checkpoint's (model must agree)"
     )
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
@@ -120,6 +128,7 @@ def _run_evaluate(args) -> int:
         sw_batch_size=args.sw_batch_size,
         save_predictions=args.save_predictions,
         hd95=not args.no_hd95,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -181,6 +190,12 @@ def _add_lodo(sub) -> None:
         default="best",
         help="checkpoint to evaluate (default best: chosen on held-out cases of the training centres)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train again the runs in --out that were made with other settings (config, dataset, seed, --use); "
+        "without it such a run is refused. Runs made with these settings are kept",
+    )
     p.set_defaults(run=_run_lodo)
 
 
@@ -197,6 +212,7 @@ def _run_lodo(args) -> int:
         out_dir=args.out,
         overrides=args.set,
         checkpoint=args.use,
+        overwrite=args.overwrite,
     )
     log.info("results: %s", result["tables"]["markdown"])
     return 0
@@ -259,15 +275,19 @@ def _run_train(args) -> int:
     from gsema_fast.config import load_config
     from gsema_fast.train import train
 
+    name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
+    overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
+    cfg = load_config(name, overrides)  # a bad key is refused here, before any process is started
     if args.nproc is not None and not distributed.launched():
         argv = [*(["-v"] if args.verbose else []), "train", *(["--config", args.config] if args.config else [])]
         argv += [a for kv in args.set for a in ("--set", kv)]
         argv += [*(["--out", args.out] if args.out else []), *(["--resume"] if args.resume else [])]
         argv += ["--overwrite"] if args.overwrite else []
-        return distributed.launch(args.nproc, argv)
-    name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
-    overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
-    train(load_config(name, overrides), resume=args.resume, overwrite=args.overwrite)
+        code, message = distributed.launch(args.nproc, argv, verbose=args.verbose)
+        if message:  # the job's end, in the line one process would have written
+            log.error("%s", message)
+        return code
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -297,20 +317,22 @@ def _add_bench_step(sub) -> None:
 
 def _run_bench_step(args) -> int:
     import json
-    import sys
-    from pathlib import Path
 
     import torch
 
     from gsema_fast.benchstep import MODES, bench_step
     from gsema_fast.config import load_config
+    from gsema_fast.files import atomic_path, require_writable_file
 
     cfg = load_config(args.config or ("gpu" if torch.cuda.is_available() else "demo"), args.set)
     modes = MODES if args.mode == "all" else (args.mode,)
+    if args.out:  # found now, not after the whole benchmark has run
+        require_writable_file(args.out, "--out")
     text = json.dumps(bench_step(cfg, modes, steps=args.steps, warmup=args.warmup, loader=not args.no_loader), indent=1)
     sys.stdout.write(text + "\n")
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text + "\n")
     return 0
 
 
@@ -437,17 +459,61 @@ def main(argv: list[str] | None = None) -> int:
         + "%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    previous = _terminate_as_interrupt()
     try:
         return int(args.run(args) or 0)
     except (ValueError, TypeError, OSError) as err:
         # Bad input, a refused folder or file, an output that cannot be written (read-only, disk full): one line
         # naming the file or key and the cause; the traceback only with --verbose.
         log.debug("details", exc_info=True)
-        log.error("%s", _one_line(err))
-        return 2
+        return _ended(2, "error", _one_line(err))
     except KeyboardInterrupt as err:
-        log.error("%s", _one_line(err) if str(err) else "interrupted")
-        return 130
+        return _ended(130, "interrupted", _one_line(err) if str(err) else "interrupted")
+    except Exception as err:
+        if "RANK" not in os.environ:
+            raise
+        from gsema_fast import distributed
+
+        if distributed.lost_peer(err):  # the cause is another rank's, which says so
+            log.debug("details", exc_info=True)
+            return _ended(1, "peer", f"lost contact with the other ranks ({_one_line(err)})")
+        distributed.report_outcome(1, "crash", _one_line(err))
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a scheduler's stop, torchrun stopping its ranks) ends a command as Ctrl-C does: a training
+    stops after the step in flight, every command with exit code 130 and one line, instead of dying silently (143).
+    Returns the handler it replaced (None when it left SIGTERM alone: not the main thread, or SIGTERM ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:
+        return None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return previous
+
+
+def _ended(code: int, kind: str, message: str) -> int:
+    """Report how the command ended: in a rank started by ``train --nproc``, to the launcher, which says it once for
+    the job; elsewhere in one log line (under plain torchrun, an interruption is said by rank 0 alone: every rank
+    stops at the same step with the same message)."""
+    if "RANK" in os.environ:
+        from gsema_fast import distributed
+
+        if distributed.report_outcome(code, kind, message):
+            log.debug("%s", message)
+            return code
+    if kind == "interrupted" and os.environ.get("RANK", "0") != "0":
+        log.info("%s", message)
+    elif kind == "peer":
+        log.warning("%s", message)
+    else:
+        log.error("%s", message)
+    return code
 
 
 def _one_line(err: BaseException) -> str:

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import logging
+import os
 import re
 import types
 import typing
@@ -30,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gsema_fast.files import atomic_path
+from gsema_fast.files import atomic_path, require_file
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "EvalConfig",
+    "DATA_PATH_KEYS",
+    "absolute_paths",
     "builtin_config_names",
     "config_from_dict",
     "config_to_dict",
@@ -531,8 +534,7 @@ def _read_config_text(path: str | Path | None) -> tuple[str, str]:
             raise FileNotFoundError(f"config {path!r}: no such file, and not a shipped config ({', '.join(names)})")
         resource = importlib.resources.files(_CONFIG_PACKAGE) / f"{path}.yaml"
         return resource.read_text(encoding="utf-8"), f"shipped config '{path}'"
-    if not candidate.is_file():
-        raise FileNotFoundError(f"config file not found: {candidate}")
+    require_file(candidate, "config file")
     return candidate.read_text(encoding="utf-8"), str(candidate)
 
 
@@ -593,6 +595,21 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     with atomic_path(path, fsync=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+# The settings that locate files of the dataset; a run stores them as absolute paths (absolute_paths).
+DATA_PATH_KEYS = ("root", "manifest", "synth_dir", "cache_dir")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose dataset paths (:data:`DATA_PATH_KEYS` of ``data``) are absolute (``~`` expanded,
+    relative paths taken from the working directory), so that a stored config names the same files from anywhere."""
+    paths = {
+        key: os.path.abspath(os.path.expanduser(value))
+        for key in DATA_PATH_KEYS
+        if (value := getattr(cfg.data, key)) is not None
+    }
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
 
 
 def resolve_auto(cfg: Config, device: str | None = None) -> Config:

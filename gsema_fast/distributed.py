@@ -13,12 +13,18 @@ would make with the global batch, and every rank updates its teacher with the sa
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-import sys
+import re
+import signal
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,6 +32,10 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Set by launch() for its ranks: the folder where each leaves how it ended (report_outcome), for the launcher to end
+# the job as one process would, with one line.
+OUTCOME_DIR_ENV = "GSEMA_FAST_OUTCOME_DIR"
+_control_group = None  # a gloo group for host-side agreement when the default group is NCCL (any_rank)
 
 
 @dataclass(frozen=True)
@@ -100,8 +110,46 @@ def setup(device: str | torch.device, *, timeout_s: float = 600.0) -> Context:
 
 
 def teardown(ctx: Context) -> None:
+    global _control_group
+    _control_group = None
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is True on any rank: one all-reduce of one number on the host (gloo), so that every rank takes
+    the same decision at the same step. A single process gets ``flag`` back, at no cost."""
+    global _control_group
+    if world_size() == 1:
+        return flag
+    if _control_group is None:
+        # the default group itself where it is gloo; NCCL reduces only device tensors, which would need a host sync
+        _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank went away (it crashed, was stopped or
+    stopped answering): the cause, and its message, are that rank's."""
+    if isinstance(err, (dist.DistBackendError, dist.DistNetworkError)):
+        return True
+    return isinstance(err, RuntimeError) and bool(
+        re.search(r"Connection (closed|reset) by peer|gloo/transport|Broken pipe|timed out", str(err), re.IGNORECASE)
+    )
+
+
+def report_outcome(code: int, kind: str, message: str) -> bool:
+    """In a rank started by :func:`launch`: leave how it ended (exit ``code``; ``kind`` one of ``error``,
+    ``interrupted``, ``crash``, ``peer``; a one-line ``message``) for the launcher, which reports the job's end in one
+    line. Returns False (nothing left) in any other process, which then reports for itself."""
+    folder = os.environ.get(OUTCOME_DIR_ENV)
+    if not folder or "RANK" not in os.environ:
+        return False
+    record = {"rank": int(os.environ["RANK"]), "code": code, "kind": kind, "message": message, "time": time.time()}
+    Path(folder, f"rank{record['rank']}.json").write_text(json.dumps(record))
+    return True
 
 
 def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
@@ -136,10 +184,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+def launch(nproc: int, argv: Sequence[str], *, verbose: bool = False) -> tuple[int, str | None]:
     """Run ``gsema-fast <argv>`` in ``nproc`` processes on this machine, as ``torchrun --standalone
-    --nproc_per_node nproc -m gsema_fast <argv>`` would; returns the job's exit status (non-zero, with the failing
-    rank's error shown, when any rank fails: torchrun then stops the others)."""
+    --nproc_per_node nproc -m gsema_fast <argv>`` would, and end as one process would: returns the exit code and the
+    one line to report (None for success). 2 and the rank's message when a rank met a bad input (the other ranks'
+    failure to reach it is its consequence, not reported); 130 and the ranks' ``interrupted at step N ...`` after
+    Ctrl-C or SIGTERM (torchrun forwards either to the ranks, which stop together after a whole step); 1 and a line
+    naming the rank otherwise (a crash has shown its traceback). ``verbose``: torchrun's own log too."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -148,9 +200,68 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     # torchrun would give each process one thread; share the cores out instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "--module", "gsema_fast", *argv])
+    if not verbose:  # its warnings and failure report would bury the one line that says what happened
+        for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # torchrun installs its own
+    failures: dict[int, int] = {}
+    signalled = False
+    with tempfile.TemporaryDirectory(prefix="gsema-fast-ranks-") as outcomes:
+        os.environ[OUTCOME_DIR_ENV] = outcomes
+        try:
+            run(args)
+        except ChildFailedError as err:
+            failures = {rank: failure.exitcode for rank, failure in err.failures.items()}
+        except SignalException:
+            signalled = True  # the ranks got the signal too, and have ended
+        finally:
+            del os.environ[OUTCOME_DIR_ENV]
+            for sig, handler in handlers.items():
+                with contextlib.suppress(TypeError, ValueError):
+                    signal.signal(sig, handler)
+        reports = {}
+        for path in Path(outcomes).glob("rank*.json"):
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                record = json.loads(path.read_text())
+                reports[record["rank"]] = record
+    return _job_outcome(reports, failures, signalled)
+
+
+def _exit_text(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
     try:
-        run(args)
-    except ChildFailedError as err:
-        sys.stderr.write(f"{err}\n")
-        return 1
-    return 0
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def _job_outcome(reports: dict[int, dict], failures: dict[int, int], signalled: bool) -> tuple[int, str | None]:
+    """The job's exit code and its one line, from what its ranks reported and how they exited."""
+
+    def first(kind: str) -> dict | None:
+        found = sorted((r for r in reports.values() if r["kind"] == kind), key=lambda r: (r["time"], r["rank"]))
+        return found[0] if found else None
+
+    # A rank stopped by torchrun because another failed reports an interruption: the failure is the job's cause.
+    if signalled:
+        stopped = sorted((r for r in reports.values() if r["kind"] == "interrupted"), key=lambda r: r["rank"])
+        return 130, stopped[0]["message"] if stopped else "interrupted"
+    error = first("error")
+    if error is not None:
+        return error["code"], error["message"]
+    crash = first("crash")
+    if crash is not None:
+        return 1, f"rank {crash['rank']} failed: {crash['message']} (its traceback is above)"
+    silent = sorted(rank for rank in failures if rank not in reports)
+    if silent:
+        return 1, f"rank {silent[0]} {_exit_text(failures[silent[0]])}; the job stopped"
+    stopped = sorted((r for r in reports.values() if r["kind"] == "interrupted"), key=lambda r: r["rank"])
+    if stopped:  # SIGTERM sent to the ranks themselves: they stopped together
+        return 130, stopped[0]["message"]
+    peer = first("peer")
+    if peer is not None:
+        return 1, f"rank {peer['rank']}: {peer['message']}"
+    if failures:
+        return 1, f"ranks {sorted(failures)} failed"
+    return 0, None

@@ -7,6 +7,7 @@ case_metrics, predict`` keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from gsema_fast.inference import (
     segment_case,
 )
 from gsema_fast.metrics import METRICS, case_metrics, mean_sd, summarize, voxel_spacing
+from gsema_fast.runfolder import run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,90 @@ __all__ = [
     "METRICS",
     "LoadedCheckpoint",
     "case_metrics",
+    "clear_evaluation",
     "evaluate",
+    "evaluation_outputs",
     "load_checkpoint",
     "mean_sd",
     "predict",
     "predict_volume",
     "summarize",
 ]
+
+
+# What evaluate writes into its folder: the files, and the folders with the endings of the files written into them.
+# --overwrite replaces these, and nothing else.
+EVALUATION_FILES = ("summary.json", "metrics.csv")
+EVALUATION_FOLDERS = {"predictions": (".nii.gz", ".nii"), "figures": (".png",)}
+
+
+def evaluation_outputs(folder: str | os.PathLike) -> list[Path]:
+    """The outputs of an evaluation that ``folder`` holds."""
+    folder = Path(folder)
+    found = [folder / name for name in EVALUATION_FILES if (folder / name).is_file()]
+    for sub, endings in EVALUATION_FOLDERS.items():
+        if (folder / sub).is_dir():
+            found += sorted(p for p in (folder / sub).iterdir() if p.is_file() and p.name.endswith(endings))
+    return found
+
+
+def clear_evaluation(folder: str | os.PathLike) -> list[Path]:
+    """Remove the outputs of an evaluation from ``folder`` (other files stay); returns what was removed."""
+    removed = evaluation_outputs(folder)
+    for path in removed:
+        path.unlink()
+    for sub in EVALUATION_FOLDERS:
+        with contextlib.suppress(OSError):
+            (Path(folder) / sub).rmdir()  # only if it is empty now
+    return removed
+
+
+def _check_out(out: Path, *, overwrite: bool) -> list[Path]:
+    """An evaluation never lands on a training run's files or on earlier results unless told (``overwrite``);
+    returns the earlier results it will replace."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"evaluate: --out {out} is a file; expected a folder")
+    run = run_outputs(out)
+    if run and not overwrite:
+        raise FileExistsError(
+            f"evaluate: --out {out} is the folder of a training run ({', '.join(run[:4])}): the evaluation's "
+            f"summary.json would replace the run's; choose another --out (by default <run folder>/evaluation_"
+            f"<checkpoint name>), or pass --overwrite to replace it"
+        )
+    previous = evaluation_outputs(out)
+    if previous and not overwrite:
+        shown = ", ".join(str(p.relative_to(out)) for p in previous[:3]) + (", ..." if len(previous) > 3 else "")
+        raise FileExistsError(
+            f"evaluate: --out {out} already holds the results of an evaluation ({shown}); pass --overwrite to replace "
+            f"them, or choose another --out"
+        )
+    if previous:
+        names = [p.name for p in previous if p.parent == out]
+        files = len(previous) - len(names)
+        what = ["the training run's summary.json" if run and name == "summary.json" else name for name in names]
+        log.warning(
+            "--overwrite: the results in %s are replaced (%s)",
+            out,
+            ", ".join([*what, *([f"{files} prediction/figure file(s)"] if files else [])]),
+        )
+    return previous
+
+
+def _check_labels(man: Manifest, loaded: LoadedCheckpoint) -> None:
+    """The dataset's label values must mean what they meant to the model: scored under another label map, a class
+    would be reported under another's name."""
+    trained = (loaded.extra.get("dataset") or {}).get("labels")
+    if trained is not None and dict(trained) != dict(man.labels):
+        raise ValueError(
+            f"evaluate: the label map of {man.path} ({dict(man.labels)}) is not the one {loaded.path} was trained "
+            f"with ({dict(trained)}): its classes would be scored under other names"
+        )
+    classes = loaded.config.model.out_channels
+    if man.num_classes != classes:
+        raise ValueError(
+            f"evaluate: {man.path} has {man.num_classes} label values ({dict(man.labels)}) but the network of "
+            f"{loaded.path} predicts {classes} classes: its classes would be scored under other names"
+        )
 
 
 def _dataset_root(cfg: Config, data: str | os.PathLike | None) -> tuple[Path, str | None]:
@@ -102,6 +181,7 @@ def evaluate(
     sw_batch_size: int | None = None,
     save_predictions: bool = False,
     hd95: bool = True,
+    overwrite: bool = False,
     tsne_cases_per_domain: int = 3,
     tsne_patches_per_case: int = 8,
 ) -> dict[str, Any]:
@@ -114,7 +194,10 @@ def evaluate(
     inference (``eval.overlap``, ``eval.sw_batch_size``, ``eval.mode`` unless given; AMP on CUDA per
     ``train.amp``), its class probabilities resampled back to the image's own grid, and scored there against the
     reference with :func:`case_metrics` (spacing from the reference's affine). ``out_dir`` default:
-    ``<run folder>/evaluation_<checkpoint name>``. ``save_predictions`` writes label NIfTIs to ``out_dir/predictions``.
+    ``<run folder>/evaluation_<checkpoint name>``; a folder that holds a training run or the results of an evaluation
+    is refused unless ``overwrite``, which replaces those results (and a run's ``summary.json``) and nothing else.
+    ``save_predictions`` writes label NIfTIs to ``out_dir/predictions``. A dataset whose label map differs from the
+    one the checkpoint was trained with (or has another number of classes than its network) is refused.
     ``figures``: per-case MIPs (``figures/<case>.png``) and a t-SNE of teacher latents of up to
     ``tsne_cases_per_domain`` cases of every centre (``figures/tsne.png``), one panel per checkpoint (this one,
     then ``compare``). Returns the summary (as written to ``summary.json``, NaN as None) plus ``out_dir``.
@@ -124,6 +207,7 @@ def evaluate(
     cfg = loaded.config
     root, manifest = _dataset_root(cfg, data)
     man = load_manifest(root, manifest)
+    _check_labels(man, loaded)
     cases, domains = _select_cases(man, cfg, split=split, domain=domain)
     overlap = cfg.eval.overlap if overlap is None else overlap
     sw_batch_size = cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size
@@ -131,6 +215,7 @@ def evaluate(
         # The trainer keeps checkpoints in <run>/checkpoints/; results belong beside them, in the run folder.
         run = loaded.path.parent.parent if loaded.path.parent.name == "checkpoints" else loaded.path.parent
         out_dir = run / f"evaluation_{loaded.path.stem}"
+    previous = _check_out(Path(out_dir), overwrite=overwrite)
     out = check_writable(out_dir)  # before the work, not at its first result
     if save_predictions:
         (out / "predictions").mkdir(exist_ok=True)
@@ -243,6 +328,15 @@ def evaluate(
             summary["n"][name]["dice"],
         )
     log.info("wrote %s and %s (%.1f s)", out / "summary.json", out / "metrics.csv", summary["seconds"])
+    # Earlier predictions and figures of cases this evaluation did not score would sit beside its own: removed only
+    # now that its results are whole, so a failed evaluation leaves the earlier one as it was.
+    written = {out / "figures" / "tsne.png", *(r.get("prediction") for r in records)}
+    written |= {out / "figures" / f"{r['case']}.png" for r in records} if figures else set()
+    stale = [p for p in previous if p.parent != out and p not in written]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.warning("--overwrite: removed %d earlier file(s) of cases not scored now (%s)", len(stale), stale[0].name)
     result = jsonable(summary)
     result["out_dir"] = out
     return result

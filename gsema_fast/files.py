@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import numbers
@@ -80,6 +81,42 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
         tmp.unlink(missing_ok=True)
 
 
+# The name atomic_path gives its temporary file: "." + mkstemp's random letters, digits and "_" + ".tmp." + the
+# target's own name. A temporary of this form that outlives its writer was left by a killed process.
+_TEMPORARY = re.compile(r"\.[a-z0-9_]+\.tmp\.(?P<target>.+)")
+
+
+def temporary_target(name: str) -> str | None:
+    """The name of the output that ``name``, a leftover temporary file of :func:`atomic_path`, was to become; None
+    when ``name`` is not such a temporary."""
+    found = _TEMPORARY.fullmatch(name)
+    return found.group("target") if found else None
+
+
+def remove_temporaries(folder: str | os.PathLike, targets: Sequence[str]) -> list[Path]:
+    """Remove the temporary files that writes of ``targets`` (names in ``folder``) left when their process was
+    killed; returns what was removed. Only for a folder this process owns (a locked run folder): a live writer's
+    temporary file would be removed too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in sorted(folder.iterdir()) if p.is_file() and temporary_target(p.name) in targets]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when it is a file; otherwise ``FileNotFoundError`` naming ``what`` and whether the path is missing
+    or a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
 def cache_root() -> Path:
     """The per-user folder under which gsema-fast keeps what it can rebuild (synthesised datasets, preprocessed
     volumes, compiled models): ``$XDG_CACHE_HOME/gsema-fast``, or ``~/.cache/gsema-fast`` where that is unset or
@@ -92,6 +129,8 @@ def check_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if missing and make sure a file can be written in it, before work whose results would
     otherwise be lost at the first write; a ``WriteError`` names the folder and the cause."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise WriteError(folder, OSError(errno.ENOTDIR, "it is a file, not a folder"))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -99,6 +138,16 @@ def check_writable(folder: str | os.PathLike) -> Path:
     except OSError as err:
         raise WriteError(folder, err) from err
     return folder
+
+
+def require_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Check, before the work whose result it will hold, that a file can be written at ``path``: not a folder, in a
+    folder where files can be written (created if missing). A ``WriteError`` or ``IsADirectoryError`` names it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a file")
+    check_writable(path.parent)
+    return path
 
 
 def jsonable(value: Any) -> Any:
@@ -145,28 +194,36 @@ def _allowed_globals() -> list:
     return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU; a file that names anything else (a pickle that would
-    call a function on loading) is refused before it runs.
+    call a function on loading) is refused before it runs. ``lazy``: map the tensors from the file instead of
+    reading them (for a look at a checkpoint's config and records: only the parts used are read).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (one line, naming the file) for a refused or
     unreadable one.
     """
     import pickle
+    import warnings
+    import zipfile
 
     import torch  # here, not at the top: the config module imports this one and must stay light for the CLI
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = require_file(path, "checkpoint")
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
+            # a foreign pickle draws a warning about its protocol before the refusal, which says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         text = str(err)
         found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
         if found is None:  # not a pickle torch knows (or an instruction it does not allow): unreadable
             detail = first_line(text.split("WeightsUnpickler error:", 1)[-1])
+            with path.open("rb") as handle:
+                pickled = handle.read(1) == b"\x80"  # the PROTO opcode every pickle of protocol 2 or later starts with
+            if pickled and not zipfile.is_zipfile(path):
+                # torch.save writes a zip archive (or, in its legacy format, pickles torch loads too)
+                detail = "it is a plain pickle, not a file written by torch.save"
             raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({detail})") from None
         raise ValueError(
             f"checkpoint {path}: refused: it names '{found.group(1) or found.group(2)}', which is not a tensor, "

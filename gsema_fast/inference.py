@@ -310,6 +310,12 @@ def segment_case(
         amp_dtype=loaded.amp_dtype,
     )
     probs = torch.softmax(logits[0], dim=0)
+    bad = int((~torch.isfinite(probs)).sum())
+    if bad:  # nothing can be computed from it: a label map of argmax over NaN would be a silent background
+        raise ValueError(
+            f"case {item.get('case', item['image'])}: the network's output is not finite in {bad} of {probs.numel()} "
+            f"values; no segmentation can be computed from it"
+        )
     return to_original_grid(transform, probs, image), data
 
 
@@ -357,9 +363,39 @@ def _case_name(path: Path) -> str:
     return name.removesuffix("_0000")
 
 
-def _refuse_existing_outputs(out: Path, names: Sequence[str], *, probabilities: bool, overwrite: bool) -> None:
-    suffixes = ("", "_probabilities") if probabilities else ("",)
-    existing = [f"{n}{s}.nii.gz" for n in names for s in suffixes if (out / f"{n}{s}.nii.gz").exists()]
+def _refuse_outputs_among_inputs(out: Path, inputs: Sequence[Path], files: Sequence[Path]) -> None:
+    """An output folder that is the folder of an input, or lies inside an input folder, would mix label maps with the
+    scans (and a label map named like its scan would replace it); a run on that folder would read them as inputs."""
+    where = out.resolve()
+    folders = [p.resolve() for p in inputs if p.is_dir()]
+    for folder in dict.fromkeys([*folders, *(f.parent.resolve() for f in files)]):
+        if where == folder or (folder in folders and folder in where.parents):
+            inside = "is the folder" if where == folder else "lies inside the folder"
+            raise ValueError(
+                f"--output {out} {inside} {folder} of the inputs: the label maps would land among the scans (and be "
+                f"read as inputs next time); choose an output folder outside it"
+            )
+
+
+def _output_names(files: Sequence[Path], names: Sequence[str], *, probabilities: bool) -> list[str]:
+    """Every output's file name; refuses inputs whose outputs would be one file (``a.nii`` and ``a.nii.gz``, or
+    ``a``'s probabilities and the label map of ``a_probabilities``)."""
+    owners: dict[str, list[str]] = {}
+    for path, name in zip(files, names, strict=True):
+        owners.setdefault(f"{name}.nii.gz", []).append(f"the label map of {path}")
+        if probabilities:
+            owners.setdefault(f"{name}_probabilities.nii.gz", []).append(f"the probabilities of {path}")
+    for target, who in owners.items():
+        if len(who) > 1:
+            raise ValueError(
+                f"inputs would overwrite each other's outputs: {target} would be {' and '.join(who)}; rename an "
+                f"input, or predict them into separate --output folders"
+            )
+    return list(owners)
+
+
+def _refuse_existing_outputs(out: Path, targets: Sequence[str], *, overwrite: bool) -> None:
+    existing = [t for t in targets if (out / t).exists()]
     if existing and not overwrite:
         shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise FileExistsError(
@@ -385,25 +421,25 @@ def predict(
     Each output has its input's voxel grid, affine and header (uint8 labels; ``case_0000.nii.gz`` gives
     ``case.nii.gz``). ``probabilities`` also writes ``<case>_probabilities.nii.gz`` (float32, classes along the 4th
     axis). Any volume size works (sliding windows, padding). Outputs already in ``output_dir`` are refused unless
-    ``overwrite``. A file that fails is logged with the reason (one line) and skipped; the others still run; an
-    output that cannot be written (read-only folder, full disk) stops the run. Returns ``{"written": [paths],
-    "failed": {input: reason}}``.
+    ``overwrite``; so are an ``output_dir`` that is the folder of an input (or lies inside an input folder), and
+    inputs whose outputs would be one file. A file that fails (unreadable, or a network output that is not finite)
+    is logged with the reason (one line) and skipped; the others still run; an output that cannot be written
+    (read-only folder, full disk) stops the run. Returns ``{"written": [paths], "failed": {input: reason}}``.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file; expected a folder (created if missing)")
     files = _input_files(inputs)
-    _refuse_existing_outputs(out, [_case_name(f) for f in files], probabilities=probabilities, overwrite=overwrite)
+    names = [_case_name(f) for f in files]
+    given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    _refuse_outputs_among_inputs(out, given, files)
+    _refuse_existing_outputs(out, _output_names(files, names, probabilities=probabilities), overwrite=overwrite)
     loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
     cfg = loaded.config
     check_writable(out)
     overlap = cfg.eval.overlap if overlap is None else overlap
     sw_batch_size = cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size
     transform = Preprocessing.from_config(cfg.data).transforms(labels=None)
-    names = [_case_name(f) for f in files]
-    clashes = sorted({n for n in names if names.count(n) > 1})
-    if clashes:
-        raise ValueError(f"inputs would overwrite each other's outputs: case name(s) {clashes} occur more than once")
     written: list[Path] = []
     failed: dict[str, str] = {}
     log.info("predicting %d file(s) with the %s of %s on %s", len(files), loaded.weights, loaded.path, loaded.device)

@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from gsema_fast.checkpoints import result_changes
 from gsema_fast.config import Config, TargetTransformConfig, load_config, with_overrides
-from gsema_fast.data import load_manifest, synthesize
-from gsema_fast.evaluate import evaluate
-from gsema_fast.files import atomic_path, jsonable, write_csv, write_json
+from gsema_fast.data import Manifest, builtin_dataset, load_manifest
+from gsema_fast.evaluate import clear_evaluation, evaluate
+from gsema_fast.files import atomic_path, jsonable, read_checkpoint, write_csv, write_json
 from gsema_fast.metrics import METRICS, mean_sd
 from gsema_fast.train import train
 
@@ -788,6 +789,7 @@ def lodo(
     out_dir: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     checkpoint: str = "best",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Leave-one-domain-out: for each centre, train on all the others and evaluate on it; write the tables.
 
@@ -800,8 +802,12 @@ def lodo(
     (``best``, chosen on the training centres' held-out validation cases, falling back to ``final`` without
     them; or ``final``) is scored on the unseen centre (``evaluation/``) and on the held-out cases of its training
     centres (``evaluation-val/``). A run whose two evaluations exist is not repeated, so an interrupted study
-    resumes where it stopped. The built-in phantoms (``data.root: null``) are synthesised once into
-    ``data.synth_dir`` (default ``out_dir/synth``). Returns ``{"records", "tables" (paths), "out_dir"}``.
+    resumes where it stopped; but only after its checkpoint shows it was made with the settings it would be trained
+    with now (every setting that changes its numbers, the dataset's cases and files, the seed, the evaluated
+    checkpoint): a folder holding a run made otherwise is refused (``ValueError`` naming the differences), or with
+    ``overwrite`` trained again. ``out_dir/runs.jsonl`` lists every run in the folder once. The built-in phantoms
+    (``data.root: null``) are synthesised once into ``data.synth_dir`` (default ``out_dir/synth``). Returns
+    ``{"records", "tables" (paths), "out_dir"}``.
     """
     if checkpoint not in ("final", "best"):
         raise ValueError(f"checkpoint={checkpoint!r}: expected 'final' or 'best'")
@@ -835,12 +841,12 @@ def lodo(
     root = base.data.root
     if root is None:
         synth_dir = Path(base.data.synth_dir) if base.data.synth_dir else root_out / "synth"
-        synthesize(
-            synth_dir,
+        builtin_dataset(
             domains=base.data.synth_domains,
             cases_per_domain=base.data.synth_cases_per_domain,
             size=base.data.synth_size,
             seed=base.data.synth_seed,
+            folder=synth_dir,
         )
         root = str(synth_dir)
     man = load_manifest(root, base.data.manifest)
@@ -860,15 +866,23 @@ def lodo(
         root_out,
     )
     records: list[dict[str, Any]] = []
-    with (root_out / "runs.jsonl").open("a") as journal:
-        for k, (row, centre, seed) in enumerate(runs, 1):
-            run_dir = root_out / _slug(row) / f"centre-{_slug(centre)}" / f"seed-{seed}"
-            record = _lodo_run(
-                root, row, centre, seed, run_dir, base=base, checkpoint=checkpoint, tag=f"{k}/{len(runs)}"
-            )
-            records.append(record)
-            journal.write(json.dumps(jsonable({k: v for k, v in record.items() if k not in _CASE_KEYS})) + "\n")
-            journal.flush()
+    journal = _RunList(root_out / "runs.jsonl")
+    for k, (row, centre, seed) in enumerate(runs, 1):
+        run_dir = root_out / _slug(row) / f"centre-{_slug(centre)}" / f"seed-{seed}"
+        record = _lodo_run(
+            root,
+            man,
+            row,
+            centre,
+            seed,
+            run_dir,
+            base=base,
+            checkpoint=checkpoint,
+            overwrite=overwrite,
+            tag=f"{k}/{len(runs)}",
+        )
+        records.append(record)
+        journal.put(record)
     meta = {
         "config": (
             str(config) if isinstance(config, (str, os.PathLike)) else "demo" if config is None else "a Config object"
@@ -892,15 +906,101 @@ def lodo(
     return {"records": records, "tables": tables, "out_dir": root_out}
 
 
+class _RunList:
+    """``runs.jsonl``: one line per run of the study folder (a rerun replaces its run's line), rewritten whole after
+    each run so that an interrupted study leaves the lines of the runs it finished."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: dict[tuple, str] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    key = (record["row"], str(record["test_domain"]), record["seed"])
+                except (ValueError, TypeError, KeyError):  # a line cut short by a kill: its run is listed again
+                    continue
+                self.lines[key] = line
+
+    def put(self, record: Mapping[str, Any]) -> None:
+        key = (record["row"], str(record["test_domain"]), record["seed"])
+        self.lines[key] = json.dumps(jsonable({k: v for k, v in record.items() if k not in _CASE_KEYS}))
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in self.lines.values()))
+
+
+# What lodo writes into a run folder beside the run's own files.
+_EVALUATIONS = ("evaluation", "evaluation-val")
+_TIMING = "lodo_timing.json"
+
+
+def _evaluated_checkpoint(run_dir: Path, summary_path: Path) -> tuple[Path, int | None]:
+    """The checkpoint an evaluation of the run scored, and the step it scored (the folder may have been moved)."""
+    summary = json.loads(summary_path.read_text())
+    path = Path(summary["checkpoint"])
+    if not path.is_file():
+        path = run_dir / "checkpoints" / path.name
+    return path, summary.get("step")
+
+
+def _settings_problems(
+    run_dir: Path, cfg: Config, man: Manifest, checkpoint: str, evaluated: tuple[Path, ...]
+) -> list[str]:
+    """Why the run in ``run_dir`` is not a run of ``cfg`` on ``man``, scored at its ``checkpoint``: [] when it is (or
+    when the folder holds no checkpoint at all: nothing there to lose). ``evaluated``: its evaluation summaries."""
+    if evaluated:
+        try:
+            scored = {_evaluated_checkpoint(run_dir, path) for path in evaluated}
+        except (ValueError, KeyError, TypeError) as err:
+            return [f"an evaluation summary in it is unreadable ({err})"]
+        if len(scored) > 1:
+            return [f"its evaluations scored different checkpoints ({sorted(str(p) for p, _ in scored)})"]
+        path, step = scored.pop()
+        if not path.is_file():
+            return [f"the checkpoint its evaluation scored, {path}, is gone"]
+        best = run_dir / "checkpoints" / "best.pt"
+        wanted = "best" if checkpoint == "best" and best.is_file() else "final"
+        if path.stem != wanted:
+            return [f"its evaluation scored {path.name}, this study scores {wanted}.pt (--use {checkpoint})"]
+    else:
+        path, step = run_dir / "checkpoints" / "latest.pt", None
+        if not path.is_file():
+            return []
+    state = read_checkpoint(path, lazy=True)
+    problems = result_changes(state, cfg, man, path)
+    if step is not None and state.get("step") != step:
+        problems.append(f"its evaluation scored step {step} of {path.name}, which now holds step {state.get('step')}")
+    return problems
+
+
 def _lodo_run(
-    root: str, row: str, centre: str, seed: int, run_dir: Path, *, base: Config, checkpoint: str, tag: str
+    root: str,
+    man: Manifest,
+    row: str,
+    centre: str,
+    seed: int,
+    run_dir: Path,
+    *,
+    base: Config,
+    checkpoint: str,
+    overwrite: bool,
+    tag: str,
 ) -> dict[str, Any]:
     test_json = run_dir / "evaluation" / "summary.json"
     val_json = run_dir / "evaluation-val" / "summary.json"
     # Without held-out validation cases (data.val_per_domain: 0) there is no source-centre score to compare with.
     with_val = base.data.val_per_domain > 0
     record: dict[str, Any] = {"row": row, "test_domain": centre, "seed": seed, "run_dir": str(run_dir)}
-    if test_json.is_file() and (val_json.is_file() or not with_val):
+    # The run's own data and folder are set as values (a path is not YAML), the row's settings as overrides. Every
+    # centre but the unseen one trains.
+    data = dataclasses.replace(base.data, root=root, train_domains=None, test_domain=centre)
+    run = dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, out_dir=str(run_dir), seed=seed))
+    cfg = with_overrides(run, *(_row_overrides(row, base) if row in ABLATION_ROWS else ()))
+
+    evaluated = test_json.is_file() and (val_json.is_file() or not with_val)
+    summaries = (test_json, val_json) if evaluated and with_val else (test_json,) if evaluated else ()
+    problems = _settings_problems(run_dir, cfg, man, checkpoint, summaries)
+    if evaluated and not problems:
         log.info("[%s] %s, unseen centre %s, seed %d: already evaluated in %s", tag, row, centre, seed, run_dir)
         test = json.loads(test_json.read_text())
         record["unseen"] = _summary_means(test)
@@ -910,16 +1010,28 @@ def _lodo_run(
             record["held_out"] = _summary_means(val)
             record["held_out_cases"] = _summary_cases(val)
         record["telemetry"] = _telemetry(run_dir / "log.jsonl")
-        timing = run_dir / "lodo_timing.json"
+        timing = run_dir / _TIMING
         if timing.is_file():
             record.update(json.loads(timing.read_text()))
         return record
+    if problems:
+        what = "a finished run" if evaluated else "an unfinished run"
+        if not overwrite:
+            raise ValueError(
+                f"lodo: {run_dir} holds {what} made with other settings than this study's ({'; '.join(problems)}): "
+                f"its results are not this study's; pass --overwrite to train it again, or choose another --out"
+            )
+        log.warning("[%s] --overwrite: %s holds %s made with other settings (%s): training it again", tag, run_dir,
+                    what, "; ".join(problems))  # fmt: skip
+    # Whatever lodo wrote for an earlier run in this folder goes before it is trained again: results of the run being
+    # replaced must never be read back as the new run's.
+    removed = [p for name in _EVALUATIONS for p in clear_evaluation(run_dir / name)]
+    if (run_dir / _TIMING).is_file():
+        (run_dir / _TIMING).unlink()
+        removed.append(run_dir / _TIMING)
+    if removed:
+        log.info("[%s] removed %d evaluation file(s) of the earlier run in %s", tag, len(removed), run_dir)
 
-    # The run's own data and folder are set as values (a path is not YAML), the row's settings as overrides. Every
-    # centre but the unseen one trains.
-    data = dataclasses.replace(base.data, root=root, train_domains=None, test_domain=centre)
-    run = dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, out_dir=str(run_dir), seed=seed))
-    cfg = with_overrides(run, *(_row_overrides(row, base) if row in ABLATION_ROWS else ()))
     log.info("[%s] %s, unseen centre %s, seed %d: training into %s", tag, row, centre, seed, run_dir)
     t0 = time.perf_counter()
     # The trainer's own end-of-run evaluation would read the unseen centre a second time: lodo scores it below. A run
@@ -937,6 +1049,6 @@ def _lodo_run(
         record["held_out_cases"] = _summary_cases(val)
     record["telemetry"] = _telemetry(run_dir / "log.jsonl")
     timing = {"train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0, "checkpoint": str(ck)}
-    write_json(timing, run_dir / "lodo_timing.json")
+    write_json(timing, run_dir / _TIMING)
     record.update(timing)
     return record

@@ -1,6 +1,7 @@
 """The run folder: one training process at a time (a lock), a fresh run only in an empty folder (or with
 ``overwrite``, which removes the previous run's outputs and nothing else), a resumed run's log cut back to its
-checkpoint, and Ctrl-C that stops after a whole step."""
+checkpoint, the temporary files of writes a killed run left removed, and Ctrl-C or SIGTERM that stops after a whole
+step."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import socket
 import threading
 from pathlib import Path
 
-from gsema_fast import distributed
-from gsema_fast.files import WriteError, atomic_path
+from gsema_fast.files import WriteError, atomic_path, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,14 @@ class RunFolderLock:
                 folder.rmdir()  # only if empty
 
 
+def run_outputs(folder: Path) -> list[str]:
+    """The outputs of a training run that ``folder`` holds (names; folders end with ``/``): [] for a folder that
+    holds no run."""
+    names = [n for n in RUN_FILES if (folder / n).is_file()]
+    names += [f"{n}/" for n in ("checkpoints", *RUN_FOLDERS) if (folder / n).is_dir()]
+    return names if set(names) - {"summary.json"} else []  # a summary.json alone is not a run's
+
+
 def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
     """A fresh run needs an empty folder, or ``overwrite``; a resumed one its ``checkpoints/latest.pt``."""
     latest = folder / "checkpoints" / "latest.pt"
@@ -103,8 +111,24 @@ def check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
         )
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files that writes of a killed run left beside its outputs (``.<random>.tmp.<name>``):
+    whole outputs replace them, and nothing reads them. Called with the folder's lock held, when no writer is
+    alive."""
+    removed = remove_temporaries(folder, RUN_FILES) + remove_temporaries(folder / "checkpoints", CHECKPOINT_FILES)
+    if removed:
+        log.info(
+            "removed %d temporary file(s) that an interrupted write left in %s (%s)",
+            len(removed),
+            folder,
+            ", ".join(p.name for p in removed[:3]),
+        )
+    return removed
+
+
 def clear_run_folder(folder: Path) -> None:
     """--overwrite: remove the previous run's outputs (other files in the folder stay)."""
+    remove_leftovers(folder)
     paths = [folder / name for name in RUN_FILES] + [folder / "checkpoints" / name for name in CHECKPOINT_FILES]
     removed = [p for p in paths if p.is_file()]
     for path in removed:
@@ -118,35 +142,45 @@ def clear_run_folder(folder: Path) -> None:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C ended the run after a whole step; the message says where it stopped and how to go on."""
+    """Ctrl-C or SIGTERM ended the run after a whole step; the message says where it stopped and how to go on."""
+
+
+# Ctrl-C, and SIGTERM (kill, a scheduler's stop, torchrun forwarding either to its ranks): one meaning, stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class InterruptFlag:
-    """While armed, Ctrl-C (SIGINT) asks the loop to stop after the step in flight instead of raising wherever it
-    lands, so the run ends with its files whole; a second Ctrl-C raises at once. Only in the main thread of a
-    single-process run (under torchrun, signals are torchrun's)."""
+    """While armed, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the step in flight instead of raising
+    wherever it lands, so the run ends with its files whole; a second signal of the same kind raises at once. In the
+    main thread only; a signal ignored when the process started (nohup, &) stays ignored. In a multi-process run the
+    loop asks every rank (:func:`gsema_fast.distributed.any_rank`), so that all stop after the same step."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._armed = False
-        self._previous = None
+        self._previous: dict = {}
 
     def arm(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or distributed.world_size() > 1:
+        if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, &): keep it so
-            return
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        self._armed = True
+        for sig in STOP_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is signal.SIG_IGN or handler is None:
+                continue
+            self._previous[sig] = handler
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        self.disarm()
+        self._restore(signum)  # the next signal of this kind acts at once
+
+    def _restore(self, sig) -> None:
+        previous = self._previous.pop(sig, None)
+        if previous is not None:
+            signal.signal(sig, previous)
 
     def disarm(self) -> None:
-        if self._armed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-            self._armed = False
+        for sig in list(self._previous):
+            self._restore(sig)
 
 
 def interrupted(step: int, saved_at: int | None, latest: Path) -> TrainingInterrupted:

@@ -36,10 +36,18 @@ from gsema_fast.build import (
     total_steps,
     transform_seed,
 )
-from gsema_fast.checkpoints import FIXED_ON_RESUME, apply_settings, restore, resume_changes, save_checkpoint
+from gsema_fast.checkpoints import (
+    FIXED_ON_RESUME,
+    apply_settings,
+    check_resume_dataset,
+    restore,
+    resume_changes,
+    run_config,
+    save_checkpoint,
+)
 from gsema_fast.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
-from gsema_fast.config import Config, config_to_dict, resolve_auto, save_config
-from gsema_fast.data import Loaders, TargetTransform
+from gsema_fast.config import Config, config_to_dict, save_config
+from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
 from gsema_fast.figures import draw_progress
 from gsema_fast.files import read_checkpoint, write_json
 from gsema_fast.inference import score_volumes
@@ -52,6 +60,7 @@ from gsema_fast.runfolder import (
     check_run_folder,
     clear_run_folder,
     interrupted,
+    remove_leftovers,
     truncate_log,
 )
 from gsema_fast.step import StepContext, train_step
@@ -75,7 +84,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, evaluat
     validation cases) and the untrained teacher are scored on it (``summary.json``, the printed table), unless
     ``evaluate_unseen`` is False (an experiment runner that scores it itself).
     """
-    cfg = resolve_auto(cfg)
+    cfg = run_config(cfg)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run in the folder, or replace it")
     # Under torchrun: join the process group; each rank takes its own GPU and share of every batch.
@@ -110,6 +119,7 @@ class _Run:
     compile_cache: Path | None
     initial_teacher: dict | None  # host copy of the untrained teacher, kept only when it will be scored
     total_steps: int
+    dataset: dict | None = None  # the dataset's identity, recorded in every checkpoint (rank 0's)
     epoch: int = 0
     step: int = 0
     saved_at: int | None = None  # the step of the last latest.pt
@@ -123,8 +133,13 @@ class _Run:
         return self.folder / "checkpoints"
 
     def extra(self) -> dict:
-        """What a checkpoint records of the run's validation history."""
-        return {"best_score": self.best_score, "best_val": self.best_val, "last_val": self.last_val}
+        """What a checkpoint records of the run's validation history, and the identity of its dataset."""
+        return {
+            "best_score": self.best_score,
+            "best_val": self.best_val,
+            "last_val": self.last_val,
+            "dataset": self.dataset,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -144,18 +159,23 @@ def _set_up(
         raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
     if main:
         check_run_folder(folder, resume=resume, overwrite=overwrite)
-    state, changes = None, []
+    state, changes, identity = None, [], None
     if resume:
         # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device
-        # by their load_state_dict. Read (and the config checked) before anything is built or written.
+        # by their load_state_dict. Read (and the config and the dataset checked) before anything is built or written.
         state = read_checkpoint(latest)
         changes = resume_changes(state, cfg, latest)
+        if main:
+            manifest = load_manifest(dataset_folder(cfg.data), cfg.data.manifest)
+            identity = check_resume_dataset(state, manifest, latest)
     if cfg.note:
         log.info("%s", cfg.note)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     data = build_data(cfg, rank=dist_ctx.rank, world_size=dist_ctx.world_size, local_rank=dist_ctx.local_rank)
     _log_data(data, cfg, dist_ctx)
+    if main and identity is None:
+        identity = dataset_identity(data.manifest)
     transform = build_target_transform(cfg, device, rank=dist_ctx.rank)
     ctx = build_context(cfg, device, world_size=dist_ctx.world_size)
     if dist_ctx.rank:  # weights came from rank 0; dropout and other draws differ per rank, as across one batch
@@ -174,6 +194,8 @@ def _set_up(
     if main:  # only now that data, model and the resumed config passed their checks
         if overwrite:
             clear_run_folder(folder)
+        elif resume:
+            remove_leftovers(folder)
         save_config(cfg, folder / "config.yaml")
     # Once the folder is settled: a resumed run's sinks drop what was logged after its checkpoint.
     loggers = build_loggers(cfg, folder, resume_step=state["step"] if resume else None) if main else []
@@ -196,6 +218,7 @@ def _set_up(
         compile_cache_file(cfg, device),
         initial_teacher,
         total_steps(cfg),
+        dataset=identity,
     )
     if resume:
         restore(state, ctx, scheduler, transform)
@@ -287,7 +310,7 @@ def _train_epoch(run: _Run, cfg: Config, bar: tqdm, interrupt: InterruptFlag) ->
                 save_compile_cache(run.compile_cache)
         if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
             _log_interval(run, cfg, bar)
-        if interrupt.requested:
+        if distributed.any_rank(interrupt.requested):  # every rank stops after the same step
             raise interrupted(run.step, run.saved_at, run.checkpoints / "latest.pt")
         if run.step >= run.total_steps:
             return

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -222,8 +223,12 @@ def test_synth_reuses_a_complete_folder_and_redoes_an_interrupted_one(tmp_path, 
     (root / "dataset.json").unlink()
     synthesize(root, domains=2, cases_per_domain=1, size=24, seed=1)
     assert _digests(root) == before
-    # other settings regenerate
-    synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2)
+    # another dataset, even one of this generator, is never replaced unasked; with overwrite it is
+    message = r"holds another synthesised dataset \(2 centre\(s\) x 1 case\(s\), size 24, seed 1, .*--overwrite"
+    with pytest.raises(FileExistsError, match=message):
+        synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2)
+    assert _digests(root) == before
+    synthesize(root, domains=2, cases_per_domain=1, size=24, seed=2, overwrite=True)
     assert json.loads((root / "dataset.json").read_text())["synth"]["seed"] == 2
 
 
@@ -620,3 +625,40 @@ def test_target_transform_config_errors():
         TargetTransform(gin={"p": 1.5})
     with pytest.raises(ValueError, match="label shape"):
         TargetTransform()(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------ dataset identity
+
+
+def test_dataset_identity_names_what_changed_and_only_that(tmp_path, monkeypatch):
+    from gsema_fast.data import dataset_identity, identity_changes, load_manifest
+    from gsema_fast.data import identity as identity_mod
+
+    root = synthesize(tmp_path / "ds", domains=2, cases_per_domain=2, size=20, seed=0, workers=1)
+    recorded = dataset_identity(load_manifest(root))
+    assert identity_changes(recorded, load_manifest(root)) == []
+    # bad records: not one this version wrote
+    for bad in ({}, {"version": -1}, "a string", None):
+        assert identity_changes(bad, load_manifest(root)) == ["the recorded dataset identity is of an unknown format"]
+    # another label map
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["labels"]["stent"] = 3
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    assert identity_changes(recorded, load_manifest(root)) == [
+        "label map {'background': 0, 'vessel': 1, 'aneurysm': 2} -> {'background': 0, 'vessel': 1, 'aneurysm': 2, "
+        "'stent': 3}"
+    ]
+    # a file too large to hash: its modification time decides
+    monkeypatch.setattr(identity_mod, "HASH_LIMIT", 0)
+    del manifest["labels"]["stent"]
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    unhashed = dataset_identity(load_manifest(root))
+    assert all(c["image"]["sha256"] is None for c in unhashed["cases"].values())
+    label = root / "labelsTr" / "B_001.nii.gz"
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert identity_changes(unhashed, load_manifest(root)) == [
+        "1 label file(s) changed (B_001: modified since (same size; too large to have been hashed))"
+    ]
+    # digests recorded before are kept for files that did not change, not read again
+    assert dataset_identity(load_manifest(root), previous=recorded)["cases"]["A_000"] == recorded["cases"]["A_000"]

@@ -164,3 +164,58 @@ def test_train_in_two_processes(phantoms, tmp_path):
     assert len(final["ranks"]) == 2 and final["step"] == 4
     assert list((tmp_path / "cache" / "gsema-fast" / "preprocessed").glob("*.pt"))  # shared on disk, not in memory
     assert "INFO [rank 0]" in job.stderr and "INFO [rank 1]" not in job.stderr  # rank 0 alone reports progress
+
+
+def _report(rank: int, kind: str, message: str, at: float, code: int | None = None) -> dict:
+    codes = {"error": 2, "interrupted": 130, "crash": 1, "peer": 1}
+    return {"rank": rank, "kind": kind, "message": message, "time": at, "code": codes[kind] if code is None else code}
+
+
+BAD = "case c0_00: label holds values [7] outside the label map [0, 1, 2]"
+STOPPED = "interrupted at step 5; resume with --resume (from step 4, run/checkpoints/latest.pt)"
+
+
+@pytest.mark.parametrize(
+    "reports, failures, signalled, expected",
+    [
+        # a bad case on rank 1; rank 0 lost it in a collective, or was stopped by torchrun: the bad case is the cause
+        ([_report(1, "error", BAD, 2.0), _report(0, "peer", "lost contact", 3.0)], {0: 1, 1: 2}, False, (2, BAD)),
+        ([_report(1, "error", BAD, 2.0), _report(0, "interrupted", STOPPED, 3.0)], {0: 130, 1: 2}, False, (2, BAD)),
+        # the same bad input on both ranks: said once, the first
+        ([_report(0, "error", BAD, 2.0), _report(1, "error", "other", 1.0)], {0: 2, 1: 2}, False, (2, "other")),
+        # Ctrl-C or SIGTERM to the launcher, forwarded to the ranks
+        ([_report(1, "interrupted", STOPPED, 2.0), _report(0, "interrupted", STOPPED, 2.0)], {}, True, (130, STOPPED)),
+        ([], {}, True, (130, "interrupted")),
+        # SIGTERM to the ranks themselves: they stopped together
+        ([_report(0, "interrupted", STOPPED, 2.0), _report(1, "interrupted", STOPPED, 2.0)], {0: 130, 1: 130}, False,
+         (130, STOPPED)),
+        # a rank killed without a word (out of memory): it is named, not the others' consequences
+        ([_report(0, "interrupted", STOPPED, 3.0)], {0: 130, 1: -9}, False, (1, "rank 1 was killed by SIGKILL; the job "
+                                                                             "stopped")),
+        ([_report(0, "peer", "lost contact", 3.0)], {0: 1, 1: 137}, False, (1, "rank 1 exited with code 137; the job "
+                                                                          "stopped")),
+        ([_report(1, "crash", "RuntimeError: boom", 1.0)], {1: 1}, False, (1, "rank 1 failed: RuntimeError: boom (its "
+                                                                            "traceback is above)")),
+        ([], {}, False, (0, None)),
+    ],
+)  # fmt: skip
+def test_a_job_of_several_ranks_ends_as_one_process_would(reports, failures, signalled, expected):
+    from gsema_fast.distributed import _job_outcome
+
+    assert _job_outcome({r["rank"]: r for r in reports}, failures, signalled) == expected
+
+
+@pytest.mark.parametrize(
+    "err, lost",
+    [
+        (RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:64214"), True),
+        (RuntimeError("Timed out waiting 600000ms for recv operation to complete"), True),
+        (torch.distributed.DistBackendError("NCCL communicator was aborted"), True),
+        (RuntimeError("CUDA out of memory"), False),
+        (ValueError("Connection closed by peer"), False),  # not a collective's error
+    ],
+)
+def test_a_collective_that_lost_its_peer_is_told_from_other_errors(err, lost):
+    from gsema_fast.distributed import lost_peer
+
+    assert lost_peer(err) is lost

@@ -101,3 +101,14 @@ def test_score_runs_rejects_bad_inputs(phantoms, tmp_path, monkeypatch):
         fresh_cases.score_runs([str(run), str(seed1)], cases=1)
     with pytest.raises(FileNotFoundError):
         fresh_cases.score_runs([str(tmp_path / "missing.pt")], cases=1)
+
+
+def test_the_dataset_can_be_named_where_the_checkpoint_names_another(phantoms, tmp_path, monkeypatch):
+    """A run whose stored dataset path no longer leads to its phantoms (moved, or stored relative by an earlier
+    version) is scored with --data naming them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = _checkpoint(tmp_path / "run.pt", [f"data.root={tmp_path / 'moved-away'}"])
+    with pytest.raises(FileNotFoundError, match="moved-away is not a folder"):
+        fresh_cases.score_runs([str(run)], cases=1)
+    results = fresh_cases.score_runs([str(run)], cases=1, data=phantoms)
+    assert list(results["runs"][str(run)]["fresh"]["cases"]) == ["A_002"]

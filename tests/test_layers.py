@@ -6,6 +6,7 @@ used). Every module imports on its own, whichever is imported first."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -194,6 +195,23 @@ def test_every_module_imports_whichever_comes_first():
     names = [m for m in MODULES if m != "gsema_fast.__main__"]
     done = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_missing_extra_is_tolerated_in_every_round_and_nothing_else_is(tmp_path):
+    """The import check passes without the optional extras (the README's test command installs only [dev]) however
+    many times the package is imported afresh, and still fails on any other import error."""
+    missing = tmp_path / "gsema_fast_missing_extra.py"
+    missing.write_text("from gsema_fast.integrations import MissingExtraError\nraise MissingExtraError('x', 'y')\n")
+    broken = tmp_path / "gsema_fast_broken.py"
+    broken.write_text("import a_module_that_does_not_exist\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    names = ["gsema_fast.files", "gsema_fast_missing_extra", "gsema_fast.config"]
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *names, "gsema_fast_broken"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert done.returncode == 1 and "a_module_that_does_not_exist" in done.stderr
 
 
 def test_the_readme_layout_names_every_module():

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +18,10 @@ from tiny import tiny_run
 
 import gsema_fast.lodo as lodo_mod
 import gsema_fast.train as train_mod
+from gsema_fast.checkpoints import run_config
 from gsema_fast.cli import main as cli_main
 from gsema_fast.config import config_to_dict, load_config, with_overrides
-from gsema_fast.data import synthesize
+from gsema_fast.data import dataset_identity, load_manifest, synthesize
 from gsema_fast.evaluate import evaluate
 from gsema_fast.lodo import (
     ABLATION_ROWS,
@@ -554,10 +558,12 @@ def test_no_t_row_turns_every_target_component_off():
 
 # ------------------------------------------------------------------------------------------------ orchestration
 def _save_checkpoint(path, cfg):
+    """What gsema_fast.train writes, as far as lodo reads it: the run's config, its dataset's identity, weights."""
     net = build_model(cfg.model)
     torch.save(
         {
-            "config": config_to_dict(cfg),
+            "config": config_to_dict(run_config(cfg)),
+            "dataset": dataset_identity(load_manifest(cfg.data.root)),
             "student": net.state_dict(),
             "teacher": net.state_dict(),
             "step": 7,
@@ -568,31 +574,41 @@ def _save_checkpoint(path, cfg):
     return path
 
 
-def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
-    calls = []
+class FakeTrain:
+    """Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint;
+    ``fail_at``: the call (1-based) that is interrupted as Ctrl-C would."""
 
-    def fake_train(cfg, *, resume=False, overwrite=False, evaluate_unseen=True):
-        # Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint.
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls = []
+        self.fail_at = fail_at
+
+    def __call__(self, cfg, *, resume=False, overwrite=False, evaluate_unseen=True):
         assert not evaluate_unseen, "lodo scores the unseen centre itself"
-        calls.append(cfg)
-        out = __import__("pathlib").Path(cfg.train.out_dir)
+        self.calls.append(cfg)
+        if len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt
+        out = Path(cfg.train.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         return {"run_dir": out, "final": _save_checkpoint(out / "final.pt", cfg), "best": None}
 
+
+TINY_LODO = [
+    "model.channels=[4,8,16]",
+    "model.num_res_units=0",
+    "data.patch_size=[16,16,16]",
+    "data.synth_domains=2",
+    "data.synth_cases_per_domain=2",
+    "data.val_per_domain=1",
+    "data.synth_size=20",
+    "loss.lambda_con=0.3",
+]
+
+
+def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
+    fake_train = FakeTrain()
+    calls = fake_train.calls
     monkeypatch.setattr(lodo_mod, "train", fake_train)
-    cfg = load_config(
-        "demo",
-        [
-            "model.channels=[4,8,16]",
-            "model.num_res_units=0",
-            "data.patch_size=[16,16,16]",
-            "data.synth_domains=2",
-            "data.synth_cases_per_domain=2",
-            "data.val_per_domain=1",
-            "data.synth_size=20",
-            "loss.lambda_con=0.3",
-        ],
-    )
+    cfg = load_config("demo", TINY_LODO)
     before = copy.deepcopy(cfg)
     result = lodo(cfg, seeds=2, rows=["no EMA", "gs-ema-bacl"], out_dir=tmp_path / "lodo")
     assert cfg == before, "the caller's config is left alone"
@@ -637,6 +653,81 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
     calls.clear()
     lodo(cfg, preset="quick", rows=["no EMA"], domains=["1"], seeds=1, out_dir=tmp_path / "preset")
     assert len(calls) == 1 and calls[0].train.epochs == 2 and str(calls[0].data.test_domain) == "1"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def _run_list(out: Path) -> list[tuple]:
+    return [(r["row"], str(r["test_domain"]), r["seed"]) for r in map(json.loads, (out / "runs.jsonl").open())]
+
+
+def test_lodo_reuses_only_runs_made_with_its_settings(tmp_path, monkeypatch):
+    """A finished run is read back only when its checkpoint shows the settings, dataset and seed the study would
+    train it with; otherwise the study is refused in one line naming the differences, and nothing in the folder
+    changes, or (overwrite) that run is trained again."""
+    fake_train = FakeTrain()
+    monkeypatch.setattr(lodo_mod, "train", fake_train)
+    cfg = load_config("demo", TINY_LODO)
+    out = tmp_path / "lodo"
+    study = dict(rows=["no EMA"], domains=["1"], seeds=2, out_dir=out)
+    lodo(cfg, **study)
+    assert len(fake_train.calls) == 2
+    before = _digests(out)
+
+    changed = with_overrides(cfg, "optim.lr=0.5", "train.epochs=1")
+    message = (
+        r"lodo: .*no-ema/centre-1/seed-0 holds a finished run made with other settings than this study's "
+        rf"\(optim\.lr: {re.escape(repr(cfg.optim.lr))} -> 0\.5; train\.epochs: {cfg.train.epochs} -> 1\): "
+        r".*--overwrite"
+    )
+    with pytest.raises(ValueError, match=message):
+        lodo(changed, **study)
+    assert len(fake_train.calls) == 2 and _digests(out) == before  # no table written over the old results
+
+    # the dataset: an image rewritten in place, as a new acquisition would be
+    image = next((out / "synth" / "imagesTr").glob("A_000_0000.nii.gz"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    with pytest.raises(
+        ValueError, match=r"dataset: 1 image file\(s\) changed \(A_000: rewritten \(\d+ -> \d+ bytes\)\)"
+    ):
+        lodo(cfg, **study)
+    image.write_bytes(image.read_bytes()[:-1])  # the same bytes again (a newer time): the same dataset
+    lodo(cfg, **study)
+    assert len(fake_train.calls) == 2
+
+    result = lodo(changed, overwrite=True, **study)
+    assert len(fake_train.calls) == 4 and all(c.optim.lr == 0.5 for c in fake_train.calls[2:])
+    assert "- training: 1 epochs x" in result["tables"]["markdown"].read_text()  # the header and the runs agree
+    assert _run_list(out) == [("no EMA", "1", 0), ("no EMA", "1", 1)]
+    lodo(changed, **study)  # now the runs are the changed settings' own
+    assert len(fake_train.calls) == 4 and _run_list(out) == [("no EMA", "1", 0), ("no EMA", "1", 1)]
+
+
+def test_lodo_lists_each_run_once_and_drops_the_results_of_a_run_it_replaces(tmp_path, monkeypatch):
+    cfg = load_config("demo", TINY_LODO)
+    out = tmp_path / "lodo"
+    study = dict(rows=["no EMA", "EMA"], domains=["1"], seeds=1, out_dir=out)
+    monkeypatch.setattr(lodo_mod, "train", FakeTrain(fail_at=2))  # Ctrl-C in the second run
+    with pytest.raises(KeyboardInterrupt):
+        lodo(cfg, **study)
+    assert _run_list(out) == [("no EMA", "1", 0)]
+    fake_train = FakeTrain()
+    monkeypatch.setattr(lodo_mod, "train", fake_train)
+    lodo(cfg, **study)  # the interrupted study resumes: only the second run trains
+    assert len(fake_train.calls) == 1 and _run_list(out) == [("no EMA", "1", 0), ("EMA", "1", 0)]
+    lodo(cfg, **study)
+    assert _run_list(out) == [("no EMA", "1", 0), ("EMA", "1", 0)]
+
+    # a run trained again that fails on the way leaves no result of the run it replaced behind
+    monkeypatch.setattr(lodo_mod, "train", FakeTrain(fail_at=1))
+    with pytest.raises(KeyboardInterrupt):
+        lodo(with_overrides(cfg, "optim.lr=0.5"), overwrite=True, **study)
+    run = out / "no-ema" / "centre-1" / "seed-0"
+    assert not (run / "evaluation" / "summary.json").exists() and not (run / "lodo_timing.json").exists()
+    assert (out / "ema" / "centre-1" / "seed-0" / "evaluation" / "summary.json").is_file()  # not reached: kept
 
 
 # ------------------------------------------------------------------------------------------------ protocol

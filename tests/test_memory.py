@@ -34,3 +34,14 @@ def second_round_faults(mode: str) -> int:
 def test_freed_blocks_are_reused_without_page_faults():
     off, on = second_round_faults("off"), second_round_faults("on")
     assert on * 10 < off, (on, off)  # off: the kernel maps and zeroes every page of the second block afresh
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo, as the function does on Linux")
+def test_available_memory_is_what_the_system_reports_at_most():
+    from gsema_fast.memory import available_memory
+
+    available = available_memory()
+    assert isinstance(available, int) and available > 0
+    with open("/proc/meminfo") as handle:
+        total = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemTotal:"))
+    assert available <= total

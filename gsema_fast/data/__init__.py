@@ -8,6 +8,8 @@ Public API (names are imported on first use, so ``synthesize`` needs neither tor
 - :func:`load_manifest`, :func:`split_cases`, :func:`run_domains`, :func:`build_loaders`, :func:`volume_loader`,
   :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI
   transforms.
+- :func:`dataset_identity`, :func:`identity_changes` (``gsema_fast.data.identity``): what a run was trained on
+  (cases, domains, file contents), recorded in its checkpoints and checked before a result is reused.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
 
 A trainer does::
@@ -44,6 +46,8 @@ _EXPORTS = {
     "PREPROCESSING_KEYS": "datasets",
     "unwrap_transform_error": "datasets",
     "TargetTransform": "target",
+    "dataset_identity": "identity",
+    "identity_changes": "identity",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -43,7 +44,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
-from gsema_fast.files import atomic_path, cache_root, first_line
+from gsema_fast.files import atomic_path, cache_root, first_line, require_file
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ class Manifest:
 
 
 def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+    require_file(path, what)
     try:
         return json.loads(path.read_text())
     except ValueError as err:
@@ -101,8 +101,7 @@ def _read_json(path: Path, what: str):
 
 def _read_domain_map(path: Path) -> dict[str, str]:
     if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise FileNotFoundError(f"domain map {path} does not exist")
+        require_file(path, "domain map")
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"case", "domain"} <= set(rows[0]):
@@ -220,8 +219,8 @@ def load_manifest(
     if check:
         for c in cases:
             for kind, path in (("image", c.image), ("label", c.label)):
-                if path is not None and not path.is_file():
-                    raise FileNotFoundError(f"case {c.name}: {kind} file {path} does not exist")
+                if path is not None:
+                    require_file(path, f"case {c.name}: {kind} file")
             _check_headers(c)
     return Manifest(json_path, tuple(cases), dict(labels), ending)
 
@@ -288,23 +287,62 @@ def run_domains(manifest: Manifest, data) -> tuple[list[str], str]:
 # ------------------------------------------------------------------------------------------------ transforms
 
 
+# Images whose intensities reach beyond this, in absolute value, are scaled into range before they become float32:
+# the percentile clip and the normalisation sum and square them in float32, which would overflow to inf, then NaN.
+INTENSITY_LIMIT = 2.0**32
+
+
 class _LoadCase(Transform):
     """Load image (and label) as channel-first MetaTensors, failing on a bad case with its name, file and problem.
 
-    A MONAI ``Transform`` (not a bare callable) so that caching datasets keep its output.
+    The image is read in its file's own type and checked there (a float64 value beyond float32's range is finite, not
+    "non-finite"), then given as float32. Intensities beyond :data:`INTENSITY_LIMIT` are scaled by a power of two
+    (exact) into range first when ``intensity`` is ``zscore`` or ``minmax``, whose results do not depend on the
+    image's scale; with ``none`` such an image is refused. A MONAI ``Transform`` (not a bare callable) so that
+    caching datasets keep its output.
     """
 
-    def __init__(self, label_values: Sequence[int] | None):
-        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+    def __init__(self, label_values: Sequence[int] | None, intensity: str = "zscore"):
+        self.image_loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=None)
+        self.label_loader = LoadImage(
+            reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32
+        )
         self.label_values = None if label_values is None else np.asarray(sorted(label_values), np.float32)
+        self.intensity = intensity
 
     def _read(self, case: str, kind: str, path) -> torch.Tensor:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"case {case}: {kind} file {path} does not exist")
+        require_file(path, f"case {case}: {kind} file")
+        loader = self.image_loader if kind == "image" else self.label_loader
         try:
-            return self.loader(path)
+            return loader(path)
         except Exception as err:
             raise ValueError(f"case {case}: cannot read {kind} file {path}: {_read_error(err, path)}") from err
+
+    def _as_float32(self, case: str, path, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype.is_floating_point:
+            finite = torch.isfinite(image)
+            if not bool(finite.all()):
+                raise ValueError(f"case {case}: image {path} has {int((~finite).sum())} non-finite voxels")
+        low, high = float(image.min()), float(image.max())
+        peak = max(abs(low), abs(high))
+        if peak > INTENSITY_LIMIT:
+            if self.intensity == "none":
+                raise ValueError(
+                    f"case {case}: image {path} has intensities in [{low:.4g}, {high:.4g}], beyond "
+                    f"+-{INTENSITY_LIMIT:.4g}, which data.intensity 'none' would give the network unscaled; normalise "
+                    f"them (data.intensity zscore or minmax) or rescale the file"
+                )
+            exponent = math.ceil(math.log2(peak / INTENSITY_LIMIT))
+            log.info(
+                "case %s: intensities in [%.4g, %.4g] scaled by 2^-%d before %s normalisation (float32's safe range)",
+                case,
+                low,
+                high,
+                exponent,
+                self.intensity,
+            )
+            image = image.to(torch.float64) * 2.0**-exponent
+        return image.to(torch.float32)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -316,9 +354,7 @@ class _LoadCase(Transform):
             )
         if image.shape[0] != 1:
             raise ValueError(f"case {case}: image {d['image']} has {image.shape[0]} channels; one is expected")
-        finite = torch.isfinite(image)
-        if not bool(finite.all()):
-            raise ValueError(f"case {case}: image {d['image']} has {int((~finite).sum())} non-finite voxels")
+        image = self._as_float32(case, d["image"], image)
         if self.label_values is not None and d.get("label") is not None:
             label = self._read(case, "label", d["label"])
             if label.shape != image.shape:
@@ -453,7 +489,7 @@ def preprocess_transforms(
     keys = ["image", "label"] if labels is not None else ["image"]
     modes = ["bilinear", "nearest"][: len(keys)]
     xforms: list = [
-        _LoadCase(None if labels is None else labels.values()),
+        _LoadCase(None if labels is None else labels.values(), intensity),
         Orientationd(keys=keys, axcodes="RAS", labels=None, allow_missing_keys=True),
     ]
     if spacing is not None:
@@ -697,6 +733,39 @@ def shared_cache_dir() -> Path:
     return cache_root() / "preprocessed"
 
 
+def preprocessed_grid(path: Path, spacing: Sequence[float] | None) -> tuple[int, int, int]:
+    """The voxel grid (RAS axis order) of the image at ``path`` after preprocessing, from its header alone: reoriented
+    to RAS, and resampled to ``spacing`` (mm) when given."""
+    img = nib.load(path)
+    shape, zooms = img.shape[:3], img.header.get_zooms()[:3]
+    ras_shape, ras_zooms = [0, 0, 0], [1.0, 1.0, 1.0]
+    for axis, (target, _) in enumerate(nib.orientations.io_orientation(img.affine)):
+        ras_shape[int(target)], ras_zooms[int(target)] = shape[axis], float(zooms[axis])
+    if spacing is not None:
+        ras_shape = [max(1, round(n * z / float(s))) for n, z, s in zip(ras_shape, ras_zooms, spacing, strict=True)]
+    return tuple(int(n) for n in ras_shape)
+
+
+def _warn_small_volumes(cases: Sequence[Case], patch: Sequence[int], spacing: Sequence[float] | None) -> None:
+    """Say when the patch is larger than training volumes: they are padded up to it, and every step then computes
+    on padding (a patch twice a volume's size costs eight times the voxels)."""
+    grids = {c.name: preprocessed_grid(c.image, spacing) for c in cases}
+    small = {name: g for name, g in grids.items() if any(n < p for n, p in zip(g, patch, strict=True))}
+    if small:
+        smallest = [min(g[axis] for g in grids.values()) for axis in range(3)]
+        log.warning(
+            "data.patch_size %s is larger than %d of the %d training volumes along some axis (smallest grid %s after "
+            "preprocessing, e.g. case %s): they are padded up to the patch, and each step computes on the padding "
+            "too; a patch within %s avoids it",
+            list(patch),
+            len(small),
+            len(grids),
+            smallest,
+            next(iter(small)),
+            smallest,
+        )
+
+
 def _seed_for(seed: int, epoch: int, rank: int = 0) -> int:
     # rank 0 keeps the single-process seeds; other ranks draw their own crops and worker seeds
     return int(np.random.SeedSequence([seed, epoch, *([rank] if rank else [])]).generate_state(1)[0])
@@ -791,6 +860,8 @@ def build_loaders(
             f"label value, not all zero"
         )
 
+    if rank == 0:
+        _warn_small_volumes(split.train, patch, spacing)
     pre = preprocess_transforms(
         labels=man.labels, spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity
     )

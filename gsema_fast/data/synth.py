@@ -32,6 +32,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gsema_fast.files import atomic_path, cache_root
+from gsema_fast.memory import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -710,6 +711,59 @@ _OWN_FILE = re.compile(
 )
 
 
+def _synthesised_params(out: Path) -> dict | None:
+    """The settings of the synthesised dataset whose manifest ``out`` holds; None when it holds none."""
+    try:
+        manifest = json.loads((out / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("name") != "gsema-synth":
+        return None
+    return manifest.get("synth") if isinstance(manifest.get("synth"), dict) else None
+
+
+def _params(domains: int, cases_per_domain: int, size: int, seed: int) -> dict:
+    """What decides a synthesised dataset's bytes, as its manifest records them."""
+    return dict(domains=domains, cases_per_domain=cases_per_domain, size=size, seed=seed, version=FORMAT_VERSION)
+
+
+def _describe(params: dict) -> str:
+    return (
+        f"{params.get('domains')} centre(s) x {params.get('cases_per_domain')} case(s), size {params.get('size')}, "
+        f"seed {params.get('seed')}, format {params.get('version')}"
+    )
+
+
+# Generating one case of the finest centre peaks at about 47 bytes per voxel of its size^3 matrix (tracemalloc over
+# the six centres at sizes 64 and 96: float32 fields, label and temporaries), whatever the size.
+PEAK_BYTES_PER_VOXEL = 48
+
+
+def _check_memory(size: int, workers: int) -> int:
+    """Refuse a size one case of which cannot be generated in the available memory (``ValueError``), before anything
+    is allocated or written; returns the number of worker processes whose cases fit at once."""
+    need = PEAK_BYTES_PER_VOXEL * size**3
+    available = available_memory()
+    if available is None:
+        return workers
+    if need > available:
+        largest = int((available / PEAK_BYTES_PER_VOXEL) ** (1 / 3))
+        raise ValueError(
+            f"synth: size={size} needs about {need / 2**30:.1f} GiB of memory to generate one case, and "
+            f"{available / 2**30:.1f} GiB is available; choose a size of at most {largest}"
+        )
+    fit = max(1, available // need)
+    if workers > fit:
+        log.warning(
+            "synth: %d worker process(es) would need %.1f GiB, %.1f GiB is available: using %d",
+            workers,
+            workers * need / 2**30,
+            available / 2**30,
+            fit,
+        )
+    return int(min(workers, fit))
+
+
 def _own_manifest(path: Path) -> bool:
     try:
         manifest = json.loads(path.read_text())
@@ -767,8 +821,10 @@ def synthesize(
     The bytes depend only on the arguments other than ``workers`` (each case has its own random stream). Files are
     written atomically and the manifest last, so an interrupted run leaves no half-written file and is simply
     redone; a folder that already holds the same dataset is returned at once unless ``overwrite``. A folder that holds
-    anything else (another dataset, other files) is refused (``FileExistsError``) unless ``overwrite``, which replaces
-    the dataset in it: imagesTr/ and labelsTr/ then hold exactly the new cases.
+    anything else (another dataset, synthesised with other settings or not, other files) is refused
+    (``FileExistsError``) unless ``overwrite``, which replaces the dataset in it: imagesTr/ and labelsTr/ then hold
+    exactly the new cases. A ``size`` one case of which would not fit in the available memory
+    (:data:`PEAK_BYTES_PER_VOXEL`) is refused before anything is written, and ``workers`` is lowered to what fits.
     ``workers``: processes (default: the CPUs this process may use, at most one per case, for datasets of at least
     four 128^3 cases' worth of voxels; one otherwise, since starting processes costs more than small cases take).
     Where torch is already imported the workers are spawned, which re-imports the calling script: as with any
@@ -782,16 +838,16 @@ def synthesize(
     if size < 16:
         raise ValueError(f"size={size}: volumes smaller than 16 voxels cannot hold a vessel tree")
     out = Path(out_dir)
-    params = {
-        "domains": domains,
-        "cases_per_domain": cases_per_domain,
-        "size": size,
-        "seed": seed,
-        "version": FORMAT_VERSION,
-    }
+    params = _params(domains, cases_per_domain, size, seed)
     if not overwrite and _complete(out, params):
         log.info("%s already holds this synthetic dataset; nothing to do", out)
         return out
+    held = _synthesised_params(out)
+    if held is not None and held != params and not overwrite:
+        raise FileExistsError(
+            f"synth: {out} holds another synthesised dataset ({_describe(held)}); pass --overwrite to replace it "
+            f"with this one ({_describe(params)}), or choose another folder"
+        )
     foreign = _foreign_files(out)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -799,16 +855,16 @@ def synthesize(
             f"synth: {out} holds files this generator did not write ({shown}); choose a new or empty folder, or "
             f"pass --overwrite to replace the dataset in it"
         )
+    jobs = [(str(out), d, i, size, seed) for d in range(domains) for i in range(cases_per_domain)]
+    if workers is None:  # starting processes costs seconds: only worth it for real work
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = usable if len(jobs) * size**3 >= 4 * 128**3 else 1
+    workers = _check_memory(size, max(1, min(workers, len(jobs))))
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = out / "dataset.json"
     manifest_path.unlink(missing_ok=True)  # the folder is incomplete until the new manifest is written
 
-    jobs = [(str(out), d, i, size, seed) for d in range(domains) for i in range(cases_per_domain)]
-    if workers is None:  # starting processes costs seconds: only worth it for real work
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = usable if len(jobs) * size**3 >= 4 * 128**3 else 1
-    workers = max(1, min(workers, len(jobs)))
     log.info(
         "synthesising %d cases (%d centres, size %d, seed %d) into %s with %d process(es)",
         len(jobs),
@@ -875,11 +931,27 @@ def builtin_dataset(
     """The built-in multi-centre dataset with these settings, synthesised on first use and reused afterwards.
 
     ``folder`` None: a per-user cache folder named after the settings (``$XDG_CACHE_HOME/gsema-fast`` or
-    ``~/.cache/gsema-fast``), so training, evaluation and later runs all find the same cases.
+    ``~/.cache/gsema-fast``), so training, evaluation and later runs all find the same cases; phantoms of an earlier
+    generator format there are rebuilt. A ``folder`` holding phantoms of other settings is refused
+    (``FileExistsError``): they may be another run's data.
     """
+    params = _params(domains, cases_per_domain, size, seed)
+    kwargs = dict(domains=domains, cases_per_domain=cases_per_domain, size=size, seed=seed)
     if folder is None:
         folder = cache_root() / f"phantoms-d{domains}-n{cases_per_domain}-s{size}-seed{seed}"
-    return synthesize(folder, domains=domains, cases_per_domain=cases_per_domain, size=size, seed=seed)
+        held = _synthesised_params(folder)
+        if held is not None and held != params:  # only the format can differ in a folder named after the settings
+            log.info("rebuilding the phantoms in %s (format %s -> %s)", folder, held.get("version"), FORMAT_VERSION)
+            return synthesize(folder, overwrite=True, **kwargs)
+        return synthesize(folder, **kwargs)
+    held = _synthesised_params(Path(folder))
+    if held is not None and held != params:
+        raise FileExistsError(
+            f"data.synth_dir: {folder} holds phantoms of other settings ({_describe(held)}) than data.synth_* ask "
+            f"for ({_describe(params)}); give another folder, or replace them with gsema-fast synth --out {folder} "
+            f"--overwrite"
+        )
+    return synthesize(folder, **kwargs)
 
 
 def dataset_folder(data) -> Path:
