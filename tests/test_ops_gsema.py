@@ -103,7 +103,7 @@ def test_grad_stats_backends_agree_and_are_deterministic(monkeypatch):
     a = random_list(SIZES["odd"], zeros=0.05)
     b = random_list(SIZES["odd"], torch.bfloat16)
     results = {}
-    for name in BACKENDS:
+    for name in ("torch", "triton"):
         monkeypatch.setenv(ops.BACKEND_ENV, name)
         first, second = ops.grad_stats(a, b), ops.grad_stats(a, b)
         assert torch.equal(first, second), f"{name}: two runs differ"
@@ -315,7 +315,7 @@ def test_gsema_update_is_deterministic_and_backends_agree(monkeypatch):
     student = random_list(SIZES["odd"], torch.bfloat16)
     base = random_list(SIZES["odd"])
     results = {}
-    for name in BACKENDS:
+    for name in ("torch", "triton"):
         monkeypatch.setenv(ops.BACKEND_ENV, name)
         runs = []
         for _ in range(2):
