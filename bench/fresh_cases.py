@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from gsema_fast.data import Preprocessing, builtin_dataset, dataset_folder, load_manifest, run_domains, volume_loader
-from gsema_fast.data.synth import FORMAT_VERSION
+from gsema_fast.data.phantoms.writer import FORMAT_VERSION
 from gsema_fast.files import write_json
 from gsema_fast.inference import load_checkpoint, score_volumes
 

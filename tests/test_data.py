@@ -30,9 +30,9 @@ from gsema_fast.data import (
     synthesize,
     volume_loader,
 )
-from gsema_fast.data import synth as synth_mod
-from gsema_fast.data.datasets import shared_cache_dir
+from gsema_fast.data.phantoms import writer as synth_mod
 from gsema_fast.data.target import ORDER
+from gsema_fast.data.transforms import shared_cache_dir
 from gsema_fast.files import cache_root
 
 HAS_CUDA = torch.cuda.is_available()
@@ -214,7 +214,7 @@ def test_centre_acquisition_styles_differ_measurably(synth_root):
 def test_synth_reuses_a_complete_folder_and_redoes_an_interrupted_one(tmp_path, caplog):
     root = synthesize(tmp_path / "ds", domains=2, cases_per_domain=1, size=24, seed=1, workers=1)
     stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}
-    with caplog.at_level(logging.INFO, logger="gsema_fast.data.synth"):
+    with caplog.at_level(logging.INFO, logger="gsema_fast.data.phantoms.writer"):
         synthesize(root, domains=2, cases_per_domain=1, size=24, seed=1)
     assert "nothing to do" in caplog.text
     assert stamp == {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}

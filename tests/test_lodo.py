@@ -16,14 +16,13 @@ import pytest
 import torch
 from tiny import tiny_run
 
-import gsema_fast.lodo as lodo_mod
-import gsema_fast.train as train_mod
-from gsema_fast.checkpoints import run_config
+import gsema_fast.experiments.lodo.run as lodo_mod
+import gsema_fast.training.loop as train_mod
 from gsema_fast.cli import main as cli_main
 from gsema_fast.config import config_to_dict, load_config, with_overrides
 from gsema_fast.data import dataset_identity, load_manifest, synthesize
-from gsema_fast.evaluate import evaluate
-from gsema_fast.lodo import (
+from gsema_fast.evaluation.evaluate import evaluate
+from gsema_fast.experiments.lodo import (
     ABLATION_ROWS,
     PRESETS,
     RECORDS_FILE,
@@ -35,6 +34,7 @@ from gsema_fast.lodo import (
     write_lodo_table,
 )
 from gsema_fast.models import build_model
+from gsema_fast.training.checkpoints import run_config
 
 CLASSES = ("vessel", "aneurysm")
 TABLES = ("markdown", "csv", "effects", "runs", "records")
@@ -558,7 +558,7 @@ def test_no_t_row_turns_every_target_component_off():
 
 # ------------------------------------------------------------------------------------------------ orchestration
 def _save_checkpoint(path, cfg):
-    """What gsema_fast.train writes, as far as lodo reads it: the run's config, its dataset's identity, weights."""
+    """What the training loop writes, as far as lodo reads it: the run's config, its dataset's identity, weights."""
     net = build_model(cfg.model)
     torch.save(
         {
@@ -575,7 +575,7 @@ def _save_checkpoint(path, cfg):
 
 
 class FakeTrain:
-    """Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint;
+    """Stands in for gsema_fast.training.loop.train: same signature and result, an untrained network as the checkpoint;
     ``fail_at``: the call (1-based) that is interrupted as Ctrl-C would."""
 
     def __init__(self, fail_at: int | None = None) -> None:

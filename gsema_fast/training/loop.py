@@ -11,8 +11,9 @@ validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary
 ``train.loggers: [jsonl, tensorboard]``. One process at a time trains in a folder (``.lock``); a folder that holds
 a run is continued (``resume``) or replaced (``overwrite``), never mixed with another run.
 
-The building blocks live in :mod:`gsema_fast.build`, :mod:`gsema_fast.compilation`, :mod:`gsema_fast.checkpoints`,
-:mod:`gsema_fast.runfolder` and :mod:`gsema_fast.monitor`; scoring in :mod:`gsema_fast.inference`.
+The building blocks live beside it in :mod:`~gsema_fast.training.build`, :mod:`~gsema_fast.training.compilation`,
+:mod:`~gsema_fast.training.checkpoints`, :mod:`~gsema_fast.training.runfolder` and
+:mod:`~gsema_fast.training.monitor`; scoring in :mod:`gsema_fast.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from gsema_fast import distributed
-from gsema_fast.build import (
+from gsema_fast.config import Config, config_to_dict, save_config
+from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
+from gsema_fast.evaluation.figures import draw_progress
+from gsema_fast.files import read_checkpoint, write_json
+from gsema_fast.inference import score_volumes
+from gsema_fast.memory import retain_freed_memory
+from gsema_fast.step import StepContext, train_step
+from gsema_fast.training.build import (
     build_context,
     build_data,
     build_scheduler,
@@ -36,8 +44,7 @@ from gsema_fast.build import (
     total_steps,
     transform_seed,
 )
-from gsema_fast.checkpoints import (
-    FIXED_ON_RESUME,
+from gsema_fast.training.checkpoints import (
     apply_settings,
     check_resume_dataset,
     restore,
@@ -45,29 +52,21 @@ from gsema_fast.checkpoints import (
     run_config,
     save_checkpoint,
 )
-from gsema_fast.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
-from gsema_fast.config import Config, config_to_dict, save_config
-from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
-from gsema_fast.figures import draw_progress
-from gsema_fast.files import read_checkpoint, write_json
-from gsema_fast.inference import score_volumes
-from gsema_fast.memory import retain_freed_memory
-from gsema_fast.monitor import IntervalLog, build_loggers, format_table
-from gsema_fast.runfolder import (
+from gsema_fast.training.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
+from gsema_fast.training.monitor import IntervalLog, build_loggers, format_table
+from gsema_fast.training.runfolder import (
     InterruptFlag,
     RunFolderLock,
-    TrainingInterrupted,
     check_run_folder,
     clear_run_folder,
     interrupted,
     remove_leftovers,
     truncate_log,
 )
-from gsema_fast.step import StepContext, train_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FIXED_ON_RESUME", "TrainingInterrupted", "train"]
+__all__ = ["train"]
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, evaluate_unseen: bool = True) -> dict:
@@ -75,9 +74,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, evaluat
 
     The run folder (``train.out_dir``) must be empty, or hold a run to continue (``resume``: from its
     ``checkpoints/latest.pt``, saved after every epoch) or to replace (``overwrite``); one process at a time trains
-    in it. ``resume`` refuses a change of the settings the checkpoint depends on (:data:`FIXED_ON_RESUME`) and lets
-    every other change take effect; with ``train.deterministic`` on the CPU and an unchanged config the resumed run
-    reproduces the uninterrupted run's losses. Ctrl-C stops after the step in flight (``TrainingInterrupted``).
+    in it. ``resume`` refuses a change of the settings the checkpoint depends on
+    (:data:`~gsema_fast.training.checkpoints.FIXED_ON_RESUME`) and lets every other change take effect; with
+    ``train.deterministic`` on the CPU and an unchanged config the resumed run reproduces the uninterrupted run's
+    losses. Ctrl-C stops after the step in flight (:class:`~gsema_fast.training.runfolder.TrainingInterrupted`).
 
     Protocol: ``best.pt`` is the checkpoint with the best validation Dice on held-out cases of the training
     centres. The unseen centre is read once, after training: the best checkpoint's teacher (the final one without

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from gsema_fast import distributed
 from gsema_fast.config import Config, config_from_dict, config_to_dict
 from gsema_fast.data import PREPROCESSING_KEYS, Preprocessing, unwrap_transform_error
+from gsema_fast.evaluation.metrics import case_metrics, mean_dice, voxel_spacing
 from gsema_fast.files import WriteError, atomic_path, check_writable, first_line, read_checkpoint
-from gsema_fast.metrics import case_metrics, mean_dice, voxel_spacing
 from gsema_fast.models import build_model
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,6 @@
 """Evaluation of a checkpoint on a dataset: whole volumes segmented as in :mod:`gsema_fast.inference`, scored with
-:mod:`gsema_fast.metrics` on each image's own grid, written as ``summary.json`` and ``metrics.csv`` (and figures).
-
-The metrics and inference names that lived here before are re-exported, so ``from gsema_fast.evaluate import
-case_metrics, predict`` keeps working.
+:mod:`gsema_fast.evaluation.metrics` on each image's own grid, written as ``summary.json`` and ``metrics.csv`` (and
+figures).
 """
 
 from __future__ import annotations
@@ -19,37 +17,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gsema_fast import figures as figs
 from gsema_fast.config import Config
 from gsema_fast.data import Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
+from gsema_fast.evaluation import figures as figs
+from gsema_fast.evaluation.metrics import METRICS, case_metrics, summarize, voxel_spacing
 from gsema_fast.files import check_writable, jsonable, write_csv, write_json
 from gsema_fast.inference import (
     LoadedCheckpoint,
     load_checkpoint,
     load_nifti,
-    predict,
-    predict_volume,
     save_nifti_like,
     segment_case,
 )
-from gsema_fast.metrics import METRICS, case_metrics, mean_sd, summarize, voxel_spacing
-from gsema_fast.runfolder import run_outputs
+from gsema_fast.training.runfolder import run_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "METRICS",
-    "LoadedCheckpoint",
-    "case_metrics",
-    "clear_evaluation",
-    "evaluate",
-    "evaluation_outputs",
-    "load_checkpoint",
-    "mean_sd",
-    "predict",
-    "predict_volume",
-    "summarize",
-]
+__all__ = ["clear_evaluation", "evaluate", "evaluation_outputs"]
 
 
 # What evaluate writes into its folder: the files, and the folders with the endings of the files written into them.

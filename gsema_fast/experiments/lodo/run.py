@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from gsema_fast.checkpoints import result_changes
 from gsema_fast.config import Config, TargetTransformConfig, load_config, with_overrides
 from gsema_fast.data import Manifest, builtin_dataset, load_manifest
-from gsema_fast.evaluate import clear_evaluation, evaluate
+from gsema_fast.evaluation.evaluate import clear_evaluation, evaluate
+from gsema_fast.evaluation.metrics import METRICS, mean_sd
 from gsema_fast.files import atomic_path, jsonable, read_checkpoint, write_csv, write_json
-from gsema_fast.metrics import METRICS, mean_sd
-from gsema_fast.train import train
+from gsema_fast.training.checkpoints import result_changes
+from gsema_fast.training.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -418,13 +418,13 @@ def write_lodo_table(
     ``records``: one per training run, ``{"row", "test_domain", "seed", "unseen_cases": {case: {class: {metric:
     value}}}, "held_out_cases": {...} (optional), "telemetry": {"aligned", "grad_cos"} (optional), "train_seconds"
     (optional)}``: per case of its unseen centre (and of its training centres' held-out cases), each class's
-    :func:`~gsema_fast.metrics.case_metrics` (:data:`~gsema_fast.metrics.METRICS` and the voxel counts ``tp``,
-    ``fp``, ``fn``); other keys are ignored. One statistic everywhere (:func:`_case_values`, :meth:`_Run.mean`):
-    a table cell is the mean ± sample sd over a row's runs of each run's mean over its cases (per centre in the
-    per-centre table); an effect is the same statistic of the paired differences from :data:`BASELINE_ROW`, with
-    its 95 % crossed bootstrap interval (:func:`paired_bootstrap`). A class's cells are over the cases whose
-    reference holds it; HD95 over those the row found, beside the share it missed. ``meta``: lines of
-    ``key: value`` printed above the tables.
+    :func:`~gsema_fast.evaluation.metrics.case_metrics` (:data:`~gsema_fast.evaluation.metrics.METRICS` and the voxel
+    counts ``tp``, ``fp``, ``fn``); other keys are ignored. One statistic everywhere (:func:`_case_values`,
+    :meth:`_Run.mean`): a table cell is the mean ± sample sd over a row's runs of each run's mean over its cases (per
+    centre in the per-centre table); an effect is the same statistic of the paired differences from
+    :data:`BASELINE_ROW`, with its 95 % crossed bootstrap interval (:func:`paired_bootstrap`). A class's cells are
+    over the cases whose reference holds it; HD95 over those the row found, beside the share it missed. ``meta``:
+    lines of ``key: value`` printed above the tables.
     """
     if not records:
         raise ValueError("write_lodo_table: no runs to tabulate")

@@ -1,7 +1,7 @@
 """Building a run from its config: random seeds, data loaders, student and teacher with their optimizer, schedule
 and step context (:class:`gsema_fast.step.StepContext`), and the target-domain transform. Shared by the training
-loop (:mod:`gsema_fast.train`), the step benchmark (:mod:`gsema_fast.benchstep`) and, through ``train``, the
-experiments."""
+loop (:mod:`gsema_fast.training.loop`), the step benchmark (:mod:`gsema_fast.training.benchstep`) and, through
+``train``, the experiments."""
 
 from __future__ import annotations
 
