@@ -2,12 +2,15 @@
 
 Public API (names are imported on first use, so ``synthesize`` needs neither torch nor MONAI):
 
-- :func:`synthesize` (``gsema_fast.data.phantoms.writer``): write the built-in multi-centre dataset; :data:`CENTRES`;
+- :func:`synthesize` (``gsema_fast.data.phantoms``): write the built-in multi-centre dataset; :data:`CENTRES`;
   :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use;
   :func:`dataset_folder`: a run's dataset folder from its ``data`` settings.
-- :func:`load_manifest`, :func:`split_cases`, :func:`run_domains`, :func:`build_loaders`, :func:`volume_loader`,
-  :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.transforms``): NIfTI datasets with MONAI
-  transforms.
+- :func:`load_manifest`, :func:`split_cases`, :func:`run_domains` (``gsema_fast.data.manifest``): a dataset's cases,
+  their domains, and splits by domain.
+- :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.transforms``): the MONAI preprocessing
+  every path shares.
+- :func:`build_loaders`, :func:`volume_loader` (``gsema_fast.data.loaders``): training patches balanced over the
+  domains (``gsema_fast.data.sampling``), whole volumes for validation and prediction.
 - :func:`dataset_identity`, :func:`identity_changes` (``gsema_fast.data.identity``): what a run was trained on
   (cases, domains, file contents), recorded in its checkpoints and checked before a result is reused.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
@@ -32,15 +35,15 @@ _EXPORTS = {
     "CENTRES": "phantoms",
     "CentreStyle": "phantoms",
     "LABELS": "phantoms",
-    "Case": "transforms",
-    "Manifest": "transforms",
-    "Split": "transforms",
-    "Loaders": "transforms",
-    "load_manifest": "transforms",
-    "split_cases": "transforms",
-    "run_domains": "transforms",
-    "build_loaders": "transforms",
-    "volume_loader": "transforms",
+    "Case": "manifest",
+    "Manifest": "manifest",
+    "Split": "manifest",
+    "load_manifest": "manifest",
+    "split_cases": "manifest",
+    "run_domains": "manifest",
+    "Loaders": "loaders",
+    "build_loaders": "loaders",
+    "volume_loader": "loaders",
     "preprocess_transforms": "transforms",
     "Preprocessing": "transforms",
     "PREPROCESSING_KEYS": "transforms",
