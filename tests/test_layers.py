@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("step", ("gsema_fast.step",)),
     ("metrics", ("gsema_fast.evaluation.metrics",)),
     ("inference", ("gsema_fast.inference",)),
-    ("figures", ("gsema_fast.evaluation.figures",)),
+    ("scoring, figures", ("gsema_fast.evaluation.scoring", "gsema_fast.evaluation.figures")),
     (
         "training set-up",
         (

@@ -31,8 +31,8 @@ from gsema_fast import distributed
 from gsema_fast.config import Config, config_to_dict, save_config
 from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
 from gsema_fast.evaluation.figures import draw_progress
+from gsema_fast.evaluation.scoring import score_volumes
 from gsema_fast.files import read_checkpoint, write_json
-from gsema_fast.inference import score_volumes
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.step import StepContext, train_step
 from gsema_fast.training.build import (
