@@ -17,6 +17,7 @@ import torch
 from tiny import tiny_run
 
 import gsema_fast.experiments.lodo.run as lodo_mod
+import gsema_fast.experiments.lodo.study as study_mod
 import gsema_fast.training.loop as train_mod
 from gsema_fast.cli import main as cli_main
 from gsema_fast.config import config_to_dict, load_config, with_overrides
@@ -544,13 +545,13 @@ def test_lodo_table_command(tmp_path, caplog):
 def test_presets_name_real_rows_and_fit_their_purpose():
     quick, full = PRESETS["quick"], PRESETS["full"]
     assert set(quick.rows) <= set(ABLATION_ROWS) and set(full.rows) == set(ABLATION_ROWS)
-    assert "no EMA, no T" in quick.rows and lodo_mod.BASELINE_ROW in quick.rows
+    assert "no EMA, no T" in quick.rows and study_mod.BASELINE_ROW in quick.rows
     assert quick.seeds == 3 and quick.domains == ("3",) and full.seeds == 5 and full.domains is None
     load_config("demo", list(quick.overrides))  # the preset's overrides are valid keys
 
 
 def test_no_t_row_turns_every_target_component_off():
-    cfg = with_overrides(load_config("demo"), *lodo_mod._row_overrides("no EMA, no T", load_config("demo")))
+    cfg = with_overrides(load_config("demo"), *study_mod.row_overrides("no EMA, no T", load_config("demo")))
     raw = config_to_dict(cfg)["target_transform"]
     assert raw and not any(section["enabled"] for section in raw.values())
     assert cfg.ema.mode == "none" and cfg.loss.lambda_con == 0
@@ -619,13 +620,13 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
     # The no-EMA row turns BACL off; that must not leak into the rows after it.
     assert all(c.loss.lambda_con == 0.3 and c.bacl.volume and c.bacl.boundary for c in bacl)
     assert all(c.loss.lambda_con == 0 for c in calls if c.ema.mode == "none")
-    assert lodo_mod._row_overrides("GS-EMA + BACL-B", cfg) == (
+    assert study_mod.row_overrides("GS-EMA + BACL-B", cfg) == (
         "ema.mode=gsema",
         "bacl.volume=false",
         "bacl.boundary=true",
     )
     no_bacl = with_overrides(cfg, "loss.lambda_con=0")
-    assert lodo_mod._row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
+    assert study_mod.row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
     assert all(c.data.root == str(tmp_path / "lodo" / "synth") and c.data.train_domains is None for c in calls)
     assert all(c.train.out_dir.endswith(f"centre-{c.data.test_domain}/seed-{c.train.seed}") for c in calls)
     record = result["records"][0]
