@@ -1,7 +1,8 @@
 """The package's data flows down its layers and never back up: a module imports only from layers below its own; no
 import circle; no private name imported from another module; no function-local import of the package's own
 modules (except the command line's, which keeps ``--help`` fast, and the optional integrations, imported only when
-used). Every module imports on its own, whichever is imported first."""
+used). Every module imports on its own, whichever is imported first. No function outside the kernels is longer than
+a screen: a longer one is split into named steps."""
 
 from __future__ import annotations
 
@@ -242,3 +243,36 @@ def test_the_readme_layout_names_every_module():
         )
     for folder in ("kernels/", "configs/", "bench/", "tests/"):
         assert f"{folder}`" in section, f"README's layout section does not name {folder}"
+
+
+# Longer functions are split into named steps that read top to bottom. The kernels are exempt: a Triton program is one
+# function by nature.
+MAX_FUNCTION_LINES = 80
+# build_loaders takes the data settings one keyword at a time; the typed data config replaces its body, and this entry.
+LONG_FUNCTIONS = ("gsema_fast.data.loaders.build_loaders",)
+
+
+def function_lengths() -> dict[str, tuple[int, str]]:
+    """``{module.function: (lines, where)}`` for every function and method of the package outside the kernels."""
+    found = {}
+    for module, path in MODULES.items():
+        if unit(module) == "gsema_fast.kernels":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                found[f"{module}.{node.name}"] = (node.end_lineno - node.lineno + 1, where)
+    return found
+
+
+def test_no_function_outside_the_kernels_is_longer_than_a_screen():
+    lengths = function_lengths()
+    long = [
+        f"{where} {name.rpartition('.')[2]}: {lines} lines"
+        for name, (lines, where) in sorted(lengths.items())
+        if lines > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines; split them into named steps: {long}"
+    # An exception that no longer applies goes from the list.
+    for name in LONG_FUNCTIONS:
+        assert lengths[name][0] > MAX_FUNCTION_LINES, f"{name} is {lengths[name][0]} lines now: drop it from the list"
