@@ -6,8 +6,8 @@ deterministic per (seed, centre, case index), so the cases after a run's own ``s
 of the same centres that no run trained, validated or chose a checkpoint on. This scores every given run (a run
 folder: its ``checkpoints/best.pt``; or a checkpoint file) on the same ``--cases`` fresh cases per training centre,
 after the largest dataset any of them used, and on the unseen centre, with the trainer's own scoring path
-(:func:`gsema_fast.inference.score_volumes`). Choices between configurations read the fresh source-centre figures
-only; the unseen-centre ones are printed for the record.
+(:func:`gsema_fast.evaluation.scoring.score_volumes`). Choices between configurations read the fresh source-centre
+figures only; the unseen-centre ones are printed for the record.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import statistics
 from pathlib import Path
 
 from gsema_fast.data import Preprocessing, builtin_dataset, dataset_folder, load_manifest, run_domains, volume_loader
-from gsema_fast.data.synth import FORMAT_VERSION
+from gsema_fast.data.phantoms.writer import FORMAT_VERSION
+from gsema_fast.evaluation.scoring import score_volumes
 from gsema_fast.files import write_json
-from gsema_fast.inference import load_checkpoint, score_volumes
+from gsema_fast.inference import load_checkpoint
 
 log = logging.getLogger("bench.fresh_cases")
 

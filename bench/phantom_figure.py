@@ -14,7 +14,7 @@ import numpy as np
 
 from gsema_fast.config import load_config
 from gsema_fast.data import dataset_folder, load_manifest
-from gsema_fast.figures import plot_dataset_mips
+from gsema_fast.evaluation.figures import plot_dataset_mips
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 on the training device.
 
 Targets (issue 4): 24 synthetic cases of 128^3 in under a minute on two CPU cores (measured with ``gsema-fast
-synth``, see the module's docstring in ``gsema_fast/data/synth.py``); T on a batch of two 128^3 patches well under
+synth``, see the package's docstring in ``gsema_fast/data/phantoms/``); T on a batch of two 128^3 patches well under
 a GPU training step (~0.1 s on H200). With ``--benchmark-disable`` (CI) every case runs once at toy sizes;
 otherwise at the sizes of the targets. ``extra_info`` holds the rates.
 """

@@ -12,8 +12,8 @@ import functools
 import pytest
 
 from bench._util import ON_GPU, sync, timed
-from gsema_fast.benchstep import prepare, step_function
 from gsema_fast.config import load_config
+from gsema_fast.training.benchstep import prepare, step_function
 
 SETTINGS = (
     ["model.name=swinunetr", "model.feature_size=48", "data.patch_size=[96,96,96]", "data.batch_size=1"]

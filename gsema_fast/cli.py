@@ -110,7 +110,7 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(args) -> int:
     from gsema_fast.config import load_config
-    from gsema_fast.evaluate import evaluate
+    from gsema_fast.evaluation.evaluate import evaluate
 
     config = load_config(args.config) if args.config else None
     evaluate(
@@ -200,7 +200,7 @@ def _add_lodo(sub) -> None:
 
 
 def _run_lodo(args) -> int:
-    from gsema_fast.lodo import lodo
+    from gsema_fast.experiments.lodo import lodo
 
     result = lodo(
         args.config,
@@ -228,7 +228,7 @@ def _add_lodo_table(sub) -> None:
 
 
 def _run_lodo_table(args) -> int:
-    from gsema_fast.lodo import rebuild_lodo_table
+    from gsema_fast.experiments.lodo import rebuild_lodo_table
 
     tables = rebuild_lodo_table(args.records, args.out)
     log.info("results: %s", tables["markdown"])
@@ -273,7 +273,7 @@ def _run_train(args) -> int:
 
     from gsema_fast import distributed
     from gsema_fast.config import load_config
-    from gsema_fast.train import train
+    from gsema_fast.training import train
 
     name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
     overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
@@ -320,9 +320,9 @@ def _run_bench_step(args) -> int:
 
     import torch
 
-    from gsema_fast.benchstep import MODES, bench_step
     from gsema_fast.config import load_config
     from gsema_fast.files import atomic_path, require_writable_file
+    from gsema_fast.training.benchstep import MODES, bench_step
 
     cfg = load_config(args.config or ("gpu" if torch.cuda.is_available() else "demo"), args.set)
     modes = MODES if args.mode == "all" else (args.mode,)

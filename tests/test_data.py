@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -22,6 +23,7 @@ from gsema_fast.cli import main as cli_main
 from gsema_fast.data import (
     CENTRES,
     LABELS,
+    CentreStyle,
     TargetTransform,
     build_loaders,
     load_manifest,
@@ -30,8 +32,8 @@ from gsema_fast.data import (
     synthesize,
     volume_loader,
 )
-from gsema_fast.data import synth as synth_mod
-from gsema_fast.data.datasets import shared_cache_dir
+from gsema_fast.data.loaders import shared_cache_dir
+from gsema_fast.data.phantoms import acquisition, anatomy, writer
 from gsema_fast.data.target import ORDER
 from gsema_fast.files import cache_root
 
@@ -111,7 +113,7 @@ def test_synth_all_classes_present(synth_root):
 
 def test_dome_diameters_follow_the_clinical_distribution():
     rng = np.random.default_rng(0)
-    d = np.array([synth_mod.dome_diameter(rng) for _ in range(4000)])
+    d = np.array([anatomy.dome_diameter(rng) for _ in range(4000)])
     assert d.min() >= 2.0 and d.max() <= 15.0
     assert 5.0 < np.median(d) < 6.0
     # most sacs referred for 3DRA are 3-12 mm across; small and large ones exist
@@ -124,12 +126,12 @@ def test_every_case_has_an_aneurysm_and_sizes_do_not_depend_on_the_centre():
     and the dome diameters drawn with each centre's case streams are indistinguishable (KS test)."""
     from scipy.stats import ks_2samp
 
-    fov = np.full(3, 96 * synth_mod.REF_SPACING_MM)
+    fov = np.full(3, 96 * acquisition.REF_SPACING_MM)
     diameters = {}
     for domain in range(4):
         ds = []
         for index in range(40):
-            _, aneurysms = synth_mod._anatomy(np.random.default_rng([0, domain, index]), fov)
+            _, aneurysms = anatomy.draw_anatomy(np.random.default_rng([0, domain, index]), fov)
             assert 1 <= len(aneurysms) <= 2
             ds += [2 * a.axes.max() for a in aneurysms]
         diameters[domain] = np.array(ds)
@@ -145,7 +147,7 @@ def test_synth_cases_hold_sacs_and_distractors(synth_root):
         assert len(e["dome_diameters_mm"]) == e["aneurysms"]
     # vessel loops, crossings and infundibula are drawn (all labelled vessel)
     rng = np.random.default_rng(3)
-    trees = [synth_mod._grow_tree(rng, np.full(3, 38.4)) for _ in range(30)]
+    trees = [anatomy.grow_tree(rng, np.full(3, 38.4)) for _ in range(30)]
     flared = sum(radii[0] > 1.5 * radii[-1] for t in trees for _, radii in t.branches)
     assert flared > 0, "no infundibulum in 30 trees"
 
@@ -155,7 +157,7 @@ def test_synth_cases_hold_sacs_and_distractors(synth_root):
         return np.degrees(np.arccos(np.clip((d[:-1] * d[1:]).sum(1), -1, 1))).sum()
 
     assert any(turn(p) > 240 for t in trees for p, _ in t.branches), "no vessel loop in 30 trees"
-    assert synth_mod.FORMAT_VERSION >= 2
+    assert writer.FORMAT_VERSION >= 2
 
 
 def test_centres_differ_measurably(synth_root):
@@ -214,7 +216,7 @@ def test_centre_acquisition_styles_differ_measurably(synth_root):
 def test_synth_reuses_a_complete_folder_and_redoes_an_interrupted_one(tmp_path, caplog):
     root = synthesize(tmp_path / "ds", domains=2, cases_per_domain=1, size=24, seed=1, workers=1)
     stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}
-    with caplog.at_level(logging.INFO, logger="gsema_fast.data.synth"):
+    with caplog.at_level(logging.INFO, logger="gsema_fast.data.phantoms.writer"):
         synthesize(root, domains=2, cases_per_domain=1, size=24, seed=1)
     assert "nothing to do" in caplog.text
     assert stamp == {p: p.stat().st_mtime_ns for p in root.rglob("*.nii.gz")}
@@ -232,6 +234,145 @@ def test_synth_reuses_a_complete_folder_and_redoes_an_interrupted_one(tmp_path, 
     assert json.loads((root / "dataset.json").read_text())["synth"]["seed"] == 2
 
 
+# The centre table as it stood before it was written with keywords: eighteen positional values per centre, in the
+# order of CentreStyle's fields. The keyword table must hold the same values, so the phantoms keep their bytes.
+POSITIONAL_CENTRES = (
+    (
+        "A",
+        (1.0, 1.0, 1.0),
+        "RAS",
+        0.22,
+        0.10,
+        1.00,
+        0.15,
+        0.90,
+        1.00,
+        0.04,
+        0.10,
+        "gaussian",
+        0.035,
+        "",
+        0.0,
+        "uint16",
+        3000.0,
+        100.0,
+    ),
+    (
+        "B",
+        (0.875, 0.875, 0.875),
+        "LPS",
+        0.38,
+        0.30,
+        0.75,
+        0.30,
+        0.80,
+        0.75,
+        0.04,
+        0.25,
+        "poisson",
+        0.09,
+        "rings",
+        0.05,
+        "int16",
+        2000.0,
+        -600.0,
+    ),
+    (
+        "C",
+        (1.0, 1.0, 0.75),
+        "RAS",
+        0.30,
+        0.06,
+        1.00,
+        0.25,
+        0.70,
+        1.50,
+        0.08,
+        0.18,
+        "correlated",
+        0.07,
+        "",
+        0.0,
+        "float32",
+        1.0,
+        0.0,
+    ),
+    (
+        "D",
+        (0.75, 0.75, 0.75),
+        "LPS",
+        0.50,
+        0.25,
+        0.70,
+        0.40,
+        0.65,
+        0.70,
+        0.10,
+        0.40,
+        "rician",
+        0.07,
+        "streaks",
+        0.15,
+        "int16",
+        1200.0,
+        0.0,
+    ),
+    (
+        "E",
+        (0.8, 0.8, 1.0),
+        "RAS",
+        0.45,
+        0.06,
+        1.10,
+        0.50,
+        1.00,
+        1.70,
+        0.05,
+        0.30,
+        "gaussian",
+        0.08,
+        "rings",
+        0.08,
+        "uint16",
+        4000.0,
+        0.0,
+    ),
+    (
+        "F",
+        (0.9, 0.9, 0.9),
+        "RAS",
+        0.28,
+        0.25,
+        0.70,
+        0.20,
+        0.75,
+        0.90,
+        0.16,
+        0.15,
+        "correlated",
+        0.05,
+        "streaks",
+        0.10,
+        "float32",
+        1.0,
+        -0.25,
+    ),
+)
+
+
+def test_the_centre_table_written_with_keywords_draws_the_phantoms_it_drew_before():
+    names = [f.name for f in dataclasses.fields(CentreStyle)]
+    with pytest.raises(TypeError):  # keywords only: a positional table cannot come back
+        CentreStyle(*POSITIONAL_CENTRES[0])
+    assert len(CENTRES) == len(POSITIONAL_CENTRES)
+    for domain, row in enumerate(POSITIONAL_CENTRES):
+        before = CentreStyle(**dict(zip(names, row, strict=True)))
+        assert CENTRES[domain] == before
+        old, new = (acquisition.scan_case(style, domain, 0, 24, 5) for style in (before, CENTRES[domain]))
+        assert new.image.dtype == old.image.dtype and new.image.tobytes() == old.image.tobytes()
+        assert new.label.tobytes() == old.label.tobytes() and np.array_equal(new.affine, old.affine)
+
+
 def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "x.nii.gz"
 
@@ -239,9 +380,9 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synth_mod.nib, "save", broken_save)
+    monkeypatch.setattr(writer.nib, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        synth_mod._atomic_save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), target)
+        writer._atomic_save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), target)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -259,8 +400,8 @@ def test_cached_data_lives_under_the_per_user_cache_root(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "xdg" / "gsema-fast"
     assert shared_cache_dir() == cache_root() / "preprocessed"
     calls = []
-    monkeypatch.setattr(synth_mod, "synthesize", lambda folder, **kwargs: calls.append(Path(folder)) or Path(folder))
-    synth_mod.builtin_dataset(domains=2, cases_per_domain=1, size=24, seed=5)
+    monkeypatch.setattr(writer, "synthesize", lambda folder, **kwargs: calls.append(Path(folder)) or Path(folder))
+    writer.builtin_dataset(domains=2, cases_per_domain=1, size=24, seed=5)
     assert calls == [cache_root() / "phantoms-d2-n1-s24-seed5"]
     monkeypatch.setenv("XDG_CACHE_HOME", "")  # unset or empty: the home folder's .cache
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

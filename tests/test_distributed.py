@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny import tiny_run
 
-from gsema_fast.data.datasets import DomainBalancedSampler
+from gsema_fast.data.sampling import DomainBalancedSampler
 
 TESTS = Path(__file__).parent
 MODES = ["gsema", "gsema-conflict", "gsema-nobacl", "ema"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU, compute_hausdorff_distance
 
+from gsema_fast.evaluation.metrics import case_metrics
 from gsema_fast.inference import predict_volume
-from gsema_fast.metrics import case_metrics
 from gsema_fast.models import build_model
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
@@ -303,7 +303,7 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
 
     import nibabel as nib
 
-    from gsema_fast.evaluate import evaluate
+    from gsema_fast.evaluation.evaluate import evaluate
 
     out = tmp_path / "eval"
     summary = evaluate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gsema_fast.figures import error_fractions, plot_case_mips, plot_dataset_mips
+from gsema_fast.evaluation.figures import error_fractions, plot_case_mips, plot_dataset_mips
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
 

@@ -42,8 +42,9 @@ SCRIPT = textwrap.dedent(
     sys.meta_path.insert(0, Absent())
 
     for name in ("gsema_fast", "gsema_fast.cli", "gsema_fast.config", "gsema_fast.ops", "gsema_fast.ema",
-                 "gsema_fast.losses", "gsema_fast.step", "gsema_fast.models", "gsema_fast.data", "gsema_fast.train",
-                 "gsema_fast.evaluate", "gsema_fast.benchstep", "gsema_fast.integrations"):
+                 "gsema_fast.losses", "gsema_fast.step", "gsema_fast.models", "gsema_fast.data",
+                 "gsema_fast.training.loop", "gsema_fast.evaluation.evaluate", "gsema_fast.training.benchstep",
+                 "gsema_fast.integrations"):
         importlib.import_module(name)
 
     from gsema_fast.cli import main
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent(
 
     from gsema_fast.config import load_config
     from gsema_fast.integrations import MissingExtraError
-    from gsema_fast.monitor import build_loggers
+    from gsema_fast.training.monitor import build_loggers
     cfg = load_config("demo", ["train.loggers=[jsonl,tensorboard]"])
     try:
         build_loggers(cfg, None)

@@ -21,8 +21,8 @@ from tiny import make_ctx, tiny_batch  # noqa: E402
 
 from gsema_fast.config import Config  # noqa: E402
 from gsema_fast.data import TargetTransform  # noqa: E402
+from gsema_fast.evaluation.metrics import case_metrics  # noqa: E402
 from gsema_fast.integrations.monai import GSEMAIteration  # noqa: E402
-from gsema_fast.metrics import case_metrics  # noqa: E402
 from gsema_fast.models import LogitsOnly  # noqa: E402
 from gsema_fast.step import train_step  # noqa: E402
 

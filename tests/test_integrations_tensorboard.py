@@ -14,7 +14,7 @@ from tiny import tiny_run  # noqa: E402
 
 from gsema_fast.config import load_config  # noqa: E402
 from gsema_fast.integrations.tensorboard import TensorBoardLogger  # noqa: E402
-from gsema_fast.train import train  # noqa: E402
+from gsema_fast.training import train  # noqa: E402
 
 
 def read_events(folder) -> EventAccumulator:
@@ -107,7 +107,7 @@ def test_logger_of_a_resumed_run_keeps_the_checkpoints_step_and_hides_what_came_
 
 
 def test_resumed_training_shows_every_step_once_as_log_jsonl_does(phantoms, tmp_path, monkeypatch):
-    import gsema_fast.train as train_module
+    import gsema_fast.training.loop as train_module
 
     cfg = load_config(
         "demo", [*tiny_run(phantoms), f"train.out_dir={tmp_path / 'run'}", "train.loggers=[jsonl,tensorboard]"]

@@ -16,14 +16,14 @@ import pytest
 import torch
 from tiny import tiny_run
 
-import gsema_fast.lodo as lodo_mod
-import gsema_fast.train as train_mod
-from gsema_fast.checkpoints import run_config
+import gsema_fast.experiments.lodo.run as lodo_mod
+import gsema_fast.experiments.lodo.study as study_mod
+import gsema_fast.training.loop as train_mod
 from gsema_fast.cli import main as cli_main
 from gsema_fast.config import config_to_dict, load_config, with_overrides
 from gsema_fast.data import dataset_identity, load_manifest, synthesize
-from gsema_fast.evaluate import evaluate
-from gsema_fast.lodo import (
+from gsema_fast.evaluation.evaluate import evaluate
+from gsema_fast.experiments.lodo import (
     ABLATION_ROWS,
     PRESETS,
     RECORDS_FILE,
@@ -35,6 +35,7 @@ from gsema_fast.lodo import (
     write_lodo_table,
 )
 from gsema_fast.models import build_model
+from gsema_fast.training.checkpoints import run_config
 
 CLASSES = ("vessel", "aneurysm")
 TABLES = ("markdown", "csv", "effects", "runs", "records")
@@ -544,13 +545,13 @@ def test_lodo_table_command(tmp_path, caplog):
 def test_presets_name_real_rows_and_fit_their_purpose():
     quick, full = PRESETS["quick"], PRESETS["full"]
     assert set(quick.rows) <= set(ABLATION_ROWS) and set(full.rows) == set(ABLATION_ROWS)
-    assert "no EMA, no T" in quick.rows and lodo_mod.BASELINE_ROW in quick.rows
+    assert "no EMA, no T" in quick.rows and study_mod.BASELINE_ROW in quick.rows
     assert quick.seeds == 3 and quick.domains == ("3",) and full.seeds == 5 and full.domains is None
     load_config("demo", list(quick.overrides))  # the preset's overrides are valid keys
 
 
 def test_no_t_row_turns_every_target_component_off():
-    cfg = with_overrides(load_config("demo"), *lodo_mod._row_overrides("no EMA, no T", load_config("demo")))
+    cfg = with_overrides(load_config("demo"), *study_mod.row_overrides("no EMA, no T", load_config("demo")))
     raw = config_to_dict(cfg)["target_transform"]
     assert raw and not any(section["enabled"] for section in raw.values())
     assert cfg.ema.mode == "none" and cfg.loss.lambda_con == 0
@@ -558,7 +559,7 @@ def test_no_t_row_turns_every_target_component_off():
 
 # ------------------------------------------------------------------------------------------------ orchestration
 def _save_checkpoint(path, cfg):
-    """What gsema_fast.train writes, as far as lodo reads it: the run's config, its dataset's identity, weights."""
+    """What the training loop writes, as far as lodo reads it: the run's config, its dataset's identity, weights."""
     net = build_model(cfg.model)
     torch.save(
         {
@@ -575,7 +576,7 @@ def _save_checkpoint(path, cfg):
 
 
 class FakeTrain:
-    """Stands in for gsema_fast.train.train: same signature and result, an untrained network as the checkpoint;
+    """Stands in for gsema_fast.training.loop.train: same signature and result, an untrained network as the checkpoint;
     ``fail_at``: the call (1-based) that is interrupted as Ctrl-C would."""
 
     def __init__(self, fail_at: int | None = None) -> None:
@@ -619,13 +620,13 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
     # The no-EMA row turns BACL off; that must not leak into the rows after it.
     assert all(c.loss.lambda_con == 0.3 and c.bacl.volume and c.bacl.boundary for c in bacl)
     assert all(c.loss.lambda_con == 0 for c in calls if c.ema.mode == "none")
-    assert lodo_mod._row_overrides("GS-EMA + BACL-B", cfg) == (
+    assert study_mod.row_overrides("GS-EMA + BACL-B", cfg) == (
         "ema.mode=gsema",
         "bacl.volume=false",
         "bacl.boundary=true",
     )
     no_bacl = with_overrides(cfg, "loss.lambda_con=0")
-    assert lodo_mod._row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
+    assert study_mod.row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
     assert all(c.data.root == str(tmp_path / "lodo" / "synth") and c.data.train_domains is None for c in calls)
     assert all(c.train.out_dir.endswith(f"centre-{c.data.test_domain}/seed-{c.train.seed}") for c in calls)
     record = result["records"][0]

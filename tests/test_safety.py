@@ -206,8 +206,8 @@ def test_crafted_checkpoint_runs_no_code(verb, phantoms, run_copy, volume, tmp_p
 
 
 def test_checkpoints_hold_plain_types_and_older_ones_still_load(finished, tmp_path):
-    from gsema_fast.checkpoints import set_numpy_rng_state
     from gsema_fast.files import read_checkpoint
+    from gsema_fast.training.checkpoints import set_numpy_rng_state
 
     state = torch.load(finished / "checkpoints" / "latest.pt", weights_only=True)  # no allow-list needed
     numpy_state = state["rng"]["numpy"]
@@ -351,7 +351,7 @@ def test_resume_changes_that_are_allowed_take_effect(phantoms, run_copy, caplog)
 
 
 def test_resume_truncates_the_log_to_the_checkpoint(phantoms, tmp_path, caplog, monkeypatch):
-    import gsema_fast.train as train_module
+    import gsema_fast.training.loop as train_module
 
     run = tmp_path / "run"
     calls = []
@@ -578,7 +578,7 @@ def test_single_domain_run_says_so_and_writes_its_summary(tmp_path, caplog):
 
 
 def test_summary_is_strict_json_with_nan_as_null(phantoms, tmp_path, caplog, monkeypatch):
-    import gsema_fast.train as train_module
+    import gsema_fast.training.loop as train_module
 
     evaluate = train_module.score_volumes
 
@@ -647,7 +647,7 @@ def test_synth_checks_memory_before_it_allocates(tmp_path, caplog, monkeypatch):
                      r"available; choose a size of at most \d+$")  # fmt: skip
     assert not out.exists()  # nothing created, not even empty folders
     # workers are lowered to what fits: here one case at a time
-    from gsema_fast.data import synth
+    from gsema_fast.data.phantoms import writer as synth
 
     monkeypatch.setattr(synth, "available_memory", lambda: int(1.5 * synth.PEAK_BYTES_PER_VOXEL * 24**3))
     caplog.set_level(logging.INFO, logger="gsema_fast")
@@ -994,10 +994,10 @@ def test_a_patch_larger_than_the_volumes_is_said(phantoms, caplog):
 
 
 def test_bench_step_checks_its_output_before_it_runs(tmp_path, caplog, monkeypatch):
-    import gsema_fast.benchstep
+    import gsema_fast.training.benchstep
 
     ran = []
-    monkeypatch.setattr(gsema_fast.benchstep, "bench_step", lambda *args, **kwargs: ran.append(1) or {})
+    monkeypatch.setattr(gsema_fast.training.benchstep, "bench_step", lambda *args, **kwargs: ran.append(1) or {})
     (tmp_path / "a-file").write_text("mine")
     for out, pattern in (
         (tmp_path, rf"^--out {re.escape(str(tmp_path))} is a folder; expected a file$"),

@@ -14,12 +14,12 @@ import pytest
 import torch
 from tiny import make_ctx, params_of, recorded_grad_stats, tiny_batch, tiny_run
 
-from gsema_fast.compilation import compile_blocks
 from gsema_fast.config import load_config
 from gsema_fast.losses import DiceCE
 from gsema_fast.models import repeated_blocks
 from gsema_fast.step import flat_gradient_buffers, forward_all, train_step
-from gsema_fast.train import train
+from gsema_fast.training import train
+from gsema_fast.training.compilation import compile_blocks
 
 # ------------------------------------------------------------------------------------------------ the step
 
@@ -200,7 +200,7 @@ def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeyp
     assert set(summary["test"]["mean"]) == {"vessel", "aneurysm"}
 
     # Interrupt a run with the same config right after its first epoch's checkpoint, then resume it.
-    import gsema_fast.train as train_module
+    import gsema_fast.training.loop as train_module
 
     def interrupt(*_args):
         raise KeyboardInterrupt
@@ -291,7 +291,7 @@ from pathlib import Path
 from torch._dynamo.utils import counters
 from tiny import make_ctx, tiny_batch
 from gsema_fast.step import train_step
-from gsema_fast.compilation import compile_blocks, load_compile_cache, save_compile_cache
+from gsema_fast.training.compilation import compile_blocks, load_compile_cache, save_compile_cache
 
 cache = Path(sys.argv[1])
 warm = load_compile_cache(cache)

@@ -2,12 +2,15 @@
 
 Public API (names are imported on first use, so ``synthesize`` needs neither torch nor MONAI):
 
-- :func:`synthesize` (``gsema_fast.data.synth``): write the built-in multi-centre dataset; :data:`CENTRES`;
+- :func:`synthesize` (``gsema_fast.data.phantoms``): write the built-in multi-centre dataset; :data:`CENTRES`;
   :func:`builtin_dataset`: the same, in a per-user cache folder, synthesised on first use;
   :func:`dataset_folder`: a run's dataset folder from its ``data`` settings.
-- :func:`load_manifest`, :func:`split_cases`, :func:`run_domains`, :func:`build_loaders`, :func:`volume_loader`,
-  :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.datasets``): NIfTI datasets with MONAI
-  transforms.
+- :func:`load_manifest`, :func:`split_cases`, :func:`run_domains` (``gsema_fast.data.manifest``): a dataset's cases,
+  their domains, and splits by domain.
+- :func:`preprocess_transforms`, :class:`Preprocessing` (``gsema_fast.data.transforms``): the MONAI preprocessing
+  every path shares.
+- :func:`build_loaders`, :func:`volume_loader` (``gsema_fast.data.loaders``): training patches balanced over the
+  domains (``gsema_fast.data.sampling``), whole volumes for validation and prediction.
 - :func:`dataset_identity`, :func:`identity_changes` (``gsema_fast.data.identity``): what a run was trained on
   (cases, domains, file contents), recorded in its checkpoints and checked before a result is reused.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
@@ -26,25 +29,25 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "synthesize": "synth",
-    "builtin_dataset": "synth",
-    "dataset_folder": "synth",
-    "CENTRES": "synth",
-    "CentreStyle": "synth",
-    "LABELS": "synth",
-    "Case": "datasets",
-    "Manifest": "datasets",
-    "Split": "datasets",
-    "Loaders": "datasets",
-    "load_manifest": "datasets",
-    "split_cases": "datasets",
-    "run_domains": "datasets",
-    "build_loaders": "datasets",
-    "volume_loader": "datasets",
-    "preprocess_transforms": "datasets",
-    "Preprocessing": "datasets",
-    "PREPROCESSING_KEYS": "datasets",
-    "unwrap_transform_error": "datasets",
+    "synthesize": "phantoms",
+    "builtin_dataset": "phantoms",
+    "dataset_folder": "phantoms",
+    "CENTRES": "phantoms",
+    "CentreStyle": "phantoms",
+    "LABELS": "phantoms",
+    "Case": "manifest",
+    "Manifest": "manifest",
+    "Split": "manifest",
+    "load_manifest": "manifest",
+    "split_cases": "manifest",
+    "run_domains": "manifest",
+    "Loaders": "loaders",
+    "build_loaders": "loaders",
+    "volume_loader": "loaders",
+    "preprocess_transforms": "transforms",
+    "Preprocessing": "transforms",
+    "PREPROCESSING_KEYS": "transforms",
+    "unwrap_transform_error": "transforms",
     "TargetTransform": "target",
     "dataset_identity": "identity",
     "identity_changes": "identity",

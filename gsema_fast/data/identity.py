@@ -1,6 +1,6 @@
 """A dataset's identity: what a result was made from, recorded with the run and checked before it is reused.
 
-The identity of a dataset (:class:`~gsema_fast.data.datasets.Manifest`) is its label map and, per case, its domain
+The identity of a dataset (:class:`~gsema_fast.data.manifest.Manifest`) is its label map and, per case, its domain
 and the image and label files it reads: their paths relative to the dataset folder, sizes, modification times and,
 for files up to :data:`HASH_LIMIT` bytes, SHA-256 digests of their content. A run stores it in every checkpoint;
 ``--resume`` and ``lodo``'s reuse of finished runs compare it with the dataset they find
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gsema_fast.data.datasets import Manifest
+from gsema_fast.data.manifest import Manifest
 
 # Files up to this size are hashed (a compressed volume of up to about 256^3 voxels: hashing a dataset of them takes
 # seconds); larger ones are identified by size and modification time alone.

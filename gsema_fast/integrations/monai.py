@@ -41,10 +41,10 @@ class GSEMAIteration:
     """``SupervisedTrainer(..., iteration_update=GSEMAIteration(context, target_transform))``.
 
     ``context``: the step's :class:`gsema_fast.step.StepContext` (student, teacher, fused optimizer, updater, losses;
-    :func:`gsema_fast.build.build_context` makes one from a config); give the trainer ``network=context.student``
-    and ``optimizer=context.optimizer``. ``target_transform``: the simulated target domain
-    (:func:`gsema_fast.build.build_target_transform`). ``teacher_logits``: compute the teacher's DCE terms (logged
-    only) every iteration (default: ``context.teacher_terms``).
+    :func:`gsema_fast.training.build.build_context` makes one from a config); give the trainer
+    ``network=context.student`` and ``optimizer=context.optimizer``. ``target_transform``: the simulated target domain
+    (:func:`gsema_fast.training.build.build_target_transform`). ``teacher_logits``: compute the teacher's DCE terms
+    (logged only) every iteration (default: ``context.teacher_terms``).
 
     Each iteration takes ``(image, label)`` from the engine's ``prepare_batch`` on the engine's device and returns
     the engine's output: ``image``, ``label``, ``loss`` (the total) and every term of the step (``dce_student_src``,

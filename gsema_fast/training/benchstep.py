@@ -15,8 +15,8 @@ present) and its simulated target, then times each mode's step in the same proce
 Step times are medians over ``steps`` timed steps after ``warmup`` untimed ones (the first of which, compilation
 included, is reported on its own), synchronised on CUDA. The target transform's time per batch is reported next to
 them: data must never be what limits a step. With ``train.compile`` the compiled code is loaded from and saved to
-the compile cache (:func:`gsema_fast.compilation.compile_cache_file`), so a second run of the same config reports a warm
-first step (``"compile_cache": "warm"``).
+the compile cache (:func:`gsema_fast.training.compilation.compile_cache_file`), so a second run of the same config
+reports a warm first step (``"compile_cache": "warm"``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gsema_fast.build import build_context, build_data, build_target_transform, seed_everything
-from gsema_fast.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
 from gsema_fast.config import Config, resolve_auto, with_overrides
 from gsema_fast.memory import retain_freed_memory
 from gsema_fast.models import build_model, unwrap_model
 from gsema_fast.reference.bacl import bacl_reference
 from gsema_fast.step import gsema_step
+from gsema_fast.training.build import build_context, build_data, build_target_transform, seed_everything
+from gsema_fast.training.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ validation), ``progress.png``, ``checkpoints/{latest,best,final}.pt``, ``summary
 ``train.loggers: [jsonl, tensorboard]``. One process at a time trains in a folder (``.lock``); a folder that holds
 a run is continued (``resume``) or replaced (``overwrite``), never mixed with another run.
 
-The building blocks live in :mod:`gsema_fast.build`, :mod:`gsema_fast.compilation`, :mod:`gsema_fast.checkpoints`,
-:mod:`gsema_fast.runfolder` and :mod:`gsema_fast.monitor`; scoring in :mod:`gsema_fast.inference`.
+The building blocks live beside it in :mod:`~gsema_fast.training.build`, :mod:`~gsema_fast.training.compilation`,
+:mod:`~gsema_fast.training.checkpoints`, :mod:`~gsema_fast.training.runfolder` and
+:mod:`~gsema_fast.training.monitor`; scoring in :mod:`gsema_fast.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from gsema_fast import distributed
-from gsema_fast.build import (
+from gsema_fast.config import Config, config_to_dict, save_config
+from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
+from gsema_fast.evaluation.figures import draw_progress
+from gsema_fast.evaluation.scoring import score_volumes
+from gsema_fast.files import read_checkpoint, write_json
+from gsema_fast.memory import retain_freed_memory
+from gsema_fast.step import StepContext, train_step
+from gsema_fast.training.build import (
     build_context,
     build_data,
     build_scheduler,
@@ -36,8 +44,7 @@ from gsema_fast.build import (
     total_steps,
     transform_seed,
 )
-from gsema_fast.checkpoints import (
-    FIXED_ON_RESUME,
+from gsema_fast.training.checkpoints import (
     apply_settings,
     check_resume_dataset,
     restore,
@@ -45,29 +52,21 @@ from gsema_fast.checkpoints import (
     run_config,
     save_checkpoint,
 )
-from gsema_fast.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
-from gsema_fast.config import Config, config_to_dict, save_config
-from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
-from gsema_fast.figures import draw_progress
-from gsema_fast.files import read_checkpoint, write_json
-from gsema_fast.inference import score_volumes
-from gsema_fast.memory import retain_freed_memory
-from gsema_fast.monitor import IntervalLog, build_loggers, format_table
-from gsema_fast.runfolder import (
+from gsema_fast.training.compilation import compile_blocks, compile_cache_file, load_compile_cache, save_compile_cache
+from gsema_fast.training.monitor import IntervalLog, build_loggers, format_table
+from gsema_fast.training.runfolder import (
     InterruptFlag,
     RunFolderLock,
-    TrainingInterrupted,
     check_run_folder,
     clear_run_folder,
     interrupted,
     remove_leftovers,
     truncate_log,
 )
-from gsema_fast.step import StepContext, train_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FIXED_ON_RESUME", "TrainingInterrupted", "train"]
+__all__ = ["train"]
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, evaluate_unseen: bool = True) -> dict:
@@ -75,9 +74,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, evaluat
 
     The run folder (``train.out_dir``) must be empty, or hold a run to continue (``resume``: from its
     ``checkpoints/latest.pt``, saved after every epoch) or to replace (``overwrite``); one process at a time trains
-    in it. ``resume`` refuses a change of the settings the checkpoint depends on (:data:`FIXED_ON_RESUME`) and lets
-    every other change take effect; with ``train.deterministic`` on the CPU and an unchanged config the resumed run
-    reproduces the uninterrupted run's losses. Ctrl-C stops after the step in flight (``TrainingInterrupted``).
+    in it. ``resume`` refuses a change of the settings the checkpoint depends on
+    (:data:`~gsema_fast.training.checkpoints.FIXED_ON_RESUME`) and lets every other change take effect; with
+    ``train.deterministic`` on the CPU and an unchanged config the resumed run reproduces the uninterrupted run's
+    losses. Ctrl-C stops after the step in flight (:class:`~gsema_fast.training.runfolder.TrainingInterrupted`).
 
     Protocol: ``best.pt`` is the checkpoint with the best validation Dice on held-out cases of the training
     centres. The unseen centre is read once, after training: the best checkpoint's teacher (the final one without
@@ -154,20 +154,7 @@ def _set_up(
     if device.type == "cpu" and cfg.train.retain_cpu_memory:
         retain_freed_memory()
     folder = Path(cfg.train.out_dir).expanduser()
-    latest = folder / "checkpoints" / "latest.pt"
-    if resume and not latest.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
-    if main:
-        check_run_folder(folder, resume=resume, overwrite=overwrite)
-    state, changes, identity = None, [], None
-    if resume:
-        # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device
-        # by their load_state_dict. Read (and the config and the dataset checked) before anything is built or written.
-        state = read_checkpoint(latest)
-        changes = resume_changes(state, cfg, latest)
-        if main:
-            manifest = load_manifest(dataset_folder(cfg.data), cfg.data.manifest)
-            identity = check_resume_dataset(state, manifest, latest)
+    state, changes, identity = _check_folder_and_resumed_run(cfg, folder, main, resume=resume, overwrite=overwrite)
     if cfg.note:
         log.info("%s", cfg.note)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -181,15 +168,7 @@ def _set_up(
     if dist_ctx.rank:  # weights came from rank 0; dropout and other draws differ per rank, as across one batch
         torch.manual_seed(transform_seed(cfg, dist_ctx.rank))
     scheduler = build_scheduler(cfg, ctx.optimizer)
-    log.info(
-        "model %s (%.1fM parameters), ema.mode %s, bacl %s, amp %s, device %s",
-        cfg.model.name,
-        sum(p.numel() for p in ctx.student.parameters()) / 1e6,
-        cfg.ema.mode,
-        "off" if ctx.bacl is None else ctx.bacl.extra_repr(),
-        cfg.train.amp,
-        device,
-    )
+    _log_model(cfg, ctx, device)
 
     if main:  # only now that data, model and the resumed config passed their checks
         if overwrite:
@@ -221,26 +200,71 @@ def _set_up(
         dataset=identity,
     )
     if resume:
-        restore(state, ctx, scheduler, transform)
-        run.epoch, run.step, run.saved_at = state["epoch"], state["step"], state["step"]
-        run.best_score, run.last_val = state["best_score"], state["last_val"]
-        run.best_val = state.get("best_val")  # older checkpoints have no best_val
-        log.info("resumed from %s at epoch %d, step %d", latest, run.epoch, run.step)
-        if changes:
-            apply_settings(ctx, scheduler, cfg)
-            log.info("changed settings take effect from step %d: %s", run.step, "; ".join(changes))
-        if main:
-            truncate_log(folder / "log.jsonl", run.step)
-
+        _restore(run, cfg, state, changes)
     if cfg.train.compile:
-        run.compile_started = time.perf_counter()
-        warm = load_compile_cache(run.compile_cache)
-        log.info(
-            "compiling %d blocks (static shapes, %s); the first step includes compilation",
-            compile_blocks(ctx),
-            f"warm from {run.compile_cache}" if warm else "cold",
-        )
+        _start_compiling(run)
     return run
+
+
+def _check_folder_and_resumed_run(
+    cfg: Config, folder: Path, main: bool, *, resume: bool, overwrite: bool
+) -> tuple[dict | None, list[str], dict | None]:
+    """The run folder checked, and a resumed run's checkpoint read, its config and dataset checked, before anything
+    is built or written: ``(state, changed settings, dataset identity)``, all empty for a fresh run."""
+    latest = folder / "checkpoints" / "latest.pt"
+    if resume and not latest.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {latest}")
+    if main:
+        check_run_folder(folder, resume=resume, overwrite=overwrite)
+    if not resume:
+        return None, [], None
+    # On the CPU: random-generator states must stay there; weights and optimizer state are copied to the device by
+    # their load_state_dict.
+    state = read_checkpoint(latest)
+    changes = resume_changes(state, cfg, latest)
+    identity = None
+    if main:
+        manifest = load_manifest(dataset_folder(cfg.data), cfg.data.manifest)
+        identity = check_resume_dataset(state, manifest, latest)
+    return state, changes, identity
+
+
+def _log_model(cfg: Config, ctx: StepContext, device: torch.device) -> None:
+    log.info(
+        "model %s (%.1fM parameters), ema.mode %s, bacl %s, amp %s, device %s",
+        cfg.model.name,
+        sum(p.numel() for p in ctx.student.parameters()) / 1e6,
+        cfg.ema.mode,
+        "off" if ctx.bacl is None else ctx.bacl.extra_repr(),
+        cfg.train.amp,
+        device,
+    )
+
+
+def _restore(run: _Run, cfg: Config, state: dict, changes: list[str]) -> None:
+    """A resumed run's weights, optimizer, schedule, transform and counters; the settings it changed take effect; its
+    log is cut back to the checkpoint."""
+    restore(state, run.ctx, run.scheduler, run.transform)
+    run.epoch, run.step, run.saved_at = state["epoch"], state["step"], state["step"]
+    run.best_score, run.last_val = state["best_score"], state["last_val"]
+    run.best_val = state.get("best_val")  # older checkpoints have no best_val
+    log.info("resumed from %s at epoch %d, step %d", run.checkpoints / "latest.pt", run.epoch, run.step)
+    if changes:
+        apply_settings(run.ctx, run.scheduler, cfg)
+        log.info("changed settings take effect from step %d: %s", run.step, "; ".join(changes))
+    if run.main:
+        truncate_log(run.folder / "log.jsonl", run.step)
+
+
+def _start_compiling(run: _Run) -> None:
+    """Compile the networks' blocks (the first step pays for it), from the compile cache when it is warm."""
+    run.compile_started = time.perf_counter()
+    warm = load_compile_cache(run.compile_cache)
+    log.info(
+        "compiling %d blocks (static shapes, %s); the first step includes compilation",
+        compile_blocks(run.ctx),
+        f"warm from {run.compile_cache}" if warm else "cold",
+    )
 
 
 def _log_data(data: Loaders, cfg: Config, dist_ctx: distributed.Context) -> None:

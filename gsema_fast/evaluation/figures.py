@@ -33,9 +33,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from gsema_fast.data import Manifest, Preprocessing, load_manifest
+from gsema_fast.evaluation.metrics import voxel_spacing
 from gsema_fast.files import atomic_path
-from gsema_fast.inference import LoadedCheckpoint, load_checkpoint, preprocess_case
-from gsema_fast.metrics import voxel_spacing
+from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
+from gsema_fast.inference.window import preprocess_case
 
 log = logging.getLogger(__name__)
 

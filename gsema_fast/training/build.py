@@ -1,7 +1,7 @@
 """Building a run from its config: random seeds, data loaders, student and teacher with their optimizer, schedule
 and step context (:class:`gsema_fast.step.StepContext`), and the target-domain transform. Shared by the training
-loop (:mod:`gsema_fast.train`), the step benchmark (:mod:`gsema_fast.benchstep`) and, through ``train``, the
-experiments."""
+loop (:mod:`gsema_fast.training.loop`), the step benchmark (:mod:`gsema_fast.training.benchstep`) and, through
+``train``, the experiments."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from gsema_fast import distributed
 from gsema_fast.config import Config
 from gsema_fast.data import Loaders, Preprocessing, TargetTransform, build_loaders, dataset_folder, load_manifest
 from gsema_fast.ema import GSEMA
-from gsema_fast.inference import amp_dtype
+from gsema_fast.inference.window import amp_dtype
 from gsema_fast.losses import DiceCE
 from gsema_fast.models import build_model
 from gsema_fast.step import StepContext, bacl_from_config, updater_from_config

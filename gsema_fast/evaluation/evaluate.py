@@ -1,13 +1,12 @@
 """Evaluation of a checkpoint on a dataset: whole volumes segmented as in :mod:`gsema_fast.inference`, scored with
-:mod:`gsema_fast.metrics` on each image's own grid, written as ``summary.json`` and ``metrics.csv`` (and figures).
-
-The metrics and inference names that lived here before are re-exported, so ``from gsema_fast.evaluate import
-case_metrics, predict`` keeps working.
+:mod:`gsema_fast.evaluation.metrics` on each image's own grid, written as ``summary.json`` and ``metrics.csv`` (and
+figures).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -19,37 +18,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gsema_fast import figures as figs
 from gsema_fast.config import Config
-from gsema_fast.data import Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
+from gsema_fast.data import Case, Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
+from gsema_fast.evaluation import figures as figs
+from gsema_fast.evaluation.metrics import METRICS, case_metrics, summarize, voxel_spacing
 from gsema_fast.files import check_writable, jsonable, write_csv, write_json
-from gsema_fast.inference import (
-    LoadedCheckpoint,
-    load_checkpoint,
-    load_nifti,
-    predict,
-    predict_volume,
-    save_nifti_like,
-    segment_case,
-)
-from gsema_fast.metrics import METRICS, case_metrics, mean_sd, summarize, voxel_spacing
-from gsema_fast.runfolder import run_outputs
+from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
+from gsema_fast.inference.nifti import load_nifti, save_nifti_like
+from gsema_fast.inference.prediction import segment_case
+from gsema_fast.training.runfolder import run_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "METRICS",
-    "LoadedCheckpoint",
-    "case_metrics",
-    "clear_evaluation",
-    "evaluate",
-    "evaluation_outputs",
-    "load_checkpoint",
-    "mean_sd",
-    "predict",
-    "predict_volume",
-    "summarize",
-]
+__all__ = ["clear_evaluation", "evaluate", "evaluation_outputs"]
 
 
 # What evaluate writes into its folder: the files, and the folders with the endings of the files written into them.
@@ -209,36 +190,94 @@ def evaluate(
     man = load_manifest(root, manifest)
     _check_labels(man, loaded)
     cases, domains = _select_cases(man, cfg, split=split, domain=domain)
-    overlap = cfg.eval.overlap if overlap is None else overlap
-    sw_batch_size = cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size
+    out, previous = _output_folder(loaded, out_dir, overwrite=overwrite, predictions=save_predictions, figures=figures)
+    scoring = _Scoring(
+        loaded,
+        Preprocessing.from_config(cfg.data).transforms(labels=man.labels),
+        man,
+        out,
+        overlap=cfg.eval.overlap if overlap is None else overlap,
+        sw_batch_size=cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size,
+        hd95=hd95,
+        save_predictions=save_predictions,
+        figures=figures,
+    )
+    records = scoring.cases(cases, split=split, domains=domains)
+    summary = _summary(scoring, split, domains, records)
+    if figures:
+        # The t-SNE is of teacher latents whichever weights were scored.
+        first = loaded if loaded.weights == "teacher" else loaded.path
+        tsne = dict(cases_per_domain=tsne_cases_per_domain, patches_per_case=tsne_patches_per_case)
+        figs.latent_tsne(
+            [first, *compare], man, out / "figures" / "tsne.png", device=loaded.device, config=config, **tsne
+        )
+    summary["seconds"] = time.perf_counter() - started
+    _write_results(summary, records, out)
+    _remove_unscored(previous, records, out, figures=figures)
+    result = jsonable(summary)
+    result["out_dir"] = out
+    return result
+
+
+def _output_folder(
+    loaded: LoadedCheckpoint, out_dir: str | os.PathLike | None, *, overwrite: bool, predictions: bool, figures: bool
+) -> tuple[Path, list[Path]]:
+    """The folder the results go to (default: beside the run's checkpoints), checked and made writable before the
+    work rather than at its first result, with the subfolders asked for; and the earlier results it will replace."""
     if out_dir is None:
         # The trainer keeps checkpoints in <run>/checkpoints/; results belong beside them, in the run folder.
         run = loaded.path.parent.parent if loaded.path.parent.name == "checkpoints" else loaded.path.parent
         out_dir = run / f"evaluation_{loaded.path.stem}"
     previous = _check_out(Path(out_dir), overwrite=overwrite)
-    out = check_writable(out_dir)  # before the work, not at its first result
-    if save_predictions:
+    out = check_writable(out_dir)
+    if predictions:
         (out / "predictions").mkdir(exist_ok=True)
     if figures:
         (out / "figures").mkdir(exist_ok=True)
-    transform = Preprocessing.from_config(cfg.data).transforms(labels=man.labels)
-    log.info(
-        "evaluating the %s of %s (step %s) on %d case(s) of domain(s) %s (%s split) on %s",
-        loaded.weights,
-        loaded.path,
-        loaded.step,
-        len(cases),
-        ", ".join(domains),
-        split,
-        loaded.device,
-    )
+    return out, previous
 
-    records = []
-    for case in tqdm(cases, desc="evaluate", unit="case", disable=None):
+
+@dataclasses.dataclass(frozen=True)
+class _Scoring:
+    """How every case of an evaluation is segmented and scored, and what is written for it."""
+
+    loaded: LoadedCheckpoint
+    transform: Any  # the preprocessing (a MONAI Compose), inverted to map predictions back
+    manifest: Manifest
+    out: Path
+    overlap: float
+    sw_batch_size: int
+    hd95: bool
+    save_predictions: bool
+    figures: bool
+
+    def cases(self, cases: Sequence[Case], *, split: str, domains: Sequence[str]) -> list[dict[str, Any]]:
+        loaded = self.loaded
+        log.info(
+            "evaluating the %s of %s (step %s) on %d case(s) of domain(s) %s (%s split) on %s",
+            loaded.weights,
+            loaded.path,
+            loaded.step,
+            len(cases),
+            ", ".join(domains),
+            split,
+            loaded.device,
+        )
+        return [self.case(case) for case in tqdm(cases, desc="evaluate", unit="case", disable=None)]
+
+    def case(self, case: Case) -> dict[str, Any]:
+        """One case segmented, mapped back to its own grid and scored against its reference there (spacing from the
+        reference's affine); its prediction and figure written when asked for."""
         t0 = time.perf_counter()
+        loaded, labels = self.loaded, self.manifest.labels
         item = {"image": str(case.image), "label": str(case.label), "case": case.name}
         probs, _ = segment_case(
-            loaded, transform, item, overlap=overlap, sw_batch_size=sw_batch_size, mode=cfg.eval.mode
+            loaded,
+            self.transform,
+            item,
+            overlap=self.overlap,
+            sw_batch_size=self.sw_batch_size,
+            mode=loaded.config.eval.mode,
         )
         pred = probs.argmax(0).numpy().astype(np.uint8)
         ref_img = load_nifti(case.label)
@@ -249,7 +288,7 @@ def evaluate(
                 f"but the label {case.label} has shape {ref.shape}"
             )
         spacing = voxel_spacing(ref_img.affine)
-        metrics = case_metrics(pred, ref, man.labels, spacing, hd95=hd95)
+        metrics = case_metrics(pred, ref, labels, spacing, hd95=self.hd95)
         record = {
             "case": case.name,
             "domain": case.domain,
@@ -259,24 +298,28 @@ def evaluate(
             "metrics": metrics,
             "seconds": time.perf_counter() - t0,
         }
-        if save_predictions:
-            record["prediction"] = out / "predictions" / f"{case.name}{man.file_ending}"
+        if self.save_predictions:
+            record["prediction"] = self.out / "predictions" / f"{case.name}{self.manifest.file_ending}"
             save_nifti_like(pred, ref_img, record["prediction"])
-        if figures:
+        if self.figures:
             image = np.asarray(load_nifti(case.image).dataobj, dtype=np.float32).reshape(ref.shape)
             figs.plot_case_mips(
                 image,
                 pred,
                 ref,
                 ref_img.affine,
-                man.labels,
-                out / "figures" / f"{case.name}.png",
+                labels,
+                self.out / "figures" / f"{case.name}.png",
                 title=f"{case.name} (centre {case.domain}), {loaded.weights} of {loaded.path.name}",
             )
         log.debug("%s: %s", case.name, {c: round(m["dice"], 4) for c, m in metrics.items()})
-        records.append(record)
+        return record
 
-    summary = {
+
+def _summary(scoring: _Scoring, split: str, domains: list[str], records: list[dict]) -> dict[str, Any]:
+    """``summary.json`` (without its ``seconds``): what was scored with what, the means, and every case."""
+    loaded, man = scoring.loaded, scoring.manifest
+    return {
         "checkpoint": loaded.path,
         "weights": loaded.weights,
         "step": loaded.step,
@@ -287,28 +330,19 @@ def evaluate(
         "labels": man.labels,
         "device": str(loaded.device),
         "inference": {
-            "roi_size": list(cfg.data.patch_size),
-            "overlap": overlap,
-            "sw_batch_size": sw_batch_size,
-            "mode": cfg.eval.mode,
+            "roi_size": list(loaded.config.data.patch_size),
+            "overlap": scoring.overlap,
+            "sw_batch_size": scoring.sw_batch_size,
+            "mode": loaded.config.eval.mode,
         },
         "conventions": "0/0 metrics are NaN (null here) and skipped by the means; n counts the cases in each mean",
         **summarize(records),
         "metric_per_case": records,
     }
-    if figures:
-        # The t-SNE is of teacher latents whichever weights were scored.
-        first = loaded if loaded.weights == "teacher" else loaded.path
-        figs.latent_tsne(
-            [first, *compare],
-            man,
-            out / "figures" / "tsne.png",
-            cases_per_domain=tsne_cases_per_domain,
-            patches_per_case=tsne_patches_per_case,
-            device=loaded.device,
-            config=config,
-        )
-    summary["seconds"] = time.perf_counter() - started
+
+
+def _write_results(summary: dict[str, Any], records: list[dict], out: Path) -> None:
+    """``summary.json`` and ``metrics.csv`` (a line per case and class), and the means in the log."""
     write_json(summary, out / "summary.json")
     rows = [
         {"case": r["case"], "domain": r["domain"], "class": name, **m}
@@ -328,8 +362,11 @@ def evaluate(
             summary["n"][name]["dice"],
         )
     log.info("wrote %s and %s (%.1f s)", out / "summary.json", out / "metrics.csv", summary["seconds"])
-    # Earlier predictions and figures of cases this evaluation did not score would sit beside its own: removed only
-    # now that its results are whole, so a failed evaluation leaves the earlier one as it was.
+
+
+def _remove_unscored(previous: list[Path], records: list[dict], out: Path, *, figures: bool) -> None:
+    """Earlier predictions and figures of cases this evaluation did not score would sit beside its own: removed only
+    now that its results are whole, so a failed evaluation leaves the earlier one as it was."""
     written = {out / "figures" / "tsne.png", *(r.get("prediction") for r in records)}
     written |= {out / "figures" / f"{r['case']}.png" for r in records} if figures else set()
     stale = [p for p in previous if p.parent != out and p not in written]
@@ -337,6 +374,3 @@ def evaluate(
         path.unlink(missing_ok=True)
     if stale:
         log.warning("--overwrite: removed %d earlier file(s) of cases not scored now (%s)", len(stale), stale[0].name)
-    result = jsonable(summary)
-    result["out_dir"] = out
-    return result

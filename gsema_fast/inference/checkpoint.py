@@ -1,0 +1,142 @@
+"""A trainer checkpoint rebuilt into a network for inference (:func:`load_checkpoint`): the weights, the config it
+was trained with (or a compatible one given), on the device asked for, in eval mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gsema_fast.config import Config, config_from_dict, config_to_dict
+from gsema_fast.data import PREPROCESSING_KEYS
+from gsema_fast.files import read_checkpoint
+from gsema_fast.inference.window import amp_dtype
+from gsema_fast.models import build_model
+
+# Checkpoint entries that hold training state; everything else is small metadata.
+_STATE_KEYS = ("config", "student", "teacher", "optimizer", "scheduler", "scaler", "updater", "rng", "target_transform")
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A network rebuilt from a checkpoint, in eval mode on ``device``, with the config it was trained with."""
+
+    net: nn.Module
+    config: Config
+    path: Path
+    weights: str
+    step: int | None
+    epoch: int | None
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    # The checkpoint's other entries (best score, untrained baseline, ...), without weights and optimizer state.
+    extra: dict = dataclasses.field(repr=False, default_factory=dict)
+
+
+def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A state dict taken from a compiled or DDP-wrapped module carries these prefixes on every key.
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+    return device
+
+
+def _merge_config(ck_cfg: Config, override: Config | None, path: Path) -> Config:
+    """The checkpoint's config, with data and eval settings taken from ``override`` where they do not conflict
+    (a --config that changed the preprocessing would feed the weights other inputs)."""
+    if override is None:
+        return ck_cfg
+    mine, theirs = config_to_dict(ck_cfg), config_to_dict(override)
+    conflicts = [
+        f"model.{k}: checkpoint {mine['model'][k]!r}, config {theirs['model'][k]!r}"
+        for k in mine["model"]
+        if mine["model"][k] != theirs["model"].get(k)
+    ]
+    conflicts += [
+        f"data.{k}: checkpoint {mine['data'][k]!r}, config {theirs['data'][k]!r}"
+        for k in PREPROCESSING_KEYS
+        if mine["data"][k] != theirs["data"][k]
+    ]
+    if conflicts:
+        raise ValueError(
+            f"checkpoint {path} was trained with other model or preprocessing settings than the given "
+            f"config; drop --config or make these agree:\n  " + "\n  ".join(conflicts)
+        )
+    merged = dict(mine)
+    merged["data"] = theirs["data"]
+    merged["eval"] = theirs["eval"]
+    return config_from_dict(merged)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, weights: str | None = None, device: str | torch.device | None = None, config=None
+) -> LoadedCheckpoint:
+    """Rebuild the ``weights`` network (``teacher`` or ``student``; None: the config's ``eval.weights``, by default
+    the teacher, the domain-generalised model) of a trainer checkpoint, on ``device`` (None: CUDA if available).
+
+    The model is built from the config stored in the checkpoint (``build_model(cfg.model)``). ``config``: a
+    :class:`~gsema_fast.config.Config` whose data and eval sections replace the stored ones (another dataset,
+    other inference settings); its model section and preprocessing (``data.spacing``, ``data.clip_percentiles``,
+    ``data.intensity``) must equal the checkpoint's. Every failure (missing or unreadable file, missing keys,
+    weights that do not fit the stored model config, a conflicting ``config``) raises ``FileNotFoundError`` or
+    ``ValueError`` with the file and the reason.
+    """
+    path = Path(path)
+    if weights not in (None, "teacher", "student"):
+        raise ValueError(f"weights={weights!r}: expected 'teacher' or 'student'")
+    ck = read_checkpoint(path)  # tensors, numbers, strings and containers only: loading runs no code
+    if not isinstance(ck, Mapping) or "config" not in ck:
+        found = f"keys: {', '.join(map(str, ck))}" if isinstance(ck, Mapping) else f"a {type(ck).__name__}"
+        raise ValueError(f"checkpoint {path}: no 'config' entry ({found}); it was not written by gsema-fast train")
+    try:
+        cfg = config_from_dict(ck["config"])
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: its stored config is not valid here: {err}") from err
+    cfg = _merge_config(cfg, config, path)
+    weights = weights or cfg.eval.weights
+    if weights not in ck:
+        raise ValueError(
+            f"checkpoint {path}: no {weights!r} weights (keys: {', '.join(map(str, ck))}); it was not "
+            f"written by gsema-fast train"
+        )
+    net = build_model(cfg.model)
+    state = _strip_wrappers(ck[weights])
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        model = cfg.model
+        detail = str(err).split("\n", 1)[-1].strip()
+        raise ValueError(
+            f"checkpoint {path}: its {weights} weights do not fit the model its config describes (model.name="
+            f"{model.name}, feature_size={model.feature_size}, channels={model.channels}, out_channels="
+            f"{model.out_channels}); the file mixes weights and config of different models:\n{detail[:1500]}"
+        ) from None
+    dev = _resolve_device(device)
+    net.to(dev).eval()
+    return LoadedCheckpoint(
+        net,
+        cfg,
+        path,
+        weights,
+        ck.get("step"),
+        ck.get("epoch"),
+        dev,
+        amp_dtype(cfg.train.amp, dev, inference=True),
+        extra={k: v for k, v in ck.items() if k not in _STATE_KEYS},
+    )

@@ -1,0 +1,128 @@
+"""Sliding-window prediction of whole volumes, the autocast type of each ``train.amp`` setting, and the
+preprocessing of one case and the mapping of its prediction back to the image's own grid."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from gsema_fast.data import unwrap_transform_error
+
+# Autocast type of each ``train.amp`` setting (``auto`` is resolved per device: bf16 on CUDA, fp32 elsewhere).
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str, device: torch.device, *, inference: bool = False) -> torch.dtype | None:
+    """Autocast type of the ``train.amp`` setting ``amp`` on ``device``. ``inference``: none on the CPU whatever the
+    setting, where 3D convolutions under autocast are far slower than fp32."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"train.amp={amp!r}: expected one of auto, {', '.join(AMP_DTYPES)}")
+    if inference and device.type != "cuda":
+        return None
+    return AMP_DTYPES[amp]
+
+
+def _first_conv_in_channels(net: nn.Module) -> int | None:
+    for module in net.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    return None
+
+
+def _logits_of(net: nn.Module):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = net(x)
+        # (logits, latent) from gsema_fast.models; a plain segmentation network returns logits alone.
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return forward
+
+
+def predict_volume(
+    net: nn.Module,
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int] | int,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    mode: str = "gaussian",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits ``[B, out_channels, D, H, W]`` (float32) of a whole volume ``image [B, C, D, H, W]``.
+
+    MONAI ``sliding_window_inference`` over windows of ``roi_size`` (the training patch size) with ``overlap`` and
+    ``mode`` blending (gaussian weights the window centres, where the network saw the most context). Any volume size
+    works: a volume smaller than the window is padded, and the last windows of a size that is not a multiple of the
+    window step are shifted back inside the volume. Windows run on the network's device, ``sw_batch_size`` at a time;
+    the output is assembled on ``image``'s device, so a large volume can stay in host memory while the network runs
+    on a GPU. ``amp_dtype`` (``torch.bfloat16`` or ``torch.float16``) autocasts the network on CUDA and is ignored
+    on the CPU. The network runs in eval mode under ``torch.no_grad`` and its mode is restored afterwards.
+    """
+    if image.ndim != 5:
+        raise ValueError(f"image: expected a batch [B, C, D, H, W], got shape {tuple(image.shape)}")
+    expected = _first_conv_in_channels(net)
+    if expected is not None and image.shape[1] != expected:
+        raise ValueError(f"image has {image.shape[1]} channel(s) but the network takes {expected}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap={overlap}: expected a fraction in [0, 1)")
+    roi = [int(roi_size)] * 3 if isinstance(roi_size, int) else [int(r) for r in roi_size]
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"roi_size={roi_size}: expected three positive sizes")
+    try:
+        net_device = next(net.parameters()).device
+    except StopIteration:
+        net_device = image.device
+    use_amp = amp_dtype is not None and net_device.type == "cuda"
+    was_training = net.training
+    net.eval()
+    try:
+        autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+        # no_grad rather than inference_mode: callers may later modify the result in place (inference tensors
+        # refuse that outside inference mode).
+        with torch.no_grad(), autocast:
+            # Padding with the image minimum, as training pads small volumes: no signal outside the field of view.
+            logits = sliding_window_inference(
+                image,
+                roi,
+                sw_batch_size,
+                _logits_of(net),
+                overlap=overlap,
+                mode=mode,
+                padding_mode="constant",
+                cval=float(image.min()) if image.numel() else 0.0,
+                sw_device=net_device,
+                device=image.device,
+                progress=progress,
+            )
+    finally:
+        net.train(was_training)
+    logits = torch.as_tensor(logits)
+    # A MetaTensor would carry the image's meta into the caller's arithmetic; callers that need it have the image.
+    return logits.as_subclass(torch.Tensor).float()
+
+
+def preprocess_case(transform, item: dict) -> dict:
+    """``transform(item)`` (a :meth:`Preprocessing.transforms`); a failing transform raises the error that names
+    the file and the problem rather than MONAI's wrapper around it."""
+    try:
+        return transform(item)
+    except RuntimeError as err:
+        found = unwrap_transform_error(err)
+        if found is err:
+            raise
+        raise found from None
+
+
+def to_original_grid(transform, probs: torch.Tensor, image) -> torch.Tensor:
+    """Class probabilities ``[C, ...]`` on the preprocessed grid, resampled onto the image's original voxel grid by
+    inverting the preprocessing's spatial transforms (orientation, spacing) recorded on ``image``."""
+    pred = MetaTensor(probs.cpu(), meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    return torch.as_tensor(transform.inverse({"image": pred})["image"]).as_subclass(torch.Tensor)
