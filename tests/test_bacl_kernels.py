@@ -11,10 +11,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from backends import INTERPRETED  # noqa: E402
 from test_bacl import DEVICE, GRAD_TOL, R, check_against_oracle, close, latents  # noqa: E402
 
 from gsema_fast.kernels import bacl as K  # noqa: E402, N812
 from gsema_fast.losses import BACL  # noqa: E402
+
+# every test here launches the kernels: slow under Triton's interpreter (see backends.py)
+pytestmark = [pytest.mark.slow] if INTERPRETED else []
 
 
 @pytest.fixture(autouse=True)

@@ -37,6 +37,9 @@ from gsema_fast.data.phantoms import acquisition, anatomy, writer
 from gsema_fast.data.target import ORDER
 from gsema_fast.files import cache_root
 
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -59,6 +62,7 @@ def synth_root(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------- synth
 
 
+@pytest.mark.slow
 def test_synth_same_seed_same_bytes_whatever_the_workers(tmp_path):
     a = synthesize(tmp_path / "a", domains=4, cases_per_domain=1, size=32, seed=5, workers=1)
     b = synthesize(tmp_path / "b", domains=4, cases_per_domain=1, size=32, seed=5, workers=2)

@@ -151,14 +151,6 @@ def test_sliding_window_unet_restores_mode_and_checks_channels():
 
 
 # --------------------------------------------------------------------------------------- checkpoints and files
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from gsema_fast.data import synthesize
-
-    # Two centres of different storage orientation (A: RAS, B: LPS) and voxel grids.
-    return synthesize(tmp_path_factory.mktemp("synth") / "ds", domains=2, cases_per_domain=2, size=20, seed=0)
-
-
 def _config(root, **extra):
     from gsema_fast.config import load_config
 
@@ -186,11 +178,11 @@ def _save_checkpoint(path, cfg, net=None):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory):
-    return _save_checkpoint(tmp_path_factory.mktemp("ck") / "final.pt", _config(dataset))
+def checkpoint(phantoms, tmp_path_factory):
+    return _save_checkpoint(tmp_path_factory.mktemp("ck") / "final.pt", _config(phantoms))
 
 
-def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
+def test_load_checkpoint_weights_and_errors(checkpoint, phantoms, tmp_path):
     from gsema_fast.inference import load_checkpoint
 
     teacher = load_checkpoint(checkpoint, device="cpu")
@@ -209,28 +201,28 @@ def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
         load_checkpoint(tmp_path / "partial.pt")
 
     # Weights of one network stored with the config of another.
-    other = build_model(_config(dataset).model, channels=[8, 16, 32])
-    _save_checkpoint(tmp_path / "mixed.pt", _config(dataset), net=other)
+    other = build_model(_config(phantoms).model, channels=[8, 16, 32])
+    _save_checkpoint(tmp_path / "mixed.pt", _config(phantoms), net=other)
     with pytest.raises(ValueError, match="do not fit the model its config describes"):
         load_checkpoint(tmp_path / "mixed.pt")
     # A --config whose model differs from the checkpoint's.
     with pytest.raises(ValueError, match=r"model\.channels"):
-        load_checkpoint(checkpoint, config=_config(dataset, **{"model.channels": "[8,16,32]"}))
+        load_checkpoint(checkpoint, config=_config(phantoms, **{"model.channels": "[8,16,32]"}))
     with pytest.raises(ValueError, match=r"data\.spacing"):
-        load_checkpoint(checkpoint, config=_config(dataset, **{"data.spacing": "1.0"}))
+        load_checkpoint(checkpoint, config=_config(phantoms, **{"data.spacing": "1.0"}))
     # Data and eval settings of a --config are taken.
-    assert load_checkpoint(checkpoint, config=_config(dataset, **{"eval.overlap": 0.5})).config.eval.overlap == 0.5
+    assert load_checkpoint(checkpoint, config=_config(phantoms, **{"eval.overlap": 0.5})).config.eval.overlap == 0.5
 
 
 # Finer than the images (about 0.4-0.5 mm): up and back down loses nothing; coarser: detail is lost, the place is not.
 @pytest.mark.parametrize(("spacing", "min_dice"), [(None, 1.0), ((0.3, 0.3, 0.3), 0.99), ((0.6, 0.6, 0.6), 0.7)])
-def test_preprocessing_inverts_onto_the_original_grid(dataset, spacing, min_dice):
+def test_preprocessing_inverts_onto_the_original_grid(phantoms, spacing, min_dice):
     import nibabel as nib
 
     from gsema_fast.data import load_manifest, preprocess_transforms
     from gsema_fast.inference import to_original_grid
 
-    man = load_manifest(dataset)
+    man = load_manifest(phantoms)
     case = man.cases_of("1")[0]  # centre B: stored LPS, so orientation is undone too
     assert nib.aff2axcodes(nib.load(case.label).affine) == ("L", "P", "S")
     transform = preprocess_transforms(labels=man.labels, spacing=spacing)
@@ -297,7 +289,7 @@ def test_predict_round_trips_affine_shape_and_reports_bad_files(checkpoint, tmp_
         predict(checkpoint, tmp_path / "missing.nii.gz", tmp_path / "out2")
 
 
-def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
+def test_evaluate_writes_summary_csv_and_figures(checkpoint, phantoms, tmp_path):
     import csv
     import json
 
@@ -316,10 +308,10 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
         tsne_cases_per_domain=2,
         tsne_patches_per_case=3,
     )
-    assert summary["domains"] == ["1"] and summary["split"] == "test" and summary["weights"] == "teacher"
+    assert summary["domains"] == ["2"] and summary["split"] == "test" and summary["weights"] == "teacher"
     on_disk = json.loads((out / "summary.json").read_text())
-    assert [c["case"] for c in on_disk["metric_per_case"]] == ["B_000", "B_001"]
-    assert set(on_disk["mean"]) == {"vessel", "aneurysm"} and "1" in on_disk["per_domain"]
+    assert [c["case"] for c in on_disk["metric_per_case"]] == ["C_000", "C_001"]
+    assert set(on_disk["mean"]) == {"vessel", "aneurysm"} and "2" in on_disk["per_domain"]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 4 and rows[0]["class"] == "vessel"
     for case in on_disk["metric_per_case"]:
@@ -329,30 +321,30 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
         np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
         m = case_metrics(np.asarray(pred.dataobj), np.asarray(ref.dataobj), LABELS, case["spacing"])
         assert m["vessel"]["dice"] == pytest.approx(case["metrics"]["vessel"]["dice"])
-    assert (out / "figures" / "B_000.png").stat().st_size > 10_000
+    assert (out / "figures" / "C_000.png").stat().st_size > 10_000
     assert (out / "figures" / "tsne.png").stat().st_size > 10_000
 
     held_out = evaluate(checkpoint, split="val", out_dir=tmp_path / "val", device="cpu", hd95=False)
-    assert held_out["domains"] == ["0"] and len(held_out["metric_per_case"]) == 1
+    assert held_out["domains"] == ["0", "1"] and len(held_out["metric_per_case"]) == 2
     with pytest.raises(ValueError, match="no cases"):
         evaluate(checkpoint, domain="7", out_dir=tmp_path / "x", device="cpu")
     # A checkpoint of a run on the built-in phantoms names no folder: evaluation finds the same built-in dataset
     # (here the fixture's, whose settings match), or takes the one given.
     builtin = {
         "data.root": "null",
-        "data.synth_dir": str(dataset),
-        "data.synth_domains": 2,
+        "data.synth_dir": str(phantoms),
+        "data.synth_domains": 3,
         "data.synth_cases_per_domain": 2,
-        "data.synth_size": 20,
+        "data.synth_size": 32,
         "data.synth_seed": 0,
     }
-    no_root = _save_checkpoint(tmp_path / "noroot.pt", _config(dataset, **builtin))
+    no_root = _save_checkpoint(tmp_path / "noroot.pt", _config(phantoms, **builtin))
     found = evaluate(no_root, out_dir=tmp_path / "z", device="cpu", hd95=False)
-    assert found["domains"] == ["1"] and [c["case"] for c in found["metric_per_case"]] == ["B_000", "B_001"]
-    assert evaluate(no_root, dataset, out_dir=tmp_path / "y", device="cpu", hd95=False)["domains"] == ["1"]
+    assert found["domains"] == ["2"] and [c["case"] for c in found["metric_per_case"]] == ["C_000", "C_001"]
+    assert evaluate(no_root, phantoms, out_dir=tmp_path / "y", device="cpu", hd95=False)["domains"] == ["2"]
 
 
-def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
+def test_cli_evaluate_and_predict(checkpoint, phantoms, tmp_path):
     from gsema_fast.cli import main
 
     assert (
@@ -374,7 +366,7 @@ def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
     )
     assert (tmp_path / "e" / "summary.json").is_file()
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
-    image = next((dataset / "imagesTr").glob("A_*"))
+    image = next((phantoms / "imagesTr").glob("A_*"))
     assert (
         main(
             [
@@ -392,3 +384,4 @@ def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
         == 0
     )
     assert (tmp_path / "p" / image.name.replace("_0000", "")).is_file()
+

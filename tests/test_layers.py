@@ -203,12 +203,14 @@ def test_only_the_kernels_import_triton():
             assert not kernels, f"{path.relative_to(ROOT)}:{node.lineno} imports {kernels}"
 
 
+@pytest.mark.slow
 def test_every_module_imports_whichever_comes_first():
     names = [m for m in MODULES if m != "gsema_fast.__main__"]
     done = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_missing_extra_is_tolerated_in_every_round_and_nothing_else_is(tmp_path):
     """The import check passes without the optional extras (the README's test command installs only [dev]) however
     many times the package is imported afresh, and still fails on any other import error."""

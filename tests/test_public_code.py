@@ -14,6 +14,9 @@ from gsema_fast import ops
 from gsema_fast.config import load_config, resolve_auto
 from gsema_fast.training.build import build_context
 
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The reference config with a tiny UNet in place of its SwinUNETR: the method's settings are untouched.
 SMALL = ["model.name=unet", "model.channels=[4,8,16]", "model.num_res_units=1", "data.patch_size=[16,16,16]"]
 

@@ -14,6 +14,9 @@ from gsema_fast.ema import GSEMA
 from gsema_fast.losses import BACL
 from gsema_fast.step import train_step
 
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class _NaNGradient(torch.autograd.Function):
     """Identity forward, NaN backward: a loss that is finite while its gradient is not."""
