@@ -385,3 +385,82 @@ def test_cli_evaluate_and_predict(checkpoint, phantoms, tmp_path):
     )
     assert (tmp_path / "p" / image.name.replace("_0000", "")).is_file()
 
+
+# ------------------------------------------------------------------------------------------------ inference settings
+def test_load_checkpoint_takes_the_inference_settings_and_only_those(checkpoint):
+    from gsema_fast.inference import load_checkpoint
+
+    stored = load_checkpoint(checkpoint, device="cpu").config
+    overrides = ["eval.mode=constant", "eval.sw_batch_size=3", "train.amp=bf16"]
+    loaded = load_checkpoint(checkpoint, device="cpu", overrides=overrides)
+    assert (loaded.config.eval.mode, loaded.config.eval.sw_batch_size, loaded.config.train.amp) == (
+        "constant",
+        3,
+        "bf16",
+    )
+    assert loaded.amp_dtype is None  # no autocast at inference on the CPU, whatever train.amp says
+    assert loaded.config.data == stored.data and loaded.config.model == stored.model
+    refused = [
+        ("optim.lr=0.1", r"override 'optim\.lr=0\.1' for checkpoint .*final\.pt: expected eval\.\* or train\.amp"),
+        ("data.spacing=1.0", r"override 'data\.spacing=1\.0' .*expected eval\.\* or train\.amp"),
+        ("model.channels=[8,16,32]", r"override 'model\.channels=\[8,16,32\]' .*expected eval\.\* or train\.amp"),
+        ("eval.overlap=2", r"eval\.overlap"),
+        ("eval.nope=1", r"eval\.nope"),
+        ("eval.mode", r"expected KEY=VALUE"),
+    ]
+    for override, match in refused:
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(checkpoint, device="cpu", overrides=[override])
+    with pytest.raises(TypeError, match="overrides"):
+        load_checkpoint(checkpoint, device="cpu", overrides="eval.mode=constant")
+
+
+@pytest.mark.gpu
+def test_train_amp_given_at_inference_sets_the_autocast_on_cuda(checkpoint):
+    from gsema_fast.inference import load_checkpoint
+
+    assert load_checkpoint(checkpoint, device="cuda").amp_dtype == torch.bfloat16  # the stored "auto"
+    assert load_checkpoint(checkpoint, device="cuda", overrides=["train.amp=fp16"]).amp_dtype == torch.float16
+    assert load_checkpoint(checkpoint, device="cuda", overrides=["train.amp=fp32"]).amp_dtype == torch.float32
+
+
+def test_cli_predict_and_evaluate_take_inference_settings(checkpoint, phantoms, tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    import gsema_fast.inference.prediction as prediction
+    from gsema_fast.cli import main
+    from gsema_fast.config import save_config
+
+    seen = []
+    segment = prediction.segment_case
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("overlap", "sw_batch_size", "mode")})
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "segment_case", spy)
+    image = next((phantoms / "imagesTr").glob("A_*"))
+    predict = ["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--device", "cpu", "--output"]
+    assert main([*predict, str(tmp_path / "p1"), "--set", "eval.mode=constant", "--set", "eval.sw_batch_size=3"]) == 0
+    assert seen[-1] == {"overlap": 0.25, "sw_batch_size": 3, "mode": "constant"}  # the rest: the checkpoint's
+    # --config gives its eval section, --set goes on top of it, and --overlap given wins over both
+    config = save_config(_config(phantoms, **{"eval.overlap": 0.5, "eval.mode": "constant"}), tmp_path / "infer.yaml")
+    assert main([*predict, str(tmp_path / "p2"), "--config", str(config), "--set", "eval.mode=gaussian"]) == 0
+    assert seen[-1] == {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian"}
+    assert main([*predict, str(tmp_path / "p3"), "--set", "eval.overlap=0.5", "--overlap", "0"]) == 0
+    assert seen[-1]["overlap"] == 0
+    caplog.clear()
+    assert main([*predict, str(tmp_path / "p4"), "--set", "optim.lr=0.1"]) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "'optim.lr=0.1'" in error and "expected eval.* or train.amp" in error
+    assert not (tmp_path / "p4").exists() and len(seen) == 3
+
+    evaluate = ["evaluate", "--checkpoint", str(checkpoint), "--device", "cpu", "--domain", "0", "--no-hd95"]
+    assert (
+        main([*evaluate, "--out", str(tmp_path / "e"), "--set", "eval.mode=constant", "--set", "eval.overlap=0"]) == 0
+    )
+    inference = json.loads((tmp_path / "e" / "summary.json").read_text())["inference"]
+    assert (inference["mode"], inference["overlap"], inference["sw_batch_size"]) == ("constant", 0, 2)
+    assert main([*evaluate, "--out", str(tmp_path / "e2"), "--set", "data.root=elsewhere"]) == 2
+    assert not (tmp_path / "e2").exists()

@@ -157,6 +157,7 @@ def evaluate(
     figures: bool = False,
     compare: Sequence[str | os.PathLike] = (),
     config=None,
+    overrides=(),
     device: str | torch.device | None = None,
     overlap: float | None = None,
     sw_batch_size: int | None = None,
@@ -173,7 +174,8 @@ def evaluate(
     ``all``; ``domain`` (a name or list) narrows any split. ``weights``: ``teacher`` (default, via the config's
     ``eval.weights``) or ``student``. Each volume is preprocessed as in training, segmented by sliding-window
     inference (``eval.overlap``, ``eval.sw_batch_size``, ``eval.mode`` unless given; AMP on CUDA per
-    ``train.amp``), its class probabilities resampled back to the image's own grid, and scored there against the
+    ``train.amp``; ``config`` and ``overrides`` change them as :func:`~gsema_fast.inference.load_checkpoint` takes
+    them), its class probabilities resampled back to the image's own grid, and scored there against the
     reference with :func:`case_metrics` (spacing from the reference's affine). ``out_dir`` default:
     ``<run folder>/evaluation_<checkpoint name>``; a folder that holds a training run or the results of an evaluation
     is refused unless ``overwrite``, which replaces those results (and a run's ``summary.json``) and nothing else.
@@ -184,7 +186,7 @@ def evaluate(
     then ``compare``). Returns the summary (as written to ``summary.json``, NaN as None) plus ``out_dir``.
     """
     started = time.perf_counter()
-    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
+    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config, overrides=overrides)
     cfg = loaded.config
     root, manifest = _dataset_root(cfg, data)
     man = load_manifest(root, manifest)

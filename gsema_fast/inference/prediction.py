@@ -129,6 +129,7 @@ def predict(
     overlap: float | None = None,
     sw_batch_size: int | None = None,
     config=None,
+    overrides=(),
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Segment NIfTI files (a file, a folder of them, or a list) and write ``<case>.nii.gz`` label volumes.
@@ -139,7 +140,9 @@ def predict(
     ``overwrite``; so are an ``output_dir`` that is the folder of an input (or lies inside an input folder), and
     inputs whose outputs would be one file. A file that fails (unreadable, or a network output that is not finite)
     is logged with the reason (one line) and skipped; the others still run; an output that cannot be written
-    (read-only folder, full disk) stops the run. Returns ``{"written": [paths], "failed": {input: reason}}``.
+    (read-only folder, full disk) stops the run. ``config`` and ``overrides`` change the inference settings
+    (``eval.*``, ``train.amp``) as :func:`~gsema_fast.inference.load_checkpoint` takes them; ``overlap`` and
+    ``sw_batch_size`` given win. Returns ``{"written": [paths], "failed": {input: reason}}``.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -149,7 +152,7 @@ def predict(
     given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     _refuse_outputs_among_inputs(out, given, files)
     _refuse_existing_outputs(out, _output_names(files, names, probabilities=probabilities), overwrite=overwrite)
-    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
+    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config, overrides=overrides)
     cfg = loaded.config
     check_writable(out)
     overlap = cfg.eval.overlap if overlap is None else overlap
