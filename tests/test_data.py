@@ -755,15 +755,32 @@ def test_target_transform_on_cuda_reproducible():
     assert xa.device.type == "cuda" and torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.parametrize(
+    ("components", "message"),
+    [
+        ({"blur": {"p": 1}}, "unknown key 'target_transform.blur'; target_transform has: geometric, gin, "),
+        (
+            {"noise": {"sdt": (0, 1)}},
+            "unknown key 'target_transform.noise.sdt' (did you mean 'target_transform.noise.std'",
+        ),
+        (
+            {"intensity": {"gamma": (2, 1)}},
+            "target_transform.intensity.gamma: expected [low, high] with low <= high, got",
+        ),
+        ({"gin": {"p": 1.5}}, "target_transform.gin.p: expected a number in [0, 1], got 1.5"),
+        ({"gin": {"kernels": (2,)}}, "target_transform.gin.kernels: expected odd kernel sizes"),
+        ({"geometric": {"image_mode": "bicubic"}}, "target_transform.geometric.image_mode: expected one of 'bilinear'"),
+        ({"smooth": "off"}, "target_transform.smooth: expected a section (mapping of keys), got 'off' (str)"),
+    ],
+)
+def test_target_transform_settings_are_the_configs(components, message):
+    """The keyword form is checked by the config's target_transform section: the same keys, rules and errors."""
+    with pytest.raises(ValueError) as err:
+        TargetTransform(**components)
+    assert message in str(err.value)
+
+
 def test_target_transform_config_errors():
-    with pytest.raises(ValueError, match=r"unknown component\(s\) \['blur'\]"):
-        TargetTransform(blur={"p": 1})
-    with pytest.raises(ValueError, match=r"target_transform.noise.sdt: unknown setting"):
-        TargetTransform(noise={"sdt": (0, 1)})
-    with pytest.raises(ValueError, match=r"target_transform.intensity.gamma=\(2, 1\)"):
-        TargetTransform(intensity={"gamma": (2, 1)})
-    with pytest.raises(ValueError, match=r"target_transform.gin.p=1.5"):
-        TargetTransform(gin={"p": 1.5})
     with pytest.raises(ValueError, match="label shape"):
         TargetTransform()(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 4, dtype=torch.long))
 
