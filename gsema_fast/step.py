@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from gsema_fast import ops
+from gsema_fast.config import BaclOptions, LossConfig
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.losses import BACL
 
@@ -59,19 +60,12 @@ def updater_from_config(ema, student: nn.Module, teacher: nn.Module | None = Non
     return None
 
 
-def bacl_from_config(loss, bacl) -> BACL | None:
-    """The contrastive loss the ``loss`` and ``bacl`` config sections ask for; None when it is off (weight 0 or
-    neither term)."""
-    if loss.lambda_con <= 0 or not (bacl.volume or bacl.boundary):
+def bacl_from_config(loss: LossConfig, bacl: BaclOptions) -> BACL | None:
+    """The contrastive loss the ``loss`` and ``bacl`` config sections ask for, with the section as its options; None
+    when it is off (weight 0 or neither term)."""
+    if loss.lambda_con <= 0 or not bacl.has_term:
         return None
-    return BACL(
-        cutoff=bacl.cutoff,
-        tau=bacl.tau,
-        volume=bacl.volume,
-        boundary=bacl.boundary,
-        mask=bacl.mask,
-        reduction=bacl.reduction,
-    )
+    return BACL(bacl)
 
 
 @dataclass
