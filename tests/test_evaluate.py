@@ -227,13 +227,13 @@ def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
 def test_preprocessing_inverts_onto_the_original_grid(dataset, spacing, min_dice):
     import nibabel as nib
 
-    from gsema_fast.data import load_manifest, preprocess_transforms
+    from gsema_fast.data import Preprocessing, load_manifest
     from gsema_fast.inference import to_original_grid
 
     man = load_manifest(dataset)
     case = man.cases_of("1")[0]  # centre B: stored LPS, so orientation is undone too
     assert nib.aff2axcodes(nib.load(case.label).affine) == ("L", "P", "S")
-    transform = preprocess_transforms(labels=man.labels, spacing=spacing)
+    transform = Preprocessing(spacing=spacing).transforms(labels=man.labels)
     item = transform({"image": str(case.image), "label": str(case.label), "case": case.name})
     onehot = _onehot(item["label"][0].numpy().astype(np.int64))[0]
     back = to_original_grid(transform, onehot, item["image"]).argmax(0).numpy()

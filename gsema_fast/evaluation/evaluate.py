@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gsema_fast.config import Config
+from gsema_fast.config import Config, replace
 from gsema_fast.data import Case, Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
 from gsema_fast.evaluation import figures as figs
 from gsema_fast.evaluation.metrics import METRICS, case_metrics, summarize, voxel_spacing
@@ -129,7 +129,7 @@ def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[li
     elif split == "val":
         # The trainer holds out validation cases with split_cases(seed=train.seed); the same call finds them again.
         held_out = split_cases(
-            man, train_domains=trained_on, test_domain=None, val_per_domain=cfg.data.val_per_domain, seed=cfg.train.seed
+            man, replace(cfg.data, train_domains=trained_on, test_domain=None), seed=cfg.train.seed
         ).val
         cases = [c for c in held_out if wanted is None or c.domain in wanted]
     else:
