@@ -64,11 +64,13 @@ __all__ = [
     "DATA_PATH_KEYS",
     "absolute_paths",
     "builtin_config_names",
+    "check_choice",
     "config_from_dict",
     "config_to_dict",
     "load_config",
     "parse_override",
     "replace",
+    "resolve_amp",
     "resolve_auto",
     "resolve_device",
     "save_config",
@@ -97,6 +99,14 @@ AmpMode = Literal["auto", "bf16", "fp16", "fp32"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 LoggerName = Literal["jsonl", "tensorboard"]
 EvalWeights = Literal["teacher", "student"]
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """For code that takes one of these choices as an argument: a ``ValueError`` naming ``name`` unless ``value`` is
+    one of the Literal ``choices`` (``check_choice("rule", rule, EmaRule)``)."""
+    allowed = typing.get_args(choices)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 class ConfigError(ValueError):
@@ -982,6 +992,15 @@ def resolve_device(device: str = "auto", *, key: str = "train.device") -> str:
     return device
 
 
+def resolve_amp(amp: str, device_type: str) -> str:
+    """The autocast type a ``train.amp`` setting means on a device type (``cpu``, ``cuda``): ``auto`` is bf16 on
+    CUDA and fp32 elsewhere (bf16 autocast of 3D convolutions on a CPU is far slower than fp32)."""
+    check_choice("train.amp", amp, AmpMode)
+    if amp != "auto":
+        return amp
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
 def resolve_auto(cfg: Config, device: str | None = None) -> Config:
     """A copy of ``cfg`` with ``train.device``, ``train.amp`` and ``train.compile`` resolved for a device type.
 
@@ -990,10 +1009,8 @@ def resolve_auto(cfg: Config, device: str | None = None) -> Config:
     """
     train = cfg.train if device is None else replace(cfg.train, device=device)
     on_cuda = resolve_device(train.device) == "cuda"
-    amp = train.amp
-    if amp == "auto":
-        amp = "bf16" if on_cuda else "fp32"
-    elif amp != "fp32" and not on_cuda:
+    amp = resolve_amp(train.amp, "cuda" if on_cuda else "cpu")
+    if amp != "fp32" and not on_cuda:
         log.warning("train.amp=%s on the CPU: 3D convolutions under CPU autocast are much slower than fp32", amp)
     compile_ = on_cuda if train.compile == "auto" else train.compile
     return replace(cfg, train=replace(train, device="cuda" if on_cuda else "cpu", amp=amp, compile=compile_))

@@ -482,3 +482,12 @@ def test_bacl_options_are_the_config_section():
     assert not off.has_term
     with pytest.raises(ValueError, match="at least one of volume and boundary must be on"):
         off.require_term()
+
+
+def test_check_choice_takes_the_configs_choices():
+    from gsema_fast.config import EmaMode, check_choice
+
+    check_choice("ema.mode", "gsema", EmaMode)
+    for bad in ("GSEMA", None, 1):
+        with pytest.raises(ValueError, match=rf"^ema\.mode must be one of 'none', 'ema', 'gsema', got {bad!r}$"):
+            check_choice("ema.mode", bad, EmaMode)
