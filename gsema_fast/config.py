@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-import annotated_types
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -171,8 +170,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 UnitInterval = Annotated[float, Field(ge=0.0, le=1.0)]  # probabilities and decays
-Triple = annotated_types.Len(3, 3)
-Pair = annotated_types.Len(2, 2)
+Triple = Field(min_length=3, max_length=3)
+Pair = Field(min_length=2, max_length=2)
 PositiveRange = Annotated[list[Positive], Pair, AfterValidator(_ordered)]
 NonNegativeRange = Annotated[list[NonNegative], Pair, AfterValidator(_ordered)]
 Range = Annotated[list[float], Pair, AfterValidator(_ordered)]
@@ -772,12 +771,7 @@ def _union_expectation(options: Sequence[Any], plural: bool) -> str:
 def _flat_metadata(metadata: Sequence[Any]) -> list[Any]:
     flat: list[Any] = []
     for item in metadata:
-        if isinstance(item, FieldInfo):
-            flat.extend(item.metadata)
-        elif isinstance(item, annotated_types.GroupedMetadata):
-            flat.extend(item)
-        else:
-            flat.append(item)
+        flat.extend(item.metadata if isinstance(item, FieldInfo) else [item])
     return flat
 
 
