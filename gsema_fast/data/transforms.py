@@ -193,9 +193,10 @@ class Preprocessing:
     evaluation, prediction and figures all preprocess through one of these; a checkpoint's weights are only
     meaningful with the settings they were trained with."""
 
-    spacing: tuple[float, ...] | None = None
-    clip_percentiles: tuple[float, ...] | None = (0.5, 99.5)
-    intensity: str = "zscore"
+    # The data section's defaults.
+    spacing: tuple[float, ...] | None = DataConfig.model_fields["spacing"].default
+    clip_percentiles: tuple[float, ...] | None = tuple(DataConfig.model_fields["clip_percentiles"].default)
+    intensity: str = DataConfig.model_fields["intensity"].default
 
     def __post_init__(self) -> None:
         data = DataConfig(spacing=self.spacing, clip_percentiles=self.clip_percentiles, intensity=self.intensity)
