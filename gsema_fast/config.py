@@ -13,7 +13,8 @@ immutable: a changed one is a new, validated copy.
 (``gsema_fast.ops.bacl_loss`` and the others), so that the loss's six options and their checks live here once.
 
 Fields that say ``auto`` (``train.device``, ``train.amp``, ``train.compile``) are resolved for the machine by
-:func:`resolve_auto`, the one place that does it; the trainer saves the resolved config in its run folder.
+:func:`resolve_auto` (devices by :func:`resolve_device`, autocast types by :func:`resolve_amp`, which code outside
+a config uses too); the trainer saves the resolved config in its run folder.
 
 This module imports nothing heavier than PyYAML and pydantic (torch only inside :func:`resolve_device`), so the CLI
 can validate a config before it loads torch or MONAI.
@@ -913,7 +914,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         return config_from_dict(raw, overrides)
     except ValueError as err:
         where = f"{source} with --set overrides" if overrides else source
-        raise type(err)(f"{where}: {err}") from None
+        err.args = (f"{where}: {err}",)  # the same error (a ConfigError keeps its key), said where it came from
+        raise
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:

@@ -280,6 +280,21 @@ def test_every_setting_refuses_a_value_of_no_type_it_takes(key):
         assert str(err.value).endswith("got {'bad': 1} (dict)") and err.value.key == key
 
 
+def test_a_loaded_config_error_says_where_it_came_from_and_keeps_its_key(tmp_path):
+    """load_config prefixes the file (or --set) to the message and re-raises the same ConfigError, so callers can
+    still read the dotted key and the value."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  seed: '3'\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(path)
+    with pytest.raises(ConfigError) as from_override:
+        load_config("demo", ["ema.rule=often"])
+    assert str(from_file.value) == f"{path}: train.seed: expected an int, got '3' (str)"
+    assert (from_file.value.key, from_file.value.given) == ("train.seed", "3")
+    assert str(from_override.value).startswith("shipped config 'demo' with --set overrides: ema.rule: expected one of")
+    assert (from_override.value.key, from_override.value.given) == ("ema.rule", "often")
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="KEY=VALUE"):
         load_config("demo", ["train.epochs"])
