@@ -513,6 +513,10 @@ class TrainConfig(_Section):
     # Also score the student on the validation cases (log.jsonl's "student_dice"): a teacher is worth having only
     # where it beats its student. Doubles the validation time; the teacher alone chooses best.pt either way.
     val_student: bool = False
+    # GS-EMA: at each log record, the cosine of the source and target gradients in every layer of the student
+    # ("layer_cos" in log.jsonl and TensorBoard, layer_agreement.png): where the target domain conflicts with the
+    # source task. Computed on logging steps only, from the two gradient buffers already held apart.
+    layer_agreement: bool = True
     # auto: bf16 on CUDA, fp32 on CPU (bf16 autocast of 3D convs on CPU is far slower than fp32).
     amp: AmpMode = "auto"
     # auto: compile on CUDA only.

@@ -90,6 +90,9 @@ class StepContext:
     grads_b: list[torch.Tensor] = field(default_factory=list)
     grads_c: list[torch.Tensor] = field(default_factory=list)
     storage: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (flat tensor, elements per copy)
+    # The student's layers (its weight tensors of two or more dimensions: convolutions, linear maps) by name, and
+    # their indices among ``params``: the per-layer agreement of a GS-EMA step (see layer_agreement).
+    layers: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("ema.mode", self.mode, EmaMode)
@@ -110,6 +113,12 @@ class StepContext:
         self.grads_b = buffers[1] if copies > 1 else []
         self.grads_c = buffers[2] if copies > 2 else []
         self.point_grads_at(self.grads_a)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.layers = {
+            name.removesuffix(".weight"): index[id(p)]
+            for name, p in self.student.named_parameters()
+            if p.requires_grad and p.dim() >= 2 and id(p) in index
+        }
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -246,8 +255,27 @@ def _optimizer_step(ctx: StepContext, nonfinite: torch.Tensor) -> torch.Tensor:
     return nonfinite
 
 
-def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None) -> dict[str, torch.Tensor]:
-    """One GS-EMA step (``ema.mode: gsema``); returns 0-dim device tensors for logging."""
+def layer_agreement(ctx: StepContext) -> torch.Tensor:
+    """The cosine of the source and the target gradient in each of the student's layers (``ctx.layers``' order),
+    from buffers A and B before they are added: a ``[layers]`` device tensor, NaN for a layer without gradient.
+
+    Three fused multi-tensor passes (the norms of A, of B and of A + B) and no host read: ``a.b = (|a+b|^2 - |a|^2 -
+    |b|^2) / 2``, whose rounding moves a cosine by about fp32's epsilon.
+    """
+    a = [ctx.grads_a[i] for i in ctx.layers.values()]
+    b = [ctx.grads_b[i] for i in ctx.layers.values()]
+    norm_a = torch.stack(torch._foreach_norm(a)).double()
+    norm_b = torch.stack(torch._foreach_norm(b)).double()
+    norm_sum = torch.stack(torch._foreach_norm(torch._foreach_add(a, b))).double()
+    dot = (norm_sum.square() - norm_a.square() - norm_b.square()) / 2
+    return (dot / (norm_a * norm_b)).float()
+
+
+def gsema_step(
+    ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None, layers: bool = False
+) -> dict[str, torch.Tensor]:
+    """One GS-EMA step (``ema.mode: gsema``); returns 0-dim device tensors for logging, and with ``layers`` the
+    per-layer cosines of the source and target gradients (``layer_cos``, a vector; see :func:`layer_agreement`)."""
     out = forward_all(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
     has_con = "bacl" in out and ctx.lambda_con > 0
     total = _total(ctx, out)
@@ -266,12 +294,16 @@ def gsema_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | N
         ctx.finish_reduce(pending)
         nonfinite = nonfinite_ranks > 0
         ctx.point_grads_at(ctx.grads_a)
+        if layers:
+            out["layer_cos"] = layer_agreement(ctx)
         stats = ops.grad_stats(ctx.grads_a, ctx.grads_b, accumulate_into_a=True)
         if has_con:
             for flat, n in ctx.storage:
                 flat[:n].add_(flat[2 * n : 3 * n])
     else:
         ctx.point_grads_at(ctx.grads_a)
+        if layers:
+            out["layer_cos"] = layer_agreement(ctx)
         stats = ops.grad_stats(ctx.grads_a, ctx.grads_b, accumulate_into_a=True)
         if has_con:
             ctx.backward(ctx.lambda_con * out["bacl"])
@@ -317,8 +349,11 @@ def single_backward_step(
     return {k: v.detach() for k, v in out.items()}
 
 
-def train_step(ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None) -> dict[str, torch.Tensor]:
-    """The step of ``ctx.mode``. ``teacher_logits``: compute the teacher's (logged) DCE terms this step."""
+def train_step(
+    ctx: StepContext, x_s, y_s, x_t, y_t, *, teacher_logits: bool | None = None, layers: bool = False
+) -> dict[str, torch.Tensor]:
+    """The step of ``ctx.mode``. ``teacher_logits``: compute the teacher's (logged) DCE terms this step; ``layers``:
+    the per-layer gradient agreement too (GS-EMA only: the other modes never hold the two gradients apart)."""
     if ctx.mode == "gsema":
-        return gsema_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)
+        return gsema_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits, layers=layers)
     return single_backward_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=teacher_logits)

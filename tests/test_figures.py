@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
-from gsema_fast.evaluation.figures import error_fractions, plot_case_mips, plot_dataset_mips
+from gsema_fast.evaluation.figures import draw_layer_agreement, error_fractions, plot_case_mips, plot_dataset_mips
+from gsema_fast.training.monitor import IntervalLog
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
 
@@ -46,3 +50,24 @@ def test_figures_are_written(tmp_path, shape):
 def test_dataset_mips_need_a_case(tmp_path):
     with pytest.raises(ValueError, match="no cases"):
         plot_dataset_mips([], LABELS, tmp_path / "d.png")
+
+
+def test_layer_agreement_figure_needs_per_layer_records(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"kind": "train", "step": 25, "grad_cos": 0.4}) + "\n")
+    assert draw_layer_agreement(log, tmp_path / "none.png") is False and not (tmp_path / "none.png").exists()
+    records = [
+        {"kind": "train", "step": s, "grad_cos": 0.3, "layer_cos": {"a": 0.5, "b": -0.2 + s / 100}} for s in (25, 50)
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert draw_layer_agreement(log, tmp_path / "layers.png") is True and (tmp_path / "layers.png").stat().st_size > 0
+
+
+def test_an_interval_logs_vector_metrics_by_name(tmp_path):
+    """A vector metric (per-layer cosines) is averaged over the interval like the scalars and written by name."""
+    interval = IntervalLog(tmp_path / "log.jsonl", names={"layer_cos": ["first", "second"]})
+    interval.add({"total": torch.tensor(1.0), "layer_cos": torch.tensor([0.5, -0.5])})
+    interval.add({"total": torch.tensor(3.0)})
+    record = interval.flush(kind="train", step=2)
+    assert record["total"] == 2.0 and record["layer_cos"] == {"first": 0.5, "second": -0.5}
+    assert json.loads((tmp_path / "log.jsonl").read_text())["layer_cos"] == {"first": 0.5, "second": -0.5}

@@ -226,23 +226,20 @@ def test_a_missing_extra_is_tolerated_in_every_round_and_nothing_else_is(tmp_pat
     assert done.returncode == 1 and "a_module_that_does_not_exist" in done.stderr
 
 
-def test_the_readme_layout_names_every_module():
-    """The README's layout names every top-level module, every subpackage folder and each module in it (by its
-    folder and its file name), and the folders beside the package."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Layout\n") : text.index("\n## ", text.index("## Layout\n") + 1)]
+def test_the_layout_page_names_every_module():
+    """docs/layout.md names every top-level module, every subpackage folder and each module in it (by its folder and
+    its file name), and the folders beside the package."""
+    text = (ROOT / "docs" / "layout.md").read_text()
     package = ROOT / "gsema_fast"
     for path in sorted(package.rglob("*.py")):
         if path.stem in ("__init__", "__main__"):
             continue
         folder = path.parent.relative_to(package).as_posix()
         if folder != ".":
-            assert f"{folder}/`" in section, f"README's layout section does not name the folder gsema_fast/{folder}/"
-        assert f"{path.name}`" in section, (
-            f"README's layout section does not name gsema_fast/{path.relative_to(package)}"
-        )
+            assert f"{folder}/`" in text, f"docs/layout.md does not name the folder gsema_fast/{folder}/"
+        assert f"{path.name}`" in text, f"docs/layout.md does not name gsema_fast/{path.relative_to(package)}"
     for folder in ("kernels/", "configs/", "bench/", "tests/"):
-        assert f"{folder}`" in section, f"README's layout section does not name {folder}"
+        assert f"{folder}`" in text, f"docs/layout.md does not name {folder}"
 
 
 # Longer functions are split into named steps that read top to bottom. The kernels are exempt: a Triton program is one

@@ -1,5 +1,5 @@
-"""``configs/reference.yaml`` against the public reference code's maths, restated directly (as in
-``anchors/gpu_anchors.py``): the contrastive loss of a batch of two, and the teacher's warm-up from the first step.
+"""``configs/reference.yaml`` against the public reference code's maths, restated directly here: the contrastive loss
+of a batch of two, and the teacher's warm-up from the first step.
 The config goes through the trainer's own builder, so what is checked is what a run with ``--config reference`` does.
 """
 

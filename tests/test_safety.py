@@ -716,7 +716,8 @@ def test_evaluate_never_replaces_a_run_or_earlier_results_unasked(run_copy, tmp_
     one_line(
         errors,
         rf"^evaluate: --out {re.escape(str(run_copy))} is the folder of a training run \(config\.yaml, log\.jsonl, "
-        r"progress\.png, summary\.json\): the evaluation's summary\.json would replace the run's; .*--overwrite",
+        r"progress\.png, layer_agreement\.png, summary\.json, checkpoints/\): the evaluation's summary\.json "
+        r"would replace the run's; .*--overwrite",
     )
     assert digests(run_copy) == before
 

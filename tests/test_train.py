@@ -83,6 +83,31 @@ def test_step_statistics_equal_separate_autograd_gradients():
     torch.testing.assert_close(seen["stats"].double(), want, rtol=1e-4, atol=1e-6)
 
 
+def test_layer_agreement_is_each_layers_cosine_of_the_separate_gradients():
+    """``layers=True``: per weight tensor, the cosine of the source and target gradients, as float64 maths on the
+    gradients autograd gives for each term alone."""
+    ctx = make_ctx("gsema")
+    twin, twin_teacher = copy.deepcopy(ctx.student), copy.deepcopy(ctx.teacher)
+    batch = tiny_batch()
+    out = train_step(ctx, *batch, layers=True)
+    ref_ctx = copy.copy(ctx)
+    ref_ctx.student, ref_ctx.teacher = twin, twin_teacher
+    ref = forward_all(ref_ctx, *batch)
+    named = dict(twin.named_parameters())
+    weights = [named[f"{name}.weight"] for name in ctx.layers]
+    g_src = torch.autograd.grad(0.25 * ref["dce_student_src"], weights, retain_graph=True)
+    g_trg = torch.autograd.grad(0.25 * ref["dce_student_trg"], weights)
+    want = torch.stack(
+        [
+            torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)
+            for a, b in zip(g_src, g_trg, strict=True)
+        ]
+    )
+    assert len(ctx.layers) == sum(p.dim() >= 2 for p in twin.parameters())
+    torch.testing.assert_close(out["layer_cos"].double(), want, rtol=1e-4, atol=1e-5)
+    assert "layer_cos" not in train_step(ctx, *batch)  # only on the steps that ask
+
+
 @pytest.mark.parametrize("rule", ["dot", "sign"])
 def test_teacher_moves_iff_aligned(rule):
     """One aligned step (target = source: identical gradients) and one conflicting step (every target label moved
@@ -233,6 +258,22 @@ def test_validation_scores_the_student_beside_the_teacher_on_request(phantoms, t
     if scored:
         assert set(val["student_dice"]) == set(val["dice"])
         assert all(0.0 <= v <= 1.0 for v in val["student_dice"].values())
+
+
+@pytest.mark.parametrize(("mode", "drawn"), [("gsema", True), ("ema", False)])
+def test_the_log_holds_each_layers_agreement_and_its_figure(phantoms, tmp_path, mode, drawn):
+    """``train.layer_agreement``: every train record of a GS-EMA run holds ``layer_cos`` by layer name, and the run
+    draws layer_agreement.png; the other modes never hold the two gradients apart, and log none."""
+    run_dir = tmp_path / mode
+    train(tiny_config(phantoms, run_dir, f"ema.mode={mode}", "train.epochs=1"))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert steps and all(("layer_cos" in r) == drawn for r in steps)
+    assert (run_dir / "layer_agreement.png").is_file() == drawn
+    if drawn:
+        cos = steps[-1]["layer_cos"]
+        assert len(cos) > 3 and all(-1.0 <= v <= 1.0 for v in cos.values())
+        assert all(name.startswith("model.") for name in cos)
 
 
 def test_bench_step_times_every_mode_and_the_data(phantoms, tmp_path):

@@ -68,7 +68,7 @@ def _check_out(out: Path, *, overwrite: bool) -> list[Path]:
     run = run_outputs(out)
     if run and not overwrite:
         raise FileExistsError(
-            f"evaluate: --out {out} is the folder of a training run ({', '.join(run[:4])}): the evaluation's "
+            f"evaluate: --out {out} is the folder of a training run ({', '.join(run)}): the evaluation's "
             f"summary.json would replace the run's; choose another --out (by default <run folder>/evaluation_"
             f"<checkpoint name>), or pass --overwrite to replace it"
         )

@@ -8,6 +8,8 @@
   acquisitions look like side by side).
 - :func:`draw_progress`: a run's ``progress.png`` from its ``log.jsonl`` (losses, validation Dice, gradient
   agreement, learning rate against the step).
+- :func:`draw_layer_agreement`: a GS-EMA run's ``layer_agreement.png``, the cosine of the source and target
+  gradients per layer against the step (``train.layer_agreement``), with the share of layers in conflict.
 - :func:`latent_tsne`: teacher latents of patches from every centre of a dataset, one t-SNE panel per checkpoint
   (e.g. an EMA and a GS-EMA run side by side), coloured by centre; a lower domain silhouette (computed on the latents
   themselves, not on the embedding) means centres overlap more, i.e. more domain-invariant features.
@@ -250,6 +252,42 @@ def draw_progress(log_path: str | os.PathLike, out_path: str | os.PathLike) -> N
     ax.set(title="learning rate", xlabel="step", yscale="log")
     fig.tight_layout()
     _save(fig, out_path)
+
+
+def draw_layer_agreement(log_path: str | os.PathLike, out_path: str | os.PathLike) -> bool:
+    """layer_agreement.png: per layer (rows, input to output) and log interval (columns) the cosine of the source
+    and target gradients, red where they conflict, blue where they agree; below it, the share of layers in conflict
+    beside the whole network's cosine. Returns False (and draws nothing) when the log holds no per-layer record."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train" and r.get("layer_cos")]
+    if not train:
+        return False
+    layers = list(train[-1]["layer_cos"])
+    steps = [r["step"] for r in train]
+    cos = np.array([[r["layer_cos"].get(name, np.nan) for r in train] for name in layers], dtype=float)
+    fig = Figure(figsize=(11, 3 + 0.12 * len(layers)), dpi=90)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [max(3, len(layers) // 6), 1]})
+    image = top.imshow(
+        cos, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest",
+        extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5),
+    )  # fmt: skip
+    top.set_yticks(range(len(layers)), [_short_layer(n) for n in layers], fontsize=5)
+    top.set(title="cos(g_src, g_trg) per layer", ylabel="layer")
+    fig.colorbar(image, ax=top, fraction=0.02, pad=0.01)
+    conflict = np.nanmean(np.where(np.isnan(cos), np.nan, cos < 0), axis=0)
+    bottom.plot(steps, conflict, label="share of layers with cos < 0")
+    if "grad_cos" in train[0]:
+        bottom.plot(steps, [r["grad_cos"] for r in train], label="whole network's cos")
+    bottom.axhline(0, color="grey", linewidth=0.5)
+    bottom.set(xlabel="step")
+    bottom.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out_path)
+    return True
+
+
+def _short_layer(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3) :]
 
 
 # ----------------------------------------------------------------------------------------------------- latents

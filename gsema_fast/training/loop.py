@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gsema_fast import distributed
 from gsema_fast.config import Config, config_to_dict, save_config
 from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
-from gsema_fast.evaluation.figures import draw_progress
+from gsema_fast.evaluation.figures import draw_layer_agreement, draw_progress
 from gsema_fast.evaluation.scoring import score_volumes
 from gsema_fast.files import read_checkpoint, write_json
 from gsema_fast.memory import retain_freed_memory
@@ -193,7 +193,7 @@ def _set_up(
         transform,
         ctx,
         scheduler,
-        IntervalLog(log_path, loggers),
+        IntervalLog(log_path, loggers, names={"layer_cos": list(ctx.layers)}),
         compile_cache_file(cfg, device),
         initial_teacher,
         total_steps(cfg),
@@ -322,7 +322,15 @@ def _train_epoch(run: _Run, cfg: Config, bar: tqdm, interrupt: InterruptFlag) ->
         x_t, y_t = run.transform(x_s, y_s)
         # The teacher's DCE terms are only logged: compute them on the last step of each log interval.
         logging_step = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 == run.total_steps
-        metrics = train_step(ctx, x_s, y_s, x_t, y_t, teacher_logits=cfg.loss.teacher_terms and logging_step)
+        metrics = train_step(
+            ctx,
+            x_s,
+            y_s,
+            x_t,
+            y_t,
+            teacher_logits=cfg.loss.teacher_terms and logging_step,
+            layers=cfg.train.layer_agreement and logging_step,
+        )
         run.scheduler.step()
         run.interval.add(metrics)
         run.step += 1
@@ -384,6 +392,8 @@ def _end_epoch(run: _Run, cfg: Config) -> None:
     if run.main and run.interval.path is not None and run.interval.path.exists():
         draw_progress(run.interval.path, run.folder / "progress.png")
         run.interval.figure("progress", run.folder / "progress.png", run.step)
+        if draw_layer_agreement(run.interval.path, run.folder / "layer_agreement.png"):
+            run.interval.figure("layer_agreement", run.folder / "layer_agreement.png", run.step)
 
 
 def _rounded(dice: dict[str, float]) -> dict[str, float]:

@@ -14,13 +14,15 @@ from gsema_fast.config import Config
 
 
 class IntervalLog:
-    """Sums the step's device scalars between log records; the host reads them once per interval. Records go to
-    ``path`` (JSON lines, None: nowhere) and to each of ``loggers`` (``write(record)``, ``figure(name, png, step)``,
-    ``close()``)."""
+    """Sums the step's device scalars (and vectors) between log records; the host reads them once per interval.
+    Records go to ``path`` (JSON lines, None: nowhere) and to each of ``loggers`` (``write(record)``,
+    ``figure(name, png, step)``, ``close()``). ``names``: a vector metric's entries by name (it is written as
+    ``{name: value}``, e.g. ``layer_cos`` by layer)."""
 
-    def __init__(self, path: Path | None, loggers: list = ()) -> None:
+    def __init__(self, path: Path | None, loggers: list = (), names: dict[str, list[str]] | None = None) -> None:
         self.path = path
         self.loggers = list(loggers)
+        self.names = dict(names or {})
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # some terms (the teacher's) are computed on some steps only
         self.steps = 0
@@ -41,10 +43,13 @@ class IntervalLog:
     def flush(self, **fields) -> dict:
         """Write one record (every rank calls this: the interval's means are averaged across ranks)."""
         keys = sorted(self.sums)
+        values: dict = {}
         if keys:
-            means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
-            means = distributed.all_reduce_mean(means).tolist()  # the interval's only host read
-        values = dict(zip(keys, means, strict=True)) if keys else {}
+            means = [(self.sums[k] / self.counts[k]).reshape(-1) for k in keys]
+            flat = distributed.all_reduce_mean(torch.cat(means)).tolist()  # the interval's only host read
+            for k, mean in zip(keys, means, strict=True):
+                part, flat = flat[: mean.numel()], flat[mean.numel() :]
+                values[k] = dict(zip(self.names[k], part, strict=True)) if k in self.names else part[0]
         skipped = round(values.get("skipped", 0.0) * self.steps)
         self.nonfinite_run = self.nonfinite_run + skipped if skipped == self.steps else skipped
         elapsed = time.perf_counter() - self.started

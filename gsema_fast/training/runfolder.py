@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 # What a run writes into its folder; --overwrite removes these (and only these) of the previous run.
-RUN_FILES = ("config.yaml", "log.jsonl", "progress.png", "summary.json")
+RUN_FILES = ("config.yaml", "log.jsonl", "progress.png", "layer_agreement.png", "summary.json")
 RUN_FOLDERS = ("tensorboard",)
 CHECKPOINT_FILES = ("latest.pt", "best.pt", "final.pt")
 
