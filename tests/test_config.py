@@ -418,14 +418,42 @@ def _typed(tree):
     return (type(tree).__name__, tree)
 
 
+# Settings added since 0.1.0, with the value an earlier config reads back with (its behaviour then, or a logging
+# switch that changes no number): a stored config reads back exactly, plus these.
+ADDED_SINCE_0_1_0 = {("train", "layer_agreement"): True}
+
+
+def _without_added(tree):
+    tree = copy.deepcopy(tree)
+    for section, key in ADDED_SINCE_0_1_0:
+        del tree[section][key]
+    return tree
+
+
+def _reads_back_exactly(dumped, stored):
+    """``dumped`` is ``stored`` (values, types, key order), plus the settings added since with their values."""
+    assert all(dumped[section][key] is value for (section, key), value in ADDED_SINCE_0_1_0.items())
+    assert _typed(_without_added(dumped)) == _typed(stored)
+    assert json.dumps(_without_added(dumped)) == json.dumps(stored), "the same keys in the same order"
+    return True
+
+
 @pytest.mark.parametrize("name", sorted(STORED))
 def test_a_config_stored_by_an_earlier_version_reads_back_exactly(name, tmp_path):
     stored = STORED[name]
     cfg = config_from_dict(stored)
-    assert _typed(config_to_dict(cfg)) == _typed(stored)
-    assert json.dumps(config_to_dict(cfg)) == json.dumps(stored), "the same keys in the same order"
+    assert _reads_back_exactly(config_to_dict(cfg), stored)
     saved = save_config(cfg, tmp_path / "config.yaml")
-    assert _typed(config_to_dict(load_config(saved))) == _typed(stored)
+    assert _reads_back_exactly(config_to_dict(load_config(saved)), stored)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_the_settings_added_since_0_1_0_are_the_only_ones():
+    stored = {(section, key) for section, keys in STORED["demo"].items() if isinstance(keys, dict) for key in keys}
+    current = {
+        (section, key) for section, keys in config_to_dict(Config()).items() if isinstance(keys, dict) for key in keys
+    }
+    assert current - stored == set(ADDED_SINCE_0_1_0) and stored <= current
 
 
 def test_a_checkpoint_of_an_earlier_version_loads_and_resumes_unchanged(tmp_path):
@@ -438,7 +466,7 @@ def test_a_checkpoint_of_an_earlier_version_loads_and_resumes_unchanged(tmp_path
     state = {"config": stored, "teacher": net.state_dict(), "student": net.state_dict(), "step": 3, "epoch": 1}
     torch.save(state, tmp_path / "final.pt")
     loaded = load_checkpoint(tmp_path / "final.pt", device="cpu")
-    assert _typed(config_to_dict(loaded.config)) == _typed(stored)
+    assert _reads_back_exactly(config_to_dict(loaded.config), stored)
     assert loaded.amp_dtype is None and loaded.step == 3
     for config in STORED.values():
         assert resume_changes({"config": config, "dataset": {}}, config_from_dict(config), tmp_path) == []
