@@ -28,6 +28,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from bench._util import DEVICE, ON_GPU, record, timed
 from gsema_fast import ops
+from gsema_fast.config import BaclOptions
 from gsema_fast.kernels import bacl as K  # noqa: N812
 from gsema_fast.reference import bacl as R  # noqa: N812
 
@@ -192,11 +193,11 @@ def test_bacl_loss(benchmark, monkeypatch, shape, dtype, pass_):
 def test_bacl_fused_pass(benchmark, shape, dtype, pass_):
     """One launch of the fused forward (Gram + InfoNCE) or backward (two gradients) on the volume features."""
     xs = tuple(torch.randn(shape, device=DEVICE).to(dtype) for _ in range(4))
-    loss, _, coef = K._contrast_forward(xs, 1.0, K.IDENTITY)
+    loss, _, coef = K._contrast_forward(xs, BaclOptions(), K.IDENTITY)
     grad = torch.ones_like(loss)
     outs = [torch.empty_like(xs[0]), torch.empty_like(xs[1]), None, None]  # the student's two gradients
     if pass_ == "gram":
-        fn = lambda: K._contrast_forward(xs, 1.0, K.IDENTITY)  # noqa: E731
+        fn = lambda: K._contrast_forward(xs, BaclOptions(), K.IDENTITY)  # noqa: E731
         moved = 4  # four tensors read
     else:
         fn = lambda: K._contrast_backward(xs, coef, grad, outs, K.IDENTITY)  # noqa: E731

@@ -132,24 +132,19 @@ def three_case_phantoms(tmp_path_factory):
 
 
 def test_loaders_give_each_rank_its_share_of_the_evaluation_cases(three_case_phantoms, tmp_path):
+    from gsema_fast.config import DataConfig
     from gsema_fast.data import build_loaders
 
-    common = dict(
-        test_domain=2,
-        patch_size=(16, 16, 16),
-        batch_size=1,
-        val_per_domain=1,
-        steps_per_epoch=2,
-        cache_dir=tmp_path / "cache",
-    )
-    shares = [build_loaders(three_case_phantoms, rank=r, world_size=2, **common) for r in range(2)]
-    one = build_loaders(three_case_phantoms, **common)
+    data = DataConfig(test_domain=2, patch_size=16, batch_size=1, val_per_domain=1, cache_dir=tmp_path / "cache")
+    common = dict(steps_per_epoch=2)
+    shares = [build_loaders(three_case_phantoms, data, rank=r, world_size=2, **common) for r in range(2)]
+    one = build_loaders(three_case_phantoms, data, **common)
     for kind in ("val", "test"):
         names = [[item["case"][0] for item in getattr(s, kind) or []] for s in shares]
         assert not set(names[0]) & set(names[1])
         assert sorted(names[0] + names[1]) == sorted(item["case"][0] for item in getattr(one, kind))
     with pytest.raises(ValueError, match="rank=2"):
-        build_loaders(three_case_phantoms, rank=2, world_size=2, **common)
+        build_loaders(three_case_phantoms, data, rank=2, world_size=2, **common)
 
 
 @pytest.mark.slow

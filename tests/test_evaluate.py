@@ -1,14 +1,16 @@
 """Evaluation: metrics against MONAI and hand counts, sliding-window inference, checkpoints, predict, evaluate, lodo."""
 
 import math
+import typing
 
 import numpy as np
 import pytest
 import torch
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU, compute_hausdorff_distance
 
+from gsema_fast.config import AmpMode, EvalConfig, load_config, replace
 from gsema_fast.evaluation.metrics import case_metrics
-from gsema_fast.inference import predict_volume
+from gsema_fast.inference import amp_dtype, eval_settings, predict_volume
 from gsema_fast.models import build_model
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
@@ -132,7 +134,7 @@ def test_sliding_window_any_size_matches_pointwise_net():
     net = _Probe()
     # Neither a multiple of the window, nor of its step, and one axis smaller than the window.
     image = torch.randn(2, 1, 23, 17, 9)
-    logits = predict_volume(net, image, roi_size=(8, 8, 16), overlap=0.5, sw_batch_size=3)
+    logits = predict_volume(net, image, roi_size=(8, 8, 16), settings=EvalConfig(overlap=0.5, sw_batch_size=3))
     assert logits.shape == (2, 2, 23, 17, 9) and logits.dtype == torch.float32
     assert type(logits) is torch.Tensor
     torch.testing.assert_close(logits, net.conv(image).detach(), atol=1e-5, rtol=1e-5)
@@ -141,13 +143,36 @@ def test_sliding_window_any_size_matches_pointwise_net():
 def test_sliding_window_unet_restores_mode_and_checks_channels():
     net = build_model(TINY_UNET).train()
     image = torch.randn(1, 1, 19, 13, 21)
-    logits = predict_volume(net, image, roi_size=16, overlap=0.25, mode="constant")
+    logits = predict_volume(net, image, roi_size=16, settings=EvalConfig(overlap=0.25, mode="constant"))
     assert logits.shape == (1, 3, 19, 13, 21) and torch.isfinite(logits).all()
     assert net.training  # put back as it was
     with pytest.raises(ValueError, match="2 channel"):
         predict_volume(net, torch.randn(1, 2, 16, 16, 16), roi_size=16)
     with pytest.raises(ValueError, match="batch"):
         predict_volume(net, torch.randn(1, 16, 16, 16), roi_size=16)
+    with pytest.raises(TypeError, match="settings must be an EvalConfig"):
+        predict_volume(net, image, roi_size=16, settings={"overlap": 0.5})
+
+
+def test_inference_settings_are_the_eval_sections():
+    cfg = load_config("demo")
+    assert eval_settings(cfg) == cfg.eval
+    assert eval_settings(cfg, overlap=0.5, sw_batch_size=None) == replace(cfg.eval, overlap=0.5)
+    with pytest.raises(ValueError, match=r"^eval\.overlap: expected a number in \[0, 1\), got 1\.5$"):
+        eval_settings(cfg, overlap=1.5)
+    with pytest.raises(ValueError, match=r"^eval\.sw_batch_size: expected an int >= 1, got 0$"):
+        eval_settings(cfg, sw_batch_size=0)
+
+
+def test_amp_dtype_knows_every_amp_setting():
+    """The autocast type of every train.amp choice, auto resolved by the config's one resolver."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    expected = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    assert {amp: amp_dtype(amp, cuda) for amp in typing.get_args(AmpMode)} == expected
+    assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+    assert all(amp_dtype(amp, cpu, inference=True) is None for amp in typing.get_args(AmpMode))
+    with pytest.raises(ValueError, match="train.amp must be one of 'auto', 'bf16', 'fp16', 'fp32', got 'bf32'"):
+        amp_dtype("bf32", cuda)
 
 
 # --------------------------------------------------------------------------------------- checkpoints and files
@@ -219,13 +244,13 @@ def test_load_checkpoint_weights_and_errors(checkpoint, phantoms, tmp_path):
 def test_preprocessing_inverts_onto_the_original_grid(phantoms, spacing, min_dice):
     import nibabel as nib
 
-    from gsema_fast.data import load_manifest, preprocess_transforms
+    from gsema_fast.data import Preprocessing, load_manifest
     from gsema_fast.inference import to_original_grid
 
     man = load_manifest(phantoms)
     case = man.cases_of("1")[0]  # centre B: stored LPS, so orientation is undone too
     assert nib.aff2axcodes(nib.load(case.label).affine) == ("L", "P", "S")
-    transform = preprocess_transforms(labels=man.labels, spacing=spacing)
+    transform = Preprocessing(spacing=spacing).transforms(labels=man.labels)
     item = transform({"image": str(case.image), "label": str(case.label), "case": case.name})
     onehot = _onehot(item["label"][0].numpy().astype(np.int64))[0]
     back = to_original_grid(transform, onehot, item["image"]).argmax(0).numpy()
@@ -435,9 +460,10 @@ def test_cli_predict_and_evaluate_take_inference_settings(checkpoint, phantoms, 
     seen = []
     segment = prediction.segment_case
 
-    def spy(*args, **kwargs):
-        seen.append({k: kwargs[k] for k in ("overlap", "sw_batch_size", "mode")})
-        return segment(*args, **kwargs)
+    def spy(loaded, transform, item, settings=None):
+        used = settings or loaded.config.eval
+        seen.append({"overlap": used.overlap, "sw_batch_size": used.sw_batch_size, "mode": used.mode})
+        return segment(loaded, transform, item, settings)
 
     monkeypatch.setattr(prediction, "segment_case", spy)
     image = next((phantoms / "imagesTr").glob("A_*"))

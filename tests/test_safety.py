@@ -1004,15 +1004,16 @@ def test_leftover_temporary_files_go_on_resume_and_overwrite(phantoms, run_copy,
 
 
 def test_a_patch_larger_than_the_volumes_is_said(phantoms, caplog):
+    from gsema_fast.config import DataConfig
     from gsema_fast.data import build_loaders
 
     caplog.set_level(logging.WARNING, logger="gsema_fast")
-    build_loaders(phantoms, patch_size=(48, 16, 16), batch_size=1, val_per_domain=1, steps_per_epoch=1)
+    build_loaders(phantoms, DataConfig(patch_size=(48, 16, 16), batch_size=1, val_per_domain=1), steps_per_epoch=1)
     assert re.search(r"data\.patch_size \[48, 16, 16\] is larger than 3 of the 3 training volumes along some axis "
                      r"\(smallest grid \[\d+, \d+, \d+\] after preprocessing, e\.g\. case A_00\d\): they are padded up "
                      r"to the patch", caplog.text)  # fmt: skip
     caplog.clear()
-    build_loaders(phantoms, patch_size=(16, 16, 16), batch_size=1, val_per_domain=1, steps_per_epoch=1)
+    build_loaders(phantoms, DataConfig(patch_size=16, batch_size=1, val_per_domain=1), steps_per_epoch=1)
     assert "is larger than" not in caplog.text
 
 

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gsema_fast.config import Config
+from gsema_fast.config import Config, EvalConfig, replace
 from gsema_fast.data import Case, Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
 from gsema_fast.evaluation import figures as figs
 from gsema_fast.evaluation.metrics import METRICS, case_metrics, summarize, voxel_spacing
 from gsema_fast.files import check_writable, jsonable, write_csv, write_json
 from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from gsema_fast.inference.nifti import load_nifti, save_nifti_like
-from gsema_fast.inference.prediction import segment_case
+from gsema_fast.inference.prediction import eval_settings, segment_case
 from gsema_fast.training.runfolder import run_outputs
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[li
     elif split == "val":
         # The trainer holds out validation cases with split_cases(seed=train.seed); the same call finds them again.
         held_out = split_cases(
-            man, train_domains=trained_on, test_domain=None, val_per_domain=cfg.data.val_per_domain, seed=cfg.train.seed
+            man, replace(cfg.data, train_domains=trained_on, test_domain=None), seed=cfg.train.seed
         ).val
         cases = [c for c in held_out if wanted is None or c.domain in wanted]
     else:
@@ -198,8 +198,7 @@ def evaluate(
         Preprocessing.from_config(cfg.data).transforms(labels=man.labels),
         man,
         out,
-        overlap=cfg.eval.overlap if overlap is None else overlap,
-        sw_batch_size=cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size,
+        eval_settings(cfg, overlap=overlap, sw_batch_size=sw_batch_size),
         hd95=hd95,
         save_predictions=save_predictions,
         figures=figures,
@@ -247,8 +246,7 @@ class _Scoring:
     transform: Any  # the preprocessing (a MONAI Compose), inverted to map predictions back
     manifest: Manifest
     out: Path
-    overlap: float
-    sw_batch_size: int
+    settings: EvalConfig  # the sliding window's
     hd95: bool
     save_predictions: bool
     figures: bool
@@ -273,14 +271,7 @@ class _Scoring:
         t0 = time.perf_counter()
         loaded, labels = self.loaded, self.manifest.labels
         item = {"image": str(case.image), "label": str(case.label), "case": case.name}
-        probs, _ = segment_case(
-            loaded,
-            self.transform,
-            item,
-            overlap=self.overlap,
-            sw_batch_size=self.sw_batch_size,
-            mode=loaded.config.eval.mode,
-        )
+        probs, _ = segment_case(loaded, self.transform, item, self.settings)
         pred = probs.argmax(0).numpy().astype(np.uint8)
         ref_img = load_nifti(case.label)
         ref = np.asarray(ref_img.dataobj).astype(np.int64).reshape(ref_img.shape[:3])
@@ -333,9 +324,9 @@ def _summary(scoring: _Scoring, split: str, domains: list[str], records: list[di
         "device": str(loaded.device),
         "inference": {
             "roi_size": list(loaded.config.data.patch_size),
-            "overlap": scoring.overlap,
-            "sw_batch_size": scoring.sw_batch_size,
-            "mode": loaded.config.eval.mode,
+            "overlap": scoring.settings.overlap,
+            "sw_batch_size": scoring.settings.sw_batch_size,
+            "mode": scoring.settings.mode,
         },
         "conventions": "0/0 metrics are NaN (null here) and skipped by the means; n counts the cases in each mean",
         **summarize(records),

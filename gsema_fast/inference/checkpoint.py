@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gsema_fast.config import Config, config_from_dict, config_to_dict, parse_override, with_overrides
+from gsema_fast.config import (
+    Config,
+    EvalWeights,
+    check_choice,
+    config_from_dict,
+    config_to_dict,
+    parse_override,
+    resolve_device,
+    with_overrides,
+)
 from gsema_fast.data import PREPROCESSING_KEYS
 from gsema_fast.files import read_checkpoint
 from gsema_fast.inference.window import amp_dtype
@@ -46,15 +55,6 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
                 key = key[len(prefix) :]
         out[key] = value
     return out
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
-    return device
 
 
 def _merge_config(ck_cfg: Config, override: Config | None, path: Path) -> Config:
@@ -120,8 +120,8 @@ def load_checkpoint(
     ``FileNotFoundError`` or ``ValueError`` with the file and the reason.
     """
     path = Path(path)
-    if weights not in (None, "teacher", "student"):
-        raise ValueError(f"weights={weights!r}: expected 'teacher' or 'student'")
+    if weights is not None:
+        check_choice("weights", weights, EvalWeights)
     ck = read_checkpoint(path)  # tensors, numbers, strings and containers only: loading runs no code
     if not isinstance(ck, Mapping) or "config" not in ck:
         found = f"keys: {', '.join(map(str, ck))}" if isinstance(ck, Mapping) else f"a {type(ck).__name__}"
@@ -149,7 +149,7 @@ def load_checkpoint(
             f"{model.name}, feature_size={model.feature_size}, channels={model.channels}, out_channels="
             f"{model.out_channels}); the file mixes weights and config of different models:\n{detail[:1500]}"
         ) from None
-    dev = _resolve_device(device)
+    dev = torch.device(resolve_device("auto" if device is None else str(device), key="device"))
     net.to(dev).eval()
     return LoadedCheckpoint(
         net,
