@@ -4,11 +4,16 @@ line it was given in every process, and bad settings refused before any process 
 from __future__ import annotations
 
 import logging
+from typing import get_args
 
 import pytest
 
-from gsema_fast import cli, distributed
+from gsema_fast import cli, config, distributed
 from gsema_fast.cli import main
+from gsema_fast.evaluation import evaluate
+from gsema_fast.experiments.lodo import run as lodo_run
+from gsema_fast.experiments.lodo import study as lodo_study
+from gsema_fast.training import benchstep
 
 OPTIONAL_RUN = {"config": None, "set": [], "out": None, "overwrite": False}
 INFERENCE = {"weights": None, "config": None, "set": [], "overlap": None, "sw_batch_size": None, "device": None}
@@ -189,3 +194,25 @@ def test_nproc_refuses_a_bad_setting_before_any_process_starts(launches, caplog,
     (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "optim.lr" in error and "\n" not in error
     assert not (tmp_path / "run").exists()
+
+
+def choices_of(verb: str, dest: str) -> tuple:
+    (verbs,) = [a for a in cli._build_parser()._actions if a.dest == "verb"]
+    (option,) = [a for a in verbs.choices[verb]._actions if a.dest == dest]
+    return tuple(option.choices)
+
+
+# The parser names these choices itself, so that `--help` needs neither pydantic nor torch; their homes are below.
+@pytest.mark.parametrize(
+    ("verb", "dest", "home"),
+    [
+        ("evaluate", "weights", lambda: get_args(config.EvalWeights)),
+        ("predict", "weights", lambda: get_args(config.EvalWeights)),
+        ("bench-step", "mode", lambda: (*benchstep.MODES, "all")),
+        ("lodo", "preset", lambda: tuple(lodo_study.PRESETS)),
+        ("lodo", "use", lambda: lodo_run.CHECKPOINTS),
+        ("evaluate", "split", lambda: evaluate.SPLITS),
+    ],
+)
+def test_the_parsers_choices_are_those_of_their_home(verb, dest, home):
+    assert choices_of(verb, dest) == home()

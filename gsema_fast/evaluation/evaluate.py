@@ -36,6 +36,8 @@ __all__ = ["clear_evaluation", "evaluate", "evaluation_outputs"]
 # What evaluate writes into its folder: the files, and the folders with the endings of the files written into them.
 # --overwrite replaces these, and nothing else.
 EVALUATION_FILES = ("summary.json", "metrics.csv")
+# test: the unseen centre's cases; val: held-out cases of the training centres; all: both
+SPLITS = ("test", "val", "all")
 EVALUATION_FOLDERS = {"predictions": (".nii.gz", ".nii"), "figures": (".png",)}
 
 
@@ -115,8 +117,8 @@ def _dataset_root(cfg: Config, data: str | os.PathLike | None) -> tuple[Path, st
 
 
 def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[list, list[str]]:
-    if split not in ("test", "val", "all"):
-        raise ValueError(f"split={split!r}: expected 'test', 'val' or 'all'")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     wanted = None
     if domain is not None:
         wanted = [str(d) for d in (domain if isinstance(domain, (list, tuple)) else [domain])]

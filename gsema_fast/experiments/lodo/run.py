@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _CASE_KEYS = tuple(SCOPES.values())
 # What lodo writes into a run folder beside the run's own files.
 _EVALUATIONS = ("evaluation", "evaluation-val")
+CHECKPOINTS = ("final", "best")  # which of a run's checkpoints is scored
 _TIMING = "lodo_timing.json"
 
 
@@ -72,8 +73,8 @@ def lodo(
     (``data.root: null``) are synthesised once into ``data.synth_dir`` (default ``out_dir/synth``). Returns
     ``{"records", "tables" (paths), "out_dir"}``.
     """
-    if checkpoint not in ("final", "best"):
-        raise ValueError(f"checkpoint={checkpoint!r}: expected 'final' or 'best'")
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint={checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
     study = PRESETS[preset] if preset is not None else None
