@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -310,13 +311,16 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(bad)
 
 
-def test_resolve_auto(monkeypatch):
+def test_resolve_auto(monkeypatch, caplog):
     import torch
 
     cpu = resolve_auto(load_config("gpu"), "cpu").train
     assert (cpu.device, cpu.amp, cpu.compile) == ("cpu", "fp32", False)
     pinned = resolve_auto(load_config("demo", ["train.amp=fp32", "train.compile=true"]), "cpu").train
     assert (pinned.amp, pinned.compile) == ("fp32", True)
+    with caplog.at_level(logging.WARNING, logger="gsema_fast.config"):
+        assert resolve_auto(load_config("demo", ["train.amp=bf16"]), "cpu").train.amp == "bf16"
+    assert "train.amp=bf16 on the CPU: 3D convolutions under CPU autocast are much slower" in caplog.text
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cuda = resolve_auto(load_config("gpu")).train

@@ -708,3 +708,16 @@ def test_ops_run_on_their_tensors_device_not_the_current_one(monkeypatch):
     for got, also, want in zip(teacher, ema, want_teacher, strict=True):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(also.cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+# CPU-reachable lines that the coverage run found unexercised beside the CUDA-only ones (bench/RESULTS.md lists those)
+def test_an_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv(ops.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match=r"GSEMA_FAST_BACKEND must be 'torch' or 'triton', got 'cuda'"):
+        ops.fused_ema_([torch.zeros(3)], [torch.ones(3)], 0.5)
+
+
+def test_a_float_dtype_no_kernel_averages_is_refused():
+    ema = [torch.zeros(3, dtype=torch.float8_e4m3fn)]
+    with pytest.raises(TypeError, match=r"must be float32/float16/bfloat16/float64, got torch.float8_e4m3fn"):
+        ops.fused_ema_(ema, [torch.ones(3, dtype=torch.float8_e4m3fn)], 0.5)
