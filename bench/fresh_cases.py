@@ -13,7 +13,6 @@ figures only; the unseen-centre ones are printed for the record.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import statistics
@@ -73,10 +72,10 @@ def score_runs(runs: list[str], cases: int, data: str | Path | None = None) -> d
             # the unseen centre's cases of the run's own dataset: those its trainer scored
             "unseen": fresh_split(man, [unseen], 0, synth["cases_per_domain"]),
         }
-        preprocessing = dataclasses.asdict(Preprocessing.from_config(ck.config.data))
+        preprocessing = Preprocessing.from_config(ck.config.data)
         scored = {}
         for name, chosen in split.items():
-            loader = volume_loader(chosen, labels=man.labels, **preprocessing)
+            loader = volume_loader(chosen, preprocessing, labels=man.labels)
             s = score_volumes(ck.net, loader, man.labels, ck.config, desc=f"{path.parent.parent.name} {name}")
             scored[name] = {"mean": s["mean"], "cases": {c["case"]: c["aneurysm"]["dice"] for c in s["cases"]}}
         results["runs"][str(path)] = scored

@@ -23,10 +23,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 PARTS=${PARTS:-tests ops step train}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 if part tests; then
-    timeout 240 python3 -m pytest -q -x tests/test_ops_gsema.py tests/test_bacl.py -p no:cacheprovider 2>&1 \
-        | tail -15 | tee "$OUT/tests.txt"
-    timeout 120 python3 -m pytest -q -m gpu tests/test_train.py tests/test_data.py -p no:cacheprovider 2>&1 \
-        | tail -15 | tee -a "$OUT/tests.txt"
+    # First the kernels natively against their references, then every test marked gpu (graph capture, the compile
+    # cache, two devices, bf16 and fp16 autocast, peak memory): together what the CPU suite cannot execute.
+    timeout 240 python3 -m pytest -q tests/test_ops_gsema.py tests/test_bacl.py tests/test_bacl_kernels.py \
+        tests/test_ema.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt"
+    timeout 180 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -15 | tee -a "$OUT/tests.txt"
 fi
 if part ops; then
     timeout 300 python3 -m pytest -q bench/test_ops.py bench/test_bacl.py -p no:cacheprovider ${1:+-k "$1"} \

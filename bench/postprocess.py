@@ -10,7 +10,6 @@ training centres' cases.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import statistics
 import sys
@@ -49,20 +48,15 @@ def score_rules(runs: list[str], cases: int, data: str | Path | None = None) -> 
         centres, _ = run_domains(man, ck.config.data)
         own = load_manifest(builtin_dataset(**synths[0]))
         scopes = {
-            "validation": split_cases(
-                own,
-                train_domains=centres,
-                test_domain=None,
-                val_per_domain=ck.config.data.val_per_domain,
-                seed=ck.config.train.seed,
-            ).val,
+            # the cases the trainer validated on and chose best.pt by: its own split of its own dataset
+            "validation": split_cases(own, ck.config.data, seed=ck.config.train.seed).val,
             "fresh": fresh_split(man, centres, first, cases),
         }
-        preprocessing = dataclasses.asdict(Preprocessing.from_config(ck.config.data))
+        preprocessing = Preprocessing.from_config(ck.config.data)
         per_run: dict = {}
         for scope, chosen in scopes.items():
             dice: dict[str, dict[str, list[float]]] = {rule: {} for rule in CANDIDATES}
-            for item in volume_loader(chosen, labels=man.labels, **preprocessing):
+            for item in volume_loader(chosen, preprocessing, labels=man.labels):
                 logits = volume_logits(ck.net, item, ck.config, amp=None, device=ck.device)
                 reference = item["label"][0, 0].cpu()
                 spacing = voxel_spacing(np.asarray(item["image"].affine))

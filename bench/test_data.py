@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bench._util import DEVICE, ON_GPU, sync, timed
+from gsema_fast.config import DataConfig
 from gsema_fast.data import TargetTransform, build_loaders, synthesize
 from gsema_fast.data.target import ORDER
 
@@ -45,15 +46,14 @@ def test_synth_cases_per_second(benchmark, tmp_path, full):
 
 def test_loader_and_target_transform_patches_per_second(benchmark, dataset, full):
     patch, batch, steps = ((96, 96, 96), 2, 20) if full else ((32, 32, 32), 3, 2)
-    data = build_loaders(
-        dataset,
+    settings = DataConfig(
         train_domains=[0, 1, 2],
         test_domain=3,
         patch_size=patch,
         batch_size=batch,
-        steps_per_epoch=steps,
         num_workers=4 if (full and ON_GPU) else 0,
     )
+    data = build_loaders(dataset, settings, steps_per_epoch=steps)
     T = TargetTransform(seed=0).to(DEVICE)
 
     def epoch():

@@ -1,7 +1,9 @@
 """The ``gsema-fast`` command: parses arguments and calls importable functions (which the tests call too).
 
 Each verb is a pair: ``_add_<verb>(subparsers)`` declares its arguments and ``_run_<verb>(args)`` calls the
-library. Heavy imports happen inside ``_run_*`` so that ``gsema-fast --help`` is instant.
+library; :data:`_VERBS` lists the verbs, in the order ``--help`` shows them. An option that several verbs take is
+declared once, as a parent parser below (its help names what it means for the verb that takes it). Heavy imports
+happen inside ``_run_*`` so that ``gsema-fast --help`` is instant.
 """
 
 from __future__ import annotations
@@ -15,29 +17,131 @@ import threading
 
 log = logging.getLogger("gsema_fast")
 
+# ------------------------------------------------------------------------------------------------ shared options
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gsema-fast", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in _VERBS:
-        add(sub)
-    return parser
+
+def _option(*flags: str, **spec) -> argparse.ArgumentParser:
+    """A parent parser (``parents=[...]``) holding one option."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **spec)
+    return parent
+
+
+def _config_file(help_text: str) -> argparse.ArgumentParser:
+    return _option("--config", default=None, help=help_text)
+
+
+def _overrides(help_text: str) -> argparse.ArgumentParser:
+    return _option("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def _out(help_text: str, *, required: bool = False) -> argparse.ArgumentParser:
+    return _option("--out", required=required, default=None, help=help_text)
+
+
+def _overwrite(help_text: str) -> argparse.ArgumentParser:
+    return _option("--overwrite", action="store_true", help=help_text)
+
+
+_CONFIG_OVERRIDES = _overrides(
+    "config override, value parsed as YAML, e.g. --set data.patch_size=[64,64,64] (repeatable)"
+)
+# The config of a run: train and bench-step.
+_RUN_CONFIG = [
+    _config_file("YAML file or shipped config name (default: 'gpu' on a CUDA machine, else 'demo')"),
+    _CONFIG_OVERRIDES,
+]
+_NPROC = _option(
+    "--nproc",
+    type=int,
+    default=None,
+    metavar="N",
+    help="train in N processes on this machine (one per GPU; gloo on CPUs), as torchrun --standalone "
+    "--nproc_per_node N -m gsema_fast train ... would; data.batch_size is then per process",
+)
+# A trained network run on whole volumes: evaluate and predict.
+_INFERENCE = [
+    _option("--checkpoint", required=True, help="checkpoint written by gsema-fast train"),
+    _option(
+        "--weights",
+        choices=["teacher", "student"],
+        default=None,
+        help="network to run (default: the config's eval.weights, the teacher)",
+    ),
+    _config_file(
+        "YAML file or shipped config name whose data and eval sections replace the checkpoint's (its model and "
+        "preprocessing must agree)"
+    ),
+    _overrides(
+        "inference setting, eval.* or train.amp (AMP on CUDA), applied last, e.g. --set eval.mode=constant (repeatable)"
+    ),
+    _option("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)"),
+    _option("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)"),
+    _option("--device", default=None, help="cpu or cuda (default: cuda when available)"),
+]
+
+
+def _default_config_name() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "demo"
+
+
+# ------------------------------------------------------------------------------------------------ the verbs
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=[
+            *_RUN_CONFIG,
+            _out("run folder (overrides train.out_dir)"),
+            _overwrite("replace the run in a run folder that holds one (refused without)"),
+            _NPROC,
+        ],
+        help="train a GS-EMA teacher-student pair (built-in phantoms when given nothing)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/latest.pt")
+    p.set_defaults(run=_run_train)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` (however it was typed: ``--nproc=N``, ``--np N``, repeated), as argparse reads it."""
+    return argparse.ArgumentParser(add_help=False, parents=[_NPROC]).parse_known_args(argv)[1]
+
+
+def _run_train(args) -> int:
+    from gsema_fast import distributed
+    from gsema_fast.config import load_config
+    from gsema_fast.training import train
+
+    overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
+    cfg = load_config(args.config or _default_config_name(), overrides)  # a bad key is refused before any process
+    if args.nproc is not None and not distributed.launched():
+        code, message = distributed.launch(args.nproc, _without_nproc(args.argv), verbose=args.verbose)
+        if message:  # the job's end, in the line one process would have written
+            log.error("%s", message)
+        return code
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write the synthetic multi-centre 3DRA dataset (NIfTI, nnU-Net layout)")
-    p.add_argument("--out", required=True, help="output folder (imagesTr/, labelsTr/, dataset.json)")
+    p = sub.add_parser(
+        "synth",
+        parents=[
+            _out("output folder (imagesTr/, labelsTr/, dataset.json)", required=True),
+            _overwrite(
+                "regenerate even if the folder holds this dataset; replace another dataset in it (refused without)"
+            ),
+        ],
+        help="write the synthetic multi-centre 3DRA dataset (NIfTI, nnU-Net layout)",
+    )
     p.add_argument("--domains", type=int, default=4, help="number of centres (default 4)")
     p.add_argument("--cases-per-domain", type=int, default=6, help="cases per centre (default 6)")
     p.add_argument("--size", type=int, default=128, help="matrix size of the finest centre (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count for large datasets)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="regenerate even if the folder holds this dataset; replace another dataset in it (refused without)",
-    )
     p.set_defaults(run=_run_synth)
 
 
@@ -57,12 +161,19 @@ def _run_synth(args) -> int:
     return 0
 
 
-_VERBS: list = [_add_synth]
-
-
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a checkpoint on whole volumes (metrics per case, domain and overall)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by gsema-fast train")
+    p = sub.add_parser(
+        "evaluate",
+        parents=[
+            *_INFERENCE,
+            _out("output folder (default: <run folder>/evaluation_<checkpoint name>)"),
+            _overwrite(
+                "replace the results of an earlier evaluation (or a training run's summary.json) in --out (refused "
+                "without)"
+            ),
+        ],
+        help="score a checkpoint on whole volumes (metrics per case, domain and overall)",
+    )
     p.add_argument("--data", default=None, help="dataset folder (default: the one in the checkpoint's config)")
     p.add_argument(
         "--domain",
@@ -76,25 +187,6 @@ def _add_evaluate(sub) -> None:
         default="test",
         help="test: the centre's cases; val: held-out cases of the training centres; all (default test)",
     )
-    p.add_argument(
-        "--weights",
-        choices=["teacher", "student"],
-        default=None,
-        help="network to score (default: the config's eval.weights, the teacher)",
-    )
-    p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation_<checkpoint name>)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the results of an earlier evaluation (or a training run's summary.json) in --out (refused "
-        "without)",
-    )
-    p.add_argument(
-        "--config", default=None, help="YAML whose data and eval sections replace the checkpoint's (model must agree)"
-    )
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
-    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--save-predictions", action="store_true", help="also write the label NIfTIs")
     p.add_argument("--no-hd95", action="store_true", help="skip the (slow on large volumes) surface distance")
     p.add_argument("--figures", action="store_true", help="MIP overlays per case and a t-SNE of teacher latents")
@@ -108,11 +200,15 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(run=_run_evaluate)
 
 
-def _run_evaluate(args) -> int:
+def _inference_config(args):
     from gsema_fast.config import load_config
+
+    return load_config(args.config) if args.config else None
+
+
+def _run_evaluate(args) -> int:
     from gsema_fast.evaluation.evaluate import evaluate
 
-    config = load_config(args.config) if args.config else None
     evaluate(
         args.checkpoint,
         args.data,
@@ -122,7 +218,8 @@ def _run_evaluate(args) -> int:
         out_dir=args.out,
         figures=args.figures,
         compare=args.compare,
-        config=config,
+        config=_inference_config(args),
+        overrides=args.set,
         device=args.device,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
@@ -134,16 +231,14 @@ def _run_evaluate(args) -> int:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="segment NIfTI files with a checkpoint (labels on each input's own grid)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by gsema-fast train")
+    p = sub.add_parser(
+        "predict",
+        parents=[*_INFERENCE, _overwrite("replace outputs already in --output (refused without)")],
+        help="segment NIfTI files with a checkpoint (labels on each input's own grid)",
+    )
     p.add_argument("--input", required=True, nargs="+", help="NIfTI file(s) and/or folder(s) of them")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
-    p.add_argument("--weights", choices=["teacher", "student"], default=None, help="default: the teacher")
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: eval.overlap)")
-    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward (default: eval.sw_batch_size)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --output (refused without)")
     p.set_defaults(run=_run_predict)
 
 
@@ -159,15 +254,27 @@ def _run_predict(args) -> int:
         device=args.device,
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
+        config=_inference_config(args),
+        overrides=args.set,
         overwrite=args.overwrite,
     )
     return 1 if result["failed"] else 0
 
 
 def _add_lodo(sub) -> None:
-    p = sub.add_parser("lodo", help="leave-one-domain-out training and evaluation; --ablation for the paper's rows")
-    p.add_argument("--config", default=None, help="YAML file or shipped config name (default: demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p = sub.add_parser(
+        "lodo",
+        parents=[
+            _config_file("YAML file or shipped config name (default: demo)"),
+            _CONFIG_OVERRIDES,
+            _out("output folder (default: <train.out_dir>/lodo)"),
+            _overwrite(
+                "train again the runs in --out that were made with other settings (config, dataset, seed, --use); "
+                "without it such a run is refused. Runs made with these settings are kept"
+            ),
+        ],
+        help="leave-one-domain-out training and evaluation; --ablation for the paper's rows",
+    )
     p.add_argument(
         "--preset",
         choices=["quick", "full"],
@@ -183,18 +290,11 @@ def _add_lodo(sub) -> None:
     )
     p.add_argument("--row", action="append", default=None, help="only this ablation row (repeatable)")
     p.add_argument("--domain", action="append", default=None, help="only this unseen centre (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (default: <train.out_dir>/lodo)")
     p.add_argument(
         "--use",
         choices=["final", "best"],
         default="best",
         help="checkpoint to evaluate (default best: chosen on held-out cases of the training centres)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="train again the runs in --out that were made with other settings (config, dataset, seed, --use); "
-        "without it such a run is refused. Runs made with these settings are kept",
     )
     p.set_defaults(run=_run_lodo)
 
@@ -220,10 +320,11 @@ def _run_lodo(args) -> int:
 
 def _add_lodo_table(sub) -> None:
     p = sub.add_parser(
-        "lodo-table", help="write lodo's tables again from the lodo_records.json of a study (no training)"
+        "lodo-table",
+        parents=[_out("folder for lodo_table.md, lodo_table.csv, lodo_effects.csv, ...", required=True)],
+        help="write lodo's tables again from the lodo_records.json of a study (no training)",
     )
     p.add_argument("records", help="a lodo_records.json, as lodo writes it into its --out folder")
-    p.add_argument("--out", required=True, help="folder for lodo_table.md, lodo_table.csv, lodo_effects.csv, ...")
     p.set_defaults(run=_run_lodo_table)
 
 
@@ -235,71 +336,12 @@ def _run_lodo_table(args) -> int:
     return 0
 
 
-_VERBS += [_add_evaluate, _add_predict, _add_lodo, _add_lodo_table]
-
-
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a GS-EMA teacher-student pair (built-in phantoms when given nothing)")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="YAML file or shipped config name (default: 'gpu' on a CUDA machine, else 'demo')",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, value parsed as YAML, e.g. --set data.patch_size=[64,64,64] (repeatable)",
-    )
-    p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
-    p.add_argument("--resume", action="store_true", help="continue from <run folder>/checkpoints/latest.pt")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace the run in a run folder that holds one (refused without)"
-    )
-    p.add_argument(
-        "--nproc",
-        type=int,
-        default=None,
-        metavar="N",
-        help="train in N processes on this machine (one per GPU; gloo on CPUs), as torchrun --standalone "
-        "--nproc_per_node N -m gsema_fast train ... would; data.batch_size is then per process",
-    )
-    p.set_defaults(run=_run_train)
-
-
-def _run_train(args) -> int:
-    import torch
-
-    from gsema_fast import distributed
-    from gsema_fast.config import load_config
-    from gsema_fast.training import train
-
-    name = args.config or ("gpu" if torch.cuda.is_available() else "demo")
-    overrides = [*args.set, *([f"train.out_dir={args.out}"] if args.out else [])]
-    cfg = load_config(name, overrides)  # a bad key is refused here, before any process is started
-    if args.nproc is not None and not distributed.launched():
-        argv = [*(["-v"] if args.verbose else []), "train", *(["--config", args.config] if args.config else [])]
-        argv += [a for kv in args.set for a in ("--set", kv)]
-        argv += [*(["--out", args.out] if args.out else []), *(["--resume"] if args.resume else [])]
-        argv += ["--overwrite"] if args.overwrite else []
-        code, message = distributed.launch(args.nproc, argv, verbose=args.verbose)
-        if message:  # the job's end, in the line one process would have written
-            log.error("%s", message)
-        return code
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
-    return 0
-
-
-_VERBS.insert(0, _add_train)
-
-
 def _add_bench_step(sub) -> None:
-    p = sub.add_parser("bench-step", help="time a plain step, the reference GS-EMA step and ours; prints JSON")
-    p.add_argument(
-        "--config", default=None, help="YAML file or shipped config name (default: 'gpu' on CUDA, else 'demo')"
+    p = sub.add_parser(
+        "bench-step",
+        parents=[*_RUN_CONFIG, _out("also write the JSON to this file")],
+        help="time a plain step, the reference GS-EMA step and ours; prints JSON",
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument(
         "--mode",
         choices=["plain", "reference", "gsema", "all"],
@@ -308,7 +350,6 @@ def _add_bench_step(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first, compilation included (default 2)")
-    p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument(
         "--no-loader", action="store_true", help="do not time the dataset's training loader (no dataset needed)"
     )
@@ -318,13 +359,11 @@ def _add_bench_step(sub) -> None:
 def _run_bench_step(args) -> int:
     import json
 
-    import torch
-
     from gsema_fast.config import load_config
     from gsema_fast.files import atomic_path, require_writable_file
     from gsema_fast.training.benchstep import MODES, bench_step
 
-    cfg = load_config(args.config or ("gpu" if torch.cuda.is_available() else "demo"), args.set)
+    cfg = load_config(args.config or _default_config_name(), args.set)
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.out:  # found now, not after the whole benchmark has run
         require_writable_file(args.out, "--out")
@@ -336,12 +375,16 @@ def _run_bench_step(args) -> int:
     return 0
 
 
-_VERBS.append(_add_bench_step)
-
-
 def _add_nnunet_train(sub) -> None:
     p = sub.add_parser(
         "nnunet-train",
+        parents=[
+            _overwrite("replace the run in the trainer's fold folder (refused without)"),
+            _overrides(
+                "GS-EMA setting on top of the trainer's: ema.*, loss.*, bacl.*, target_transform.*, train.seed "
+                "(repeatable; saved with the run)"
+            ),
+        ],
         help="train nnU-Net v2 with GS-EMA (nnUNetTrainerGSEMA or a variant; needs gsema-fast[nnunet])",
         description="nnUNetv2_train DATASET CONFIGURATION FOLD -tr nnUNetTrainerGSEMA, with nnU-Net's options; "
         "the nnUNet_raw, nnUNet_preprocessed and nnUNet_results variables as nnU-Net reads them. A run never "
@@ -373,17 +416,6 @@ def _add_nnunet_train(sub) -> None:
     )
     p.add_argument("--val_best", action="store_true", help="validate checkpoint_best instead of checkpoint_final")
     p.add_argument("--disable_checkpointing", action="store_true", help="write no checkpoints")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace the run in the trainer's fold folder (refused without)"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="GS-EMA setting on top of the trainer's: ema.*, loss.*, bacl.*, target_transform.*, train.seed "
-        "(repeatable; saved with the run)",
-    )
     p.add_argument("--epochs", type=int, default=None, help="nnU-Net's num_epochs (default: the trainer's, 1000)")
     p.add_argument(
         "--iterations", type=int, default=None, help="training iterations per epoch (default: the trainer's, 250)"
@@ -422,12 +454,12 @@ def _run_nnunet_train(args) -> int:
 def _add_nnunet_trainers(sub) -> None:
     p = sub.add_parser(
         "nnunet-trainers",
+        parents=[_overwrite("replace another file of the same name (refused without)")],
         help="write the file through which nnUNetv2_train finds gsema-fast's trainers (nnUNet_extTrainer)",
         description="Writes FOLDER/gsema_fast_trainers.py, which imports nnUNetTrainerGSEMA and its variants; with "
         "nnUNet_extTrainer=FOLDER, nnU-Net 2.8 or later finds them by name (nnUNetv2_train ... -tr NAME).",
     )
     p.add_argument("folder", metavar="FOLDER", help="folder for nnUNet_extTrainer (created if missing)")
-    p.add_argument("--overwrite", action="store_true", help="replace another file of the same name (refused without)")
     p.set_defaults(run=_run_nnunet_trainers)
 
 
@@ -446,11 +478,36 @@ def _run_nnunet_trainers(args) -> int:
     return 0
 
 
-_VERBS += [_add_nnunet_train, _add_nnunet_trainers]
+# Every verb, in the order `gsema-fast --help` lists them.
+_VERBS = (
+    _add_train,
+    _add_synth,
+    _add_evaluate,
+    _add_predict,
+    _add_lodo,
+    _add_lodo_table,
+    _add_bench_step,
+    _add_nnunet_train,
+    _add_nnunet_trainers,
+)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gsema-fast", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in _VERBS:
+        add(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ running a verb
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given: `train --nproc` runs it again in every process
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun: only rank 0 reports progress, the others problems
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from gsema_fast import ops
-
-RULES = ("dot", "sign")
+from gsema_fast.config import EmaRule, check_choice
 
 
 def _check_warmup_start(value: int) -> int:
@@ -82,8 +81,7 @@ class GSEMA:
         warmup: bool = True,
         warmup_start: int = 0,
     ) -> None:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        check_choice("rule", rule, EmaRule)
         self.student = student
         self.teacher = _frozen_copy(student) if teacher is None else teacher
         for p in self.teacher.parameters():
@@ -164,8 +162,7 @@ class GSEMA:
         self.num_aligned.copy_(state["num_aligned"])
         self.decay_aligned = _check_decay("decay_aligned", state["decay_aligned"])
         self.decay_conflict = _check_decay("decay_conflict", state["decay_conflict"])
-        if state["rule"] not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {state['rule']!r}")
+        check_choice("rule", state["rule"], EmaRule)
         self.rule = state["rule"]
         self.warmup = bool(state["warmup"])
         # Checkpoints written before the start was a setting counted from 0.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from gsema_fast import ops
-from gsema_fast.reference.bacl import check_options
+from gsema_fast.config import BaclOptions
 
 
 class BACL(nn.Module):
@@ -20,30 +22,15 @@ class BACL(nn.Module):
     - ``"volume_pos"``, ``"volume_neg"``, ``"boundary_pos"``, ``"boundary_neg"``: the mean cosine similarity of the
       positive pairs (S_s,T_s), (S_t,T_t) and of the negative pairs (S_s,S_t), (T_s,T_t), (S_s,T_t), (S_t,T_s).
 
-    Options are those of :func:`gsema_fast.ops.bacl_loss` and are checked here, at construction; ``reduction``
-    ``"batch_mean"`` averages the similarities over the batch before the InfoNCE, as the public code does. The
-    backend is chosen by :func:`gsema_fast.ops.bacl_terms`: the fused Triton passes on CUDA, the torch reference on
-    the CPU.
+    Options are those of :func:`gsema_fast.ops.bacl_loss` (``BACL(cfg.bacl)``, ``BACL(tau=0.5)``), checked here, at
+    construction, and kept as ``options``; ``reduction`` ``"batch_mean"`` averages the similarities over the batch
+    before the InfoNCE, as the public code does. The backend is chosen by :func:`gsema_fast.ops.bacl_terms`: the
+    fused Triton passes on CUDA, the torch reference on the CPU.
     """
 
-    def __init__(
-        self,
-        *,
-        cutoff: float = 0.5,
-        tau: float = 1.0,
-        volume: bool = True,
-        boundary: bool = True,
-        mask: str = "symmetric",
-        reduction: str = "sample",
-    ) -> None:
+    def __init__(self, options: BaclOptions | None = None, **overrides: Any) -> None:
         super().__init__()
-        check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
-        self.cutoff = float(cutoff)
-        self.tau = float(tau)
-        self.volume = bool(volume)
-        self.boundary = bool(boundary)
-        self.mask = mask
-        self.reduction = reduction
+        self.options = BaclOptions.of(options, **overrides).require_term()
 
     def forward(
         self,
@@ -52,18 +39,7 @@ class BACL(nn.Module):
         z_tea_src: torch.Tensor,
         z_tea_trg: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        result = ops.bacl_terms(
-            z_stu_src,
-            z_stu_trg,
-            z_tea_src,
-            z_tea_trg,
-            cutoff=self.cutoff,
-            tau=self.tau,
-            volume=self.volume,
-            boundary=self.boundary,
-            mask=self.mask,
-            reduction=self.reduction,
-        )
+        result = ops.bacl_terms(z_stu_src, z_stu_trg, z_tea_src, z_tea_trg, self.options)
         parts: dict[str, torch.Tensor] = {}
         for name, loss, sims in (
             ("volume", result.volume, result.volume_sims),
@@ -77,10 +53,7 @@ class BACL(nn.Module):
         return result.loss, parts
 
     def extra_repr(self) -> str:
-        return (
-            f"cutoff={self.cutoff}, tau={self.tau}, volume={self.volume}, boundary={self.boundary}, "
-            f"mask={self.mask!r}, reduction={self.reduction!r}"
-        )
+        return ", ".join(f"{name}={value!r}" for name, value in self.options)
 
 
 class DiceCE(nn.Module):

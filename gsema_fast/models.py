@@ -15,7 +15,6 @@ UNet downsamples in its first layer, so its names start at ``encoder2``.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +27,7 @@ from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from monai.networks.nets.swin_unetr import PatchMergingV2, SwinTransformerBlock
 from torch import nn
 
-from gsema_fast.config import MAX_DERIVED_CHANNELS, SWIN_DIVISOR, ModelConfig, validate_model_config
+from gsema_fast.config import MAX_DERIVED_CHANNELS, SWIN_DIVISOR, Config, ModelConfig, replace
 
 __all__ = [
     "LatentDynUNet",
@@ -243,30 +242,20 @@ def _level_widths(cfg: ModelConfig) -> list[int]:
     return [min(cfg.feature_size * 2**level, MAX_DERIVED_CHANNELS) for level in range(cfg.levels)]
 
 
-def _model_config(spec: ModelConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> ModelConfig:
-    if dataclasses.is_dataclass(spec) and dataclasses.is_dataclass(getattr(spec, "model", None)):
-        spec = spec.model  # a whole run config
+def _model_config(spec: Config | ModelConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> ModelConfig:
+    """The model section ``spec`` describes with ``overrides``: checked by the config (unknown keys, names, ranges)."""
+    if isinstance(spec, Config):
+        spec = spec.model
     if spec is None:
-        params: dict[str, Any] = {}
-    elif dataclasses.is_dataclass(spec):
-        params = dataclasses.asdict(spec)
-    elif isinstance(spec, Mapping):
-        params = dict(spec)
-    else:
-        raise TypeError(f"build_model: expected a ModelConfig or a mapping, got {type(spec).__name__}")
-    params.update(overrides)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"unknown key 'model.{unknown[0]}'; model has: {', '.join(sorted(known))}")
-    cfg = ModelConfig(**params)
-    if cfg.name not in ("swinunetr", "dynunet", "unet"):
-        raise ValueError(f"model.name: expected one of 'swinunetr', 'dynunet', 'unet', got {cfg.name!r}")
-    validate_model_config(cfg)
-    return cfg
+        spec = ModelConfig()
+    if isinstance(spec, ModelConfig):
+        return replace(spec, **overrides) if overrides else spec
+    if isinstance(spec, Mapping):
+        return ModelConfig(**{**spec, **overrides})
+    raise TypeError(f"build_model: expected a ModelConfig or a mapping, got {type(spec).__name__}")
 
 
-def build_model(spec: ModelConfig | Mapping[str, Any] | None = None, /, **overrides: Any) -> nn.Module:
+def build_model(spec: Config | ModelConfig | Mapping[str, Any] | None = None, /, **overrides: Any) -> nn.Module:
     """The network described by ``spec`` (``cfg.model``, a mapping, or None for the defaults) and ``overrides``.
 
     ``build_model(cfg.model)``, ``build_model(name="unet", channels=[8, 16, 32])``. The module's forward returns
@@ -314,7 +303,7 @@ def build_model(spec: ModelConfig | Mapping[str, Any] | None = None, /, **overri
     )
 
 
-def latent_names(spec: ModelConfig | Mapping[str, Any] | None = None, /, **overrides: Any) -> list[str]:
+def latent_names(spec: Config | ModelConfig | Mapping[str, Any] | None = None, /, **overrides: Any) -> list[str]:
     """The latent names the described network offers (without building it, for config checks and help text)."""
     cfg = _model_config(spec, overrides)
     if cfg.name == "swinunetr":

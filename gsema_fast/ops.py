@@ -12,9 +12,11 @@ import importlib
 import os
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
+from gsema_fast.config import BaclOptions
 from gsema_fast.reference import bacl as _bacl
 from gsema_fast.reference import fused_ema as _fused_ema
 from gsema_fast.reference import grad_stats as _grad_stats
@@ -28,6 +30,7 @@ INSTALL_TRITON = "pip install triton (Linux with an NVIDIA GPU)"
 __all__ = [
     "BACKEND_ENV",
     "BACLResult",
+    "BaclOptions",
     "TritonUnavailableError",
     "bacl_loss",
     "bacl_terms",
@@ -211,32 +214,17 @@ def bacl_terms(
     z_stu_trg: torch.Tensor,
     z_tea_src: torch.Tensor,
     z_tea_trg: torch.Tensor,
-    *,
-    cutoff: float = 0.5,
-    tau: float = 1.0,
-    volume: bool = True,
-    boundary: bool = True,
-    mask: str = "symmetric",
-    reduction: str = "sample",
+    options: BaclOptions | None = None,
+    **overrides: Any,
 ) -> BACLResult:
     """:func:`bacl_loss` with its parts for logging: a ``BACLResult`` (``gsema_fast.kernels.bacl``) of the loss
     (the only differentiable field), each term's detached loss and its ``[B, 6]`` detached cosine similarities
     (positives first), ``None`` for a switched-off term. Same arguments, backends and errors as :func:`bacl_loss`.
     """
+    options = BaclOptions.of(options, **overrides)
     tensor = z_stu_src if isinstance(z_stu_src, torch.Tensor) else None
     fn = _kernel("bacl", tensor).bacl if use_triton(tensor) else _bacl.bacl_reference
-    return fn(
-        z_stu_src,
-        z_stu_trg,
-        z_tea_src,
-        z_tea_trg,
-        cutoff=cutoff,
-        tau=tau,
-        volume=volume,
-        boundary=boundary,
-        mask=mask,
-        reduction=reduction,
-    )
+    return fn(z_stu_src, z_stu_trg, z_tea_src, z_tea_trg, options)
 
 
 def bacl_loss(
@@ -244,16 +232,14 @@ def bacl_loss(
     z_stu_trg: torch.Tensor,
     z_tea_src: torch.Tensor,
     z_tea_trg: torch.Tensor,
-    *,
-    cutoff: float = 0.5,
-    tau: float = 1.0,
-    volume: bool = True,
-    boundary: bool = True,
-    mask: str = "symmetric",
-    reduction: str = "sample",
+    options: BaclOptions | None = None,
+    **overrides: Any,
 ) -> torch.Tensor:
     """Boundary-aware contrastive loss (Eq. 3-5) of four latents ``[B, C, D, H, W]``: a 0-dim tensor.
 
+    Options: a :class:`~gsema_fast.config.BaclOptions` (a config's ``bacl`` section) and/or its fields as keyword
+    arguments, which replace the object's (``bacl_loss(*latents, tau=0.5)``, ``bacl_loss(*latents, cfg.bacl)``):
+    ``cutoff=0.5``, ``tau=1.0``, ``volume=True``, ``boundary=True``, ``mask="symmetric"``, ``reduction="sample"``.
     Per sample, the cosine similarities of the flattened features; positives (S_s, T_s), (S_t, T_t), negatives
     (S_s, S_t), (T_s, T_t), (S_s, T_t), (S_t, T_s); ``-log(sum_pos e^(h/tau) / sum_all e^(h/tau))`` averaged over
     the batch (``reduction="sample"``), or of the similarities averaged over the batch (``"batch_mean"``, the public
@@ -262,17 +248,6 @@ def bacl_loss(
     gradient). fp32 accumulation (fp64 for fp64 inputs); any float dtype. Triton on CUDA (one fused launch per term
     forward and backward, no host sync), the torch reference on the CPU. Raises ``ValueError``/``TypeError`` for
     mismatched shapes or devices, fewer than 5 dims, ``cutoff`` outside (0, 1), ``tau <= 0``, an unknown mask or
-    reduction, or both terms off.
+    reduction, both terms off, or an unknown option.
     """
-    return bacl_terms(
-        z_stu_src,
-        z_stu_trg,
-        z_tea_src,
-        z_tea_trg,
-        cutoff=cutoff,
-        tau=tau,
-        volume=volume,
-        boundary=boundary,
-        mask=mask,
-        reduction=reduction,
-    ).loss
+    return bacl_terms(z_stu_src, z_stu_trg, z_tea_src, z_tea_trg, options, **overrides).loss

@@ -34,13 +34,12 @@ import torch
 from torch import nn
 
 from gsema_fast import ops
+from gsema_fast.config import BaclOptions, EmaConfig, EmaMode, LossConfig, check_choice
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.losses import BACL
 
-MODES = ("none", "ema", "gsema")
 
-
-def updater_from_config(ema, student: nn.Module, teacher: nn.Module | None = None) -> GSEMA | EMA | None:
+def updater_from_config(ema: EmaConfig, student: nn.Module, teacher: nn.Module | None = None) -> GSEMA | EMA | None:
     """The teacher updater an ``ema`` config section asks for: :class:`GSEMA` (``mode: gsema``, over ``teacher``
     when given), :class:`EMA` (``mode: ema``) or None (``mode: none``). One place for every trainer, so that each
     setting of the section reaches the updater."""
@@ -59,19 +58,12 @@ def updater_from_config(ema, student: nn.Module, teacher: nn.Module | None = Non
     return None
 
 
-def bacl_from_config(loss, bacl) -> BACL | None:
-    """The contrastive loss the ``loss`` and ``bacl`` config sections ask for; None when it is off (weight 0 or
-    neither term)."""
-    if loss.lambda_con <= 0 or not (bacl.volume or bacl.boundary):
+def bacl_from_config(loss: LossConfig, bacl: BaclOptions) -> BACL | None:
+    """The contrastive loss the ``loss`` and ``bacl`` config sections ask for, with the section as its options; None
+    when it is off (weight 0 or neither term)."""
+    if loss.lambda_con <= 0 or not bacl.has_term:
         return None
-    return BACL(
-        cutoff=bacl.cutoff,
-        tau=bacl.tau,
-        volume=bacl.volume,
-        boundary=bacl.boundary,
-        mask=bacl.mask,
-        reduction=bacl.reduction,
-    )
+    return BACL(bacl)
 
 
 @dataclass
@@ -81,7 +73,7 @@ class StepContext:
     student: nn.Module
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
-    mode: str  # none | ema | gsema
+    mode: EmaMode
     updater: GSEMA | EMA | None
     dce: nn.Module
     bacl: BACL | None  # None: no contrastive term
@@ -103,8 +95,7 @@ class StepContext:
     layers: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"ema.mode must be one of {MODES}, got {self.mode!r}")
+        check_choice("ema.mode", self.mode, EmaMode)
         if self.world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {self.world_size}")
         if self.scaler is None and self.optimizer.defaults.get("fused") is not True:

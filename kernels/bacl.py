@@ -68,17 +68,17 @@ of inputs that need a gradient.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from gsema_fast.config import BaclOptions
 from gsema_fast.kernels._multi_tensor import INTERPRETED
 from gsema_fast.kernels._variants import Variant, check_int32, pointer
 from gsema_fast.reference.bacl import (
     EPS,
-    REDUCTIONS,
     BACLResult,
     acc_dtype,
     apply_high_pass,
@@ -924,30 +924,30 @@ def _features_per_sample(x: torch.Tensor, mode: int) -> int:
 
 def _contrast_forward(
     xs,
-    tau: float,
+    options: BaclOptions,
     mode: int,
     *,
     sims=None,
     term=None,
     total=None,
     add_total: bool = False,
-    reduction: str = "sample",
 ):
     """Launch the Gram pass over four feature tensors: ``(total, sims, coef)``.
 
     Writes the term's loss to ``term`` and the total to ``total`` (the term itself, or added to what ``total``
     holds with ``add_total``), the similarities ``[B, 6]`` to ``sims``; missing outputs are allocated. ``coef``
-    ``[B, ROW]`` holds the gradient coefficients for ``_contrast_backward``. ``reduction``: ``"sample"`` (the mean
-    of per-sample losses) or ``"batch_mean"`` (one loss of the batch-mean similarities).
+    ``[B, ROW]`` holds the gradient coefficients for ``_contrast_backward``. Of the ``options``, ``tau`` and
+    ``reduction``: ``"sample"`` (the mean of per-sample losses) or ``"batch_mean"`` (one loss of the batch-mean
+    similarities).
     """
     _check_features(xs, mode)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(options, BaclOptions):
+        raise TypeError(f"options must be a BaclOptions, got {type(options).__name__}")
     with device_guard(xs[0].device):
-        return _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction)
+        return _launch_forward(xs, options, mode, sims, term, total, add_total)
 
 
-def _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction):
+def _launch_forward(xs, options, mode, sims, term, total, add_total):
     x = xs[0]
     batch, n = x.shape[0], _features_per_sample(x, mode)
     acc = _acc_of(x.dtype)
@@ -979,9 +979,9 @@ def _launch_forward(xs, tau, mode, sims, term, total, add_total, reduction):
         total,
         batch,
         plan.num_chunks,
-        1.0 / tau,
+        1.0 / options.tau,
         int(add_total),
-        int(reduction == "batch_mean"),
+        int(options.reduction == "batch_mean"),
     )
     return total, sims, coef
 
@@ -1064,52 +1064,48 @@ class _BACLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, z0, z1, z2, z3, cutoff: float, tau: float, mask: str, volume: bool, boundary: bool, reduction: str
-    ):
+    def forward(ctx, z0, z1, z2, z3, options: BaclOptions):
         zs = (z0, z1, z2, z3)
         acc = acc_dtype(zs)
         total = torch.empty((), dtype=acc, device=z0.device)
         terms = torch.empty(2, dtype=acc, device=z0.device)
         sims = torch.empty((2, z0.shape[0], 6), dtype=acc, device=z0.device)
         coef_v = coef_b = filtered = None
-        if volume:
-            _, _, coef_v = _contrast_forward(
-                zs, tau, IDENTITY, sims=sims[0], term=terms[0], total=total, reduction=reduction
-            )
-        if boundary:
-            filtered = filtered_stack(zs, cutoff, mask)
+        if options.volume:
+            _, _, coef_v = _contrast_forward(zs, options, IDENTITY, sims=sims[0], term=terms[0], total=total)
+        if options.boundary:
+            filtered = filtered_stack(zs, options)
             mode = COMPLEX_ABS if filtered.is_complex() else ABS
             feats = _boundary_features(filtered)
             _, _, coef_b = _contrast_forward(
-                feats, tau, mode, sims=sims[1], term=terms[1], total=total, add_total=volume, reduction=reduction
+                feats, options, mode, sims=sims[1], term=terms[1], total=total, add_total=options.volume
             )
         ctx.save_for_backward(*zs, filtered, coef_v, coef_b)
-        ctx.options = (cutoff, mask, volume, boundary)
+        ctx.options = options
         ctx.mark_non_differentiable(terms, sims)
         return total, terms, sims
 
     @staticmethod
     def backward(ctx, grad_total, _grad_terms, _grad_sims):
         *zs, filtered, coef_v, coef_b = ctx.saved_tensors
-        cutoff, mask, volume, boundary = ctx.options
+        options = ctx.options
         wanted = [i for i in range(4) if ctx.needs_input_grad[i]]
         if not wanted:
-            return (None,) * 10
+            return (None,) * 5
         extras, extra = [None] * 4, 0
-        if boundary:
+        if options.boundary:
             feats = _boundary_features(filtered)
             stacked = torch.empty((len(wanted), *feats[0].shape), dtype=feats[0].dtype, device=feats[0].device)
             outs = [stacked[wanted.index(i)] if i in wanted else None for i in range(4)]
-            _contrast_backward(feats, coef_b, grad_total, outs, ABS if mask == "symmetric" else COMPLEX_ABS)
+            _contrast_backward(feats, coef_b, grad_total, outs, ABS if options.mask == "symmetric" else COMPLEX_ABS)
             if filtered.is_complex():
-                back = torch.view_as_real(apply_high_pass(torch.view_as_complex(stacked), cutoff, mask, inplace=True))
+                back = torch.view_as_real(apply_high_pass(torch.view_as_complex(stacked), options, inplace=True))
                 extra = 2
             else:
-                back = apply_high_pass(stacked, cutoff, mask, inplace=True)
+                back = apply_high_pass(stacked, options, inplace=True)
                 extra = 1
             extras = [back[wanted.index(i)] if i in wanted else None for i in range(4)]
-        if volume:
+        if options.volume:
             grads = [torch.empty_like(z) if i in wanted else None for i, z in enumerate(zs)]
             _contrast_backward(zs, coef_v, grad_total, grads, IDENTITY, extras, extra)
         else:
@@ -1117,7 +1113,7 @@ class _BACLFunction(torch.autograd.Function):
                 None if e is None else (e[..., 0] if extra == 2 else e).to(z.dtype).contiguous()
                 for e, z in zip(extras, zs, strict=True)
             ]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None)
 
 
 # ------------------------------------------------------------------------------------------ public function
@@ -1128,30 +1124,25 @@ def bacl(
     z_stu_trg: torch.Tensor,
     z_tea_src: torch.Tensor,
     z_tea_trg: torch.Tensor,
-    *,
-    cutoff: float = 0.5,
-    tau: float = 1.0,
-    volume: bool = True,
-    boundary: bool = True,
-    mask: str = "symmetric",
-    reduction: str = "sample",
+    options: BaclOptions | None = None,
+    **overrides: Any,
 ) -> BACLResult:
     """BACL with the fused Triton Gram/InfoNCE passes (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
     Per term one forward launch and one backward launch; no host sync. Only inputs that require grad get one.
     Latents of different dtypes are brought to their common dtype first (the kernels read four of one dtype).
+    Options: :meth:`gsema_fast.config.BaclOptions.of`.
     """
+    options = BaclOptions.of(options, **overrides)
     zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
-    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
+    check_inputs(zs, options)
     common = functools.reduce(torch.promote_types, (z.dtype for z in zs))
     ready = (z.to(common).contiguous() for z in zs)
-    total, terms, sims = _BACLFunction.apply(
-        *ready, float(cutoff), float(tau), mask, bool(volume), bool(boundary), reduction
-    )
+    total, terms, sims = _BACLFunction.apply(*ready, options)
     return BACLResult(
         total,
-        terms[0] if volume else None,
-        terms[1] if boundary else None,
-        sims[0] if volume else None,
-        sims[1] if boundary else None,
+        terms[0] if options.volume else None,
+        terms[1] if options.boundary else None,
+        sims[0] if options.volume else None,
+        sims[1] if options.boundary else None,
     )

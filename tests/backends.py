@@ -8,6 +8,7 @@ Arm, or CI's Triton-free run), the tests of the kernels skip and everything else
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 
@@ -22,5 +23,16 @@ def _triton_imports() -> bool:
 
 HAS_TRITON = _triton_imports()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+# Triton's interpreter runs a kernel's every program in Python: the kernels' cases then take half the quick tier's
+# time, so there they are slow (the full suite runs them; on a CUDA device they are compiled, and quick).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_triton_cases = [needs_triton, *([pytest.mark.slow] if INTERPRETED else [])]
 # A backend parameter: the "triton" case skips where Triton is absent.
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["torch", pytest.param("triton", marks=_triton_cases)]
+
+
+def runs_triton_kernels(test):
+    """A test that runs the Triton kernels: skipped without Triton, slow where they are interpreted."""
+    for mark in _triton_cases:
+        test = mark(test)
+    return test

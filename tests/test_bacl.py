@@ -9,6 +9,7 @@ CPU) and the torch reference that serves the CPU.
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from backends import BACKENDS, HAS_TRITON
 from torch.nn import functional as F  # noqa: N812
 
 from gsema_fast import ops
+from gsema_fast.config import BaclMask, BaclOptions
 from gsema_fast.losses import BACL
 from gsema_fast.reference import bacl as R  # noqa: N812
 from gsema_fast.reference import device as device_state
+
+MASKS = typing.get_args(BaclMask)
 
 if HAS_TRITON:
     from gsema_fast.kernels import bacl as K  # noqa: N812
@@ -125,10 +129,10 @@ def check_against_oracle(impl, zs, value_tol, grad_tol, **opts):
 # ------------------------------------------------------------------------------------------ values and gradients
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("mask", MASKS)
 def test_bacl_matches_oracle(impl, shape, dtype, mask):
     zs = latents(shape, dtype)
     result = check_against_oracle(IMPLS[impl], zs, VALUE_TOL[dtype], GRAD_TOL[dtype], tau=0.5, mask=mask)
@@ -137,10 +141,10 @@ def test_bacl_matches_oracle(impl, shape, dtype, mask):
     assert result.volume_sims.shape == (shape[0], 6) and not result.volume_sims.requires_grad
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("terms", ["volume", "boundary"])
 @pytest.mark.parametrize("tau", [1.0, 0.1])
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("mask", MASKS)
 def test_single_term_and_tau_all_inputs_grad(impl, terms, tau, mask):
     zs = latents((2, 3, 6, 5, 7), requires=(True, True, True, True))
     opts = dict(volume=terms == "volume", boundary=terms == "boundary", tau=tau, mask=mask, cutoff=0.4)
@@ -148,8 +152,8 @@ def test_single_term_and_tau_all_inputs_grad(impl, terms, tau, mask):
     assert (result.volume is None) == (terms != "volume") and (result.boundary is None) == (terms != "boundary")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("mask", MASKS)
 def test_gradcheck_float64(impl, mask):
     zs = [z.detach().double() for z in latents((2, 2, 4, 3, 5))]
     for z in zs[:3]:
@@ -162,7 +166,7 @@ def test_gradcheck_float64(impl, mask):
     assert torch.autograd.gradcheck(fn, zs[:3], eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=impl == "triton")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("terms", [(True, True), (True, False), (False, True)])
 def test_identical_latents_give_log3_per_term(impl, terms):
     z = torch.randn(2, 3, 6, 6, 6, device=DEVICE)
@@ -173,15 +177,15 @@ def test_identical_latents_give_log3_per_term(impl, terms):
             torch.testing.assert_close(sims, torch.ones_like(sims))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("mask", MASKS)
 def test_mixed_dtypes_student_bf16_teacher_fp32(impl, mask):
     zs = latents((2, 3, 6, 5, 4))
     zs = [zs[0].detach().bfloat16().requires_grad_(), zs[1].detach().bfloat16().requires_grad_(), zs[2], zs[3]]
     check_against_oracle(IMPLS[impl], zs, (1e-5, 1e-6), GRAD_TOL[torch.bfloat16], tau=0.5, mask=mask)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_zero_latent_gives_finite_loss_and_gradients(impl):
     zs = latents((2, 3, 5, 4, 6), requires=(True, True, True, True))
     with torch.no_grad():
@@ -190,8 +194,8 @@ def test_zero_latent_gives_finite_loss_and_gradients(impl):
     assert all(torch.isfinite(z.grad).all() for z in zs)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("terms", [(True, True), (False, True)])
 def test_batch_mean_reduction_matches_oracle(impl, mask, terms):
     """``reduction="batch_mean"``: one InfoNCE of the similarities averaged over the batch (the public code)."""
@@ -206,7 +210,7 @@ def test_batch_mean_reduction_matches_oracle(impl, mask, terms):
     )
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_batch_mean_gradcheck_float64(impl):
     zs = [z.detach().double() for z in latents((2, 2, 4, 3, 5))]
     for z in zs[:3]:
@@ -276,7 +280,7 @@ def test_symmetric_mask_is_the_centred_cube_on_the_rfft_half(size, cutoff):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_high_pass_matches_complex_construction(shape, mask, dtype):
     z = torch.randn(shape, device=DEVICE).to(dtype)
@@ -287,7 +291,7 @@ def test_high_pass_matches_complex_construction(shape, mask, dtype):
     torch.testing.assert_close(b.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("mask", MASKS)
 def test_high_pass_gradcheck(mask):
     z = torch.randn(2, 2, 5, 4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: ops.high_pass(x, cutoff=0.6, mask=mask), (z,), eps=1e-6, atol=1e-6)
@@ -400,3 +404,28 @@ def test_high_pass_rejects_bad_input(z, kwargs, exc, match):
 def test_bacl_module_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BACL(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_options_object_and_keyword_arguments_make_the_same_call(backend, monkeypatch):
+    """Every BACL signature takes the one options object (a config's bacl section), keyword arguments, or both (the
+    keywords replace the object's fields)."""
+    monkeypatch.setenv(ops.BACKEND_ENV, backend)
+    zs = _good()
+    options = BaclOptions(tau=0.5, mask="reference", volume=False)
+    by_object = ops.bacl_loss(*zs, options)
+    assert torch.equal(by_object, ops.bacl_loss(*zs, tau=0.5, mask="reference", volume=False))
+    assert torch.equal(ops.bacl_terms(*zs, options).loss, by_object)
+    assert torch.equal(
+        ops.bacl_loss(*zs, options, tau=2.0), ops.bacl_loss(*zs, tau=2.0, mask="reference", volume=False)
+    )
+    assert torch.equal(BACL(options)(*zs)[0], by_object) and BACL(options).options is options
+    assert torch.equal(BACL(options, volume=True)(*zs)[0], ops.bacl_loss(*zs, tau=0.5, mask="reference"))
+    assert torch.equal(ops.high_pass(zs[0], options), ops.high_pass(zs[0], mask="reference"))
+    assert R.high_pass_mask((4, 4, 4), options) is R.high_pass_mask((4, 4, 4), mask="reference")
+    with pytest.raises(TypeError, match="unexpected BACL option 'tua'"):
+        ops.bacl_loss(*zs, tua=0.5)
+    with pytest.raises(TypeError, match="options must be a BaclOptions, got dict"):
+        ops.bacl_loss(*zs, {"tau": 0.5})
+    with pytest.raises(ValueError, match=r"volume=False, boundary=False"):
+        BACL(options, boundary=False)

@@ -11,10 +11,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_bacl import DEVICE, GRAD_TOL, R, check_against_oracle, close, latents  # noqa: E402
+from backends import INTERPRETED  # noqa: E402
+from test_bacl import DEVICE, GRAD_TOL, MASKS, R, check_against_oracle, close, latents  # noqa: E402
 
+from gsema_fast.config import BaclOptions  # noqa: E402
 from gsema_fast.kernels import bacl as K  # noqa: E402, N812
 from gsema_fast.losses import BACL  # noqa: E402
+
+# every test here launches the kernels: slow under Triton's interpreter (see backends.py)
+pytestmark = [pytest.mark.slow] if INTERPRETED else []
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +34,7 @@ def test_low_precision_gradients_are_fp32_gradients_rounded_as_stored(dtype):
     launch's fp32 output rounded the way this path stores, bit for bit."""
     xs = tuple(torch.randn(2, 700, device=DEVICE).to(dtype) for _ in range(4))
     exact = tuple(x.float() for x in xs)  # the same values in fp32: the same sums, the gradient before rounding
-    _, _, coef = K._contrast_forward(xs, 0.5, K.IDENTITY)
+    _, _, coef = K._contrast_forward(xs, BaclOptions(tau=0.5), K.IDENTITY)
     grad = torch.full((), 3.0, device=DEVICE)
     wide = [torch.empty(2, 700, device=DEVICE), torch.empty(2, 700, device=DEVICE), None, None]
     low = [torch.empty(2, 700, device=DEVICE, dtype=dtype), torch.empty(2, 700, device=DEVICE, dtype=dtype), None, None]
@@ -95,7 +100,7 @@ def _features():
 )
 def test_launcher_rejects_bad_features(make, mode, exc, match):
     with pytest.raises(exc, match=match):
-        K._contrast_forward(make(_features()), 1.0, mode)
+        K._contrast_forward(make(_features()), BaclOptions(), mode)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +114,7 @@ def test_launcher_rejects_bad_features(make, mode, exc, match):
 )
 def test_backward_launcher_rejects_bad_outputs(outs, extras, extra, match):
     xs = _features()
-    _, _, coef = K._contrast_forward(xs, 1.0, K.IDENTITY)
+    _, _, coef = K._contrast_forward(xs, BaclOptions(), K.IDENTITY)
     with pytest.raises(ValueError, match=match):
         K._contrast_backward(xs, coef, torch.ones((), device=DEVICE), outs(xs), K.IDENTITY, extras, extra)
 
@@ -120,7 +125,7 @@ def test_backward_launcher_rejects_bad_outputs(outs, extras, extra, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 96, 24, 24, 24), (2, 48, 32, 32, 32)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mask", R.MASKS)
+@pytest.mark.parametrize("mask", MASKS)
 def test_gpu_benchmark_shapes_match_torch_path(shape, dtype, mask):
     zs = latents(shape, dtype)
     fused = K.bacl(*zs, tau=0.5, mask=mask)

@@ -27,7 +27,7 @@ STREAMING = ("_grad_stats_kernel", "_gsema_update_kernel", "_fused_ema_kernel")
 BACL_STREAMING = ("_bacl_fwd_kernel", "_bacl_bwd_kernel")
 # 64 registers per thread is the most that still lets an sm_90 multiprocessor hold half its threads (65536 / 1024).
 REGISTER_BUDGET = 64
-# Variants allowed above the budget, each with its reason (bench/RESULTS.md, "Kernel resources", gives the figures).
+# Variants allowed above the budget, each with its reason (`python -m bench.compile_gate` prints the figures).
 OVER_BUDGET = [
     ("_bacl_reduce_kernel", lambda c: True, "one program of one warp (the final reduction): occupancy does not apply"),
     ("_sum_rows_kernel", lambda c: True, "one program (the final reduction): occupancy does not apply"),

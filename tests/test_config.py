@@ -1,18 +1,28 @@
 """Config: YAML round trip, overrides, and errors that name the key and the value."""
 
 import copy
-import dataclasses
+import json
+from pathlib import Path
 
 import pytest
+import torch
+from pydantic import BaseModel
 
 from gsema_fast.config import (
+    BaclOptions,
     Config,
+    ConfigError,
+    DataConfig,
+    EmaConfig,
+    GeometricConfig,
     TargetTransformConfig,
     builtin_config_names,
     config_from_dict,
     config_to_dict,
     load_config,
+    replace,
     resolve_auto,
+    resolve_device,
     save_config,
     with_overrides,
 )
@@ -198,9 +208,91 @@ def test_cross_checks():
     assert (cfg.data.train_domains, cfg.data.test_domain) == ([0, 1, 2], 3)
 
 
-def test_configs_built_in_code_are_validated_too():
-    with pytest.raises(ValueError, match=r"ema\.mode"):
-        dataclasses.replace(Config(), ema=dataclasses.replace(Config().ema, mode="sometimes"))
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: replace(Config(), ema=replace(Config().ema, mode="sometimes")), "ema.mode: expected one of"),
+        (lambda: Config(ema=EmaConfig(mode="sometimes")), "ema.mode: expected one of"),
+        (lambda: EmaConfig(mode="sometimes"), "ema.mode: expected one of"),
+        # nested sections at every depth, as a section or as a mapping, on their own or in a Config
+        (lambda: GeometricConfig(image_mode="bicubic"), "target_transform.geometric.image_mode: expected one of"),
+        (lambda: TargetTransformConfig(geometric={"image_mode": "bicubic"}), "target_transform.geometric.image_mode"),
+        (lambda: Config(target_transform={"geometric": {"image_mode": "bicubic"}}), "geometric.image_mode: expected"),
+        (
+            lambda: replace(Config(), target_transform=TargetTransformConfig(geometric=GeometricConfig(p=2))),
+            "target_transform.geometric.p: expected a number in [0, 1], got 2.0",
+        ),
+        (lambda: TargetTransformConfig(gin={"kernel": [3]}), "unknown key 'target_transform.gin.kernel'"),
+        # the rules across settings and sections
+        (lambda: DataConfig(batch_size=3, samples_per_volume=2), "data.samples_per_volume: must divide"),
+        (lambda: Config(data=DataConfig(patch_size=(48, 48, 48))), "data.patch_size: SwinUNETR needs"),
+        (lambda: replace(load_config("gpu"), data=replace(Config().data, patch_size=48)), "data.patch_size"),
+        (lambda: Config.model_validate({"model": {"feature_size": 16}}), "model.feature_size: SwinUNETR needs"),
+        (lambda: replace(Config(), nonsense=1), "unknown key 'nonsense'"),
+    ],
+)
+def test_configs_built_in_code_are_validated_too(build, message):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_configs_are_immutable():
+    cfg = load_config("demo")
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.ema.mode = "sometimes"
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.target_transform.geometric.image_mode = "bicubic"
+    assert cfg == load_config("demo")
+    with pytest.raises(TypeError, match="got dict"):
+        replace(config_to_dict(cfg), note="x")
+
+
+def _leaf_keys(model=Config, prefix=()):
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _leaf_keys(field.annotation, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+LEAF_KEYS = [".".join(key) for key in _leaf_keys()]
+
+
+def test_every_setting_is_reached_by_the_leaf_walk():
+    assert len(LEAF_KEYS) > 90 and "target_transform.geometric.image_mode" in LEAF_KEYS and "note" in LEAF_KEYS
+
+
+@pytest.mark.parametrize("key", LEAF_KEYS)
+def test_every_setting_refuses_a_value_of_no_type_it_takes(key):
+    """A mapping is no setting's value: the error names the key at every depth, whether the value came from --set
+    or from a section built in code."""
+    with pytest.raises(ConfigError) as from_override:
+        with_overrides(Config(), f"{key}={{bad: 1}}")
+    *sections, last = key.split(".")
+    nested = {last: {"bad": 1}}
+    for section in reversed(sections):
+        nested = {section: nested}
+    with pytest.raises(ConfigError) as in_code:
+        Config(**nested)
+    for err in (from_override, in_code):
+        assert str(err.value).startswith(f"{key}: expected "), str(err.value)
+        assert str(err.value).endswith("got {'bad': 1} (dict)") and err.value.key == key
+
+
+def test_a_loaded_config_error_says_where_it_came_from_and_keeps_its_key(tmp_path):
+    """load_config prefixes the file (or --set) to the message and re-raises the same ConfigError, so callers can
+    still read the dotted key and the value."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  seed: '3'\n")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(path)
+    with pytest.raises(ConfigError) as from_override:
+        load_config("demo", ["ema.rule=often"])
+    assert str(from_file.value) == f"{path}: train.seed: expected an int, got '3' (str)"
+    assert (from_file.value.key, from_file.value.given) == ("train.seed", "3")
+    assert str(from_override.value).startswith("shipped config 'demo' with --set overrides: ema.rule: expected one of")
+    assert (from_override.value.key, from_override.value.given) == ("ema.rule", "often")
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):
@@ -239,7 +331,7 @@ def test_resolve_auto(monkeypatch):
 def test_target_transform_from_a_config_resolves_as_the_keyword_form():
     from gsema_fast.data.target import ORDER, TargetTransform
 
-    assert list(ORDER) == [f.name for f in dataclasses.fields(TargetTransformConfig)], "applied in the config's order"
+    assert list(ORDER) == list(TargetTransformConfig.model_fields), "applied in the config's order"
     assert TargetTransform.from_config(Config().target_transform, seed=0).cfg == TargetTransform().cfg
     cfg = with_overrides(Config(), "target_transform.gin.kernels=[3]", "target_transform.noise.enabled=false")
     built = TargetTransform.from_config(cfg.target_transform, seed=4)
@@ -310,3 +402,135 @@ def test_config_from_dict_leaves_the_callers_dict_alone():
     cfg = config_from_dict(raw, ["loss.lambda_con=0", "ema.mode=none"])
     assert cfg.loss.lambda_con == 0 and cfg.ema.mode == "none"
     assert raw["loss"]["lambda_con"] == 0.5 and raw["ema"]["mode"] == "gsema"
+
+
+# Configs as checkpoints of version 0.1.0 store them (config_to_dict of a run's resolved config), written by that
+# version: one of the CPU demo, one with a value of every kind (paths, mixed domain names, spacing, lists, bf16).
+STORED = json.loads((Path(__file__).parent / "data" / "configs_0.1.0.json").read_text())
+
+
+def _typed(tree):
+    """The tree with each value's type beside it: a stored 1.0 read back as 1 is not the same config."""
+    if isinstance(tree, dict):
+        return {key: _typed(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_typed(value) for value in tree]
+    return (type(tree).__name__, tree)
+
+
+# Settings added since 0.1.0, with the value an earlier config reads back with (its behaviour then, or a logging
+# switch that changes no number): a stored config reads back exactly, plus these.
+ADDED_SINCE_0_1_0 = {("train", "layer_agreement"): True}
+
+
+def _without_added(tree):
+    tree = copy.deepcopy(tree)
+    for section, key in ADDED_SINCE_0_1_0:
+        del tree[section][key]
+    return tree
+
+
+def _reads_back_exactly(dumped, stored):
+    """``dumped`` is ``stored`` (values, types, key order), plus the settings added since with their values."""
+    assert all(dumped[section][key] is value for (section, key), value in ADDED_SINCE_0_1_0.items())
+    assert _typed(_without_added(dumped)) == _typed(stored)
+    assert json.dumps(_without_added(dumped)) == json.dumps(stored), "the same keys in the same order"
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+def test_a_config_stored_by_an_earlier_version_reads_back_exactly(name, tmp_path):
+    stored = STORED[name]
+    cfg = config_from_dict(stored)
+    assert _reads_back_exactly(config_to_dict(cfg), stored)
+    saved = save_config(cfg, tmp_path / "config.yaml")
+    assert _reads_back_exactly(config_to_dict(load_config(saved)), stored)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_the_settings_added_since_0_1_0_are_the_only_ones():
+    stored = {(section, key) for section, keys in STORED["demo"].items() if isinstance(keys, dict) for key in keys}
+    current = {
+        (section, key) for section, keys in config_to_dict(Config()).items() if isinstance(keys, dict) for key in keys
+    }
+    assert current - stored == set(ADDED_SINCE_0_1_0) and stored <= current
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_and_resumes_unchanged(tmp_path):
+    from gsema_fast.inference import load_checkpoint
+    from gsema_fast.models import build_model
+    from gsema_fast.training.checkpoints import resume_changes
+
+    stored = STORED["demo"]
+    net = build_model(stored["model"])
+    state = {"config": stored, "teacher": net.state_dict(), "student": net.state_dict(), "step": 3, "epoch": 1}
+    torch.save(state, tmp_path / "final.pt")
+    loaded = load_checkpoint(tmp_path / "final.pt", device="cpu")
+    assert _reads_back_exactly(config_to_dict(loaded.config), stored)
+    assert loaded.amp_dtype is None and loaded.step == 3
+    for config in STORED.values():
+        assert resume_changes({"config": config, "dataset": {}}, config_from_dict(config), tmp_path) == []
+
+
+def test_replace_makes_a_validated_copy():
+    cfg = load_config("demo")
+    changed = replace(cfg, train=replace(cfg.train, seed=3), note="seed 3")
+    assert (changed.train.seed, changed.note, cfg.train.seed) == (3, "seed 3", 0)
+    assert changed == with_overrides(cfg, "train.seed=3", "note=seed 3")
+    with pytest.raises(ConfigError, match=r"^train\.seed: expected an int, got '3' \(str\)$"):
+        replace(cfg.train, seed="3")
+    with pytest.raises(ConfigError, match=r"^data\.patch_size: unet with 4 levels needs multiples of 8"):
+        replace(cfg, data=replace(cfg.data, patch_size=36))
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (resolve_device("auto"), resolve_device("cpu"), resolve_device("meta")) == ("cpu", "cpu", "meta")
+    with pytest.raises(ValueError, match=r"^device: 'cuda:1' was asked for but no CUDA device is available$"):
+        resolve_device("cuda:1", key="device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (resolve_device("auto"), resolve_device("cuda:1")) == ("cuda", "cuda:1")
+    with pytest.raises(ConfigError, match=r"^train\.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"):
+        resolve_auto(Config(), "gpu")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tau": 0}, "tau must be a finite number > 0, got 0"),
+        ({"tau": True}, "tau must be a finite number > 0, got True (bool)"),
+        ({"cutoff": 1}, "cutoff must be a number in (0, 1), got 1"),
+        ({"mask": "centred"}, "mask must be one of 'symmetric', 'reference', got 'centred' (str)"),
+        ({"reduction": None}, "reduction must be one of 'sample', 'batch_mean', got None (NoneType)"),
+        ({"volume": 1}, "volume must be a bool, got 1 (int)"),
+    ],
+)
+def test_bacl_options_from_arguments_name_the_argument(overrides, message):
+    with pytest.raises(ValueError) as err:
+        BaclOptions.of(**overrides)
+    assert str(err.value) == message
+
+
+def test_bacl_options_are_the_config_section():
+    cfg = load_config("reference")
+    assert isinstance(cfg.bacl, BaclOptions) and BaclOptions.of(cfg.bacl) is cfg.bacl
+    assert BaclOptions.of(cfg.bacl, tau=0.5) == replace(cfg.bacl, tau=0.5)
+    assert BaclOptions.of() == BaclOptions() == Config().bacl
+    assert hash(BaclOptions.of(tau=2)) == hash(BaclOptions(tau=2.0)), "frozen: usable as a cache key"
+    with pytest.raises(TypeError, match="unexpected BACL option 'tua'"):
+        BaclOptions.of(tua=0.5)
+    with pytest.raises(TypeError, match="options must be a BaclOptions, got dict"):
+        BaclOptions.of({"tau": 0.5})
+    off = with_overrides(cfg, "bacl.volume=false", "bacl.boundary=false").bacl  # a config may turn the loss off
+    assert not off.has_term
+    with pytest.raises(ValueError, match="at least one of volume and boundary must be on"):
+        off.require_term()
+
+
+def test_check_choice_takes_the_configs_choices():
+    from gsema_fast.config import EmaMode, check_choice
+
+    check_choice("ema.mode", "gsema", EmaMode)
+    for bad in ("GSEMA", None, 1):
+        with pytest.raises(ValueError, match=rf"^ema\.mode must be one of 'none', 'ema', 'gsema', got {bad!r}$"):
+            check_choice("ema.mode", bad, EmaMode)

@@ -20,13 +20,16 @@ from monai.transforms import Invertd
 from scipy.stats import wasserstein_distance
 
 from gsema_fast.cli import main as cli_main
+from gsema_fast.config import DataConfig
 from gsema_fast.data import (
     CENTRES,
     LABELS,
     CentreStyle,
+    Preprocessing,
     TargetTransform,
     build_loaders,
     load_manifest,
+    preprocess_transforms,
     run_domains,
     split_cases,
     synthesize,
@@ -36,6 +39,9 @@ from gsema_fast.data.loaders import shared_cache_dir
 from gsema_fast.data.phantoms import acquisition, anatomy, writer
 from gsema_fast.data.target import ORDER
 from gsema_fast.files import cache_root
+
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -59,6 +65,7 @@ def synth_root(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------- synth
 
 
+@pytest.mark.slow
 def test_synth_same_seed_same_bytes_whatever_the_workers(tmp_path):
     a = synthesize(tmp_path / "a", domains=4, cases_per_domain=1, size=32, seed=5, workers=1)
     b = synthesize(tmp_path / "b", domains=4, cases_per_domain=1, size=32, seed=5, workers=2)
@@ -423,10 +430,7 @@ def test_cli_synth(tmp_path):
 def test_loaders_shapes_balance_and_splits(synth_root):
     data = build_loaders(
         synth_root,
-        train_domains=[0, 1, 2],
-        test_domain=3,
-        patch_size=(64, 64, 64),
-        batch_size=3,
+        DataConfig(train_domains=[0, 1, 2], test_domain=3, patch_size=(64, 64, 64), batch_size=3),
         steps_per_epoch=3,
         seed=0,
     )
@@ -455,9 +459,9 @@ def test_loaders_shapes_balance_and_splits(synth_root):
 
 
 def test_loaders_reproducible_per_epoch(synth_root):
-    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(32, 32, 32), batch_size=3, steps_per_epoch=2, seed=4)
-    a = build_loaders(synth_root, **kw)
-    b = build_loaders(synth_root, **kw)
+    data = DataConfig(train_domains=[0, 1, 2], test_domain=3, patch_size=(32, 32, 32), batch_size=3)
+    a = build_loaders(synth_root, data, steps_per_epoch=2, seed=4)
+    b = build_loaders(synth_root, data, steps_per_epoch=2, seed=4)
     a.set_epoch(2)
     b.set_epoch(1)
     list(b.train)  # another epoch in between must not matter
@@ -474,7 +478,7 @@ def test_resampling_to_a_spacing_and_back(synth_root):
     """Volumes resampled to a common spacing (RAS); Invertd maps a prediction back to the file's own grid."""
     man = load_manifest(synth_root)
     case = man.cases_of(3)[0]  # centre D: stored LPS on a coarser grid
-    loader = volume_loader([case], labels=man.labels, spacing=(0.3, 0.3, 0.3))
+    loader = volume_loader([case], Preprocessing(spacing=(0.3, 0.3, 0.3)), labels=man.labels)
     item = next(iter(loader))
     np.testing.assert_allclose(item["image"].affine[0].diag()[:3].numpy(), [0.3, 0.3, 0.3])
     assert item["label"].dtype == torch.uint8 and set(item["label"].unique().tolist()) <= {0, 1, 2}
@@ -489,8 +493,23 @@ def test_resampling_to_a_spacing_and_back(synth_root):
     assert (back[0].numpy() == np.asarray(original.dataobj)).mean() > 0.98
 
 
+def test_preprocessing_is_checked_by_the_data_section():
+    """Preprocessing settings have the data section's types, rules and errors, however they are made."""
+    assert Preprocessing(spacing=0.5).spacing == (0.5, 0.5, 0.5)
+    assert Preprocessing.from_config(DataConfig(spacing=[1, 1, 2])) == Preprocessing(spacing=(1.0, 1.0, 2.0))
+    assert len({Preprocessing(), Preprocessing.from_config(DataConfig())}) == 1, "equal settings: one key"
+    with pytest.raises(ValueError, match=r"^data\.intensity: expected one of 'zscore', 'minmax', 'none', got 'z'"):
+        Preprocessing(intensity="z")
+    with pytest.raises(ValueError, match=r"^data\.spacing: expected a list of 3 finite numbers > 0"):
+        Preprocessing(spacing=(1, 0, 1))
+    with pytest.raises(ValueError, match=r"^data\.clip_percentiles: expected \[low, high\] with low < high"):
+        Preprocessing(clip_percentiles=(99, 1))
+    with pytest.raises(TypeError, match="preprocessing must be a Preprocessing, got dict"):
+        preprocess_transforms({"intensity": "zscore"})
+
+
 def test_class_ratios_oversample_aneurysms(synth_root):
-    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(16, 16, 16), batch_size=3, steps_per_epoch=4)
+    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(16, 16, 16), batch_size=3)
     has_aneurysm = {
         c.name: e["aneurysms"] > 0
         for c, e in zip(
@@ -499,30 +518,25 @@ def test_class_ratios_oversample_aneurysms(synth_root):
             strict=True,
         )
     }
-    for b in build_loaders(synth_root, class_ratios=(0, 0, 1), **kw).train:
+    for b in build_loaders(synth_root, DataConfig(class_ratios=(0, 0, 1), **kw), steps_per_epoch=4).train:
         for case, label in zip(b["case"], b["label"], strict=True):
             # cases without an aneurysm fall back to the classes they have instead of failing
             assert (label == 2).any() == has_aneurysm[case]
-    for b in build_loaders(synth_root, class_ratios=(0, 1, 0), **kw).train:
+    for b in build_loaders(synth_root, DataConfig(class_ratios=(0, 1, 0), **kw), steps_per_epoch=4).train:
         assert all((label == 1).any() for label in b["label"])
 
 
 def test_disk_cache_is_written_atomically_and_survives_corruption(synth_root, tmp_path, caplog):
-    kw = dict(
-        train_domains=[0, 1],
-        test_domain=None,
-        patch_size=(32, 32, 32),
-        batch_size=2,
-        steps_per_epoch=2,
-        cache_dir=tmp_path / "cache",
-        seed=0,
+    data = DataConfig(
+        train_domains=[0, 1], test_domain=None, patch_size=(32, 32, 32), batch_size=2, cache_dir=tmp_path / "cache"
     )
-    first = [b["image"] for b in build_loaders(synth_root, **kw).train]
+    kw = dict(steps_per_epoch=2, seed=0)
+    first = [b["image"] for b in build_loaders(synth_root, data, **kw).train]
     files = sorted((tmp_path / "cache").iterdir())
     assert files and all(f.suffix == ".pt" and not f.name.startswith(".") for f in files)
     files[0].write_bytes(files[0].read_bytes()[:100])  # a half-written file, as a copy interrupted would leave
     with caplog.at_level(logging.WARNING):
-        again = [b["image"] for b in build_loaders(synth_root, **kw).train]
+        again = [b["image"] for b in build_loaders(synth_root, data, **kw).train]
     assert "unreadable" in caplog.text
     assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
     assert torch.load(files[0], weights_only=True)  # rewritten whole
@@ -560,12 +574,14 @@ def test_nnunet_raw_with_csv_or_json_domain_map(tmp_path):
         assert man.domains == ["north", "south"] and len(man.cases) == 4
     data = build_loaders(
         root,
-        manifest=tmp_path / "map.csv",
-        train_domains=["north"],
-        test_domain="south",
-        patch_size=(32, 32, 32),
-        batch_size=1,
-        val_per_domain=1,
+        DataConfig(
+            manifest=tmp_path / "map.csv",
+            train_domains=["north"],
+            test_domain="south",
+            patch_size=(32, 32, 32),
+            batch_size=1,
+            val_per_domain=1,
+        ),
     )
     b = next(iter(data.train))
     assert b["image"].shape == (1, 1, 32, 32, 32)  # 20^3 volume padded
@@ -614,31 +630,33 @@ def test_bad_voxels_name_the_case(tmp_path, cache):
         nib.Nifti1Image(np.full((20, 20, 20), 5, np.uint8), np.diag([0.5, 0.5, 0.5, 1])),
         root / "labelsTr" / "p3.nii.gz",
     )
-    kw = dict(manifest=tmp_path / "map.json", patch_size=(16, 16, 16), batch_size=1, val_per_domain=0, cache=cache)
+    data = DataConfig(manifest=tmp_path / "map.json", patch_size=16, batch_size=1, val_per_domain=0, cache=cache)
     with pytest.raises(ValueError, match=r"case p3: label .*p3\.nii\.gz holds values \[5\] outside the label map"):
-        list(build_loaders(root, **kw).train)
+        list(build_loaders(root, data).train)
     root = _raw_dataset(tmp_path / "b", CASES)
     img = np.zeros((20, 20, 20), np.float32)
     img[3, 4, 5] = np.nan
     nib.save(nib.Nifti1Image(img, np.diag([0.5, 0.5, 0.5, 1])), root / "imagesTr" / "p2_0000.nii.gz")
     with pytest.raises(ValueError, match=r"case p2: image .*p2_0000\.nii\.gz has 1 non-finite voxels"):
-        list(build_loaders(root, **kw).train)
+        list(build_loaders(root, data).train)
 
 
 def test_domain_errors(synth_root):
     man = load_manifest(synth_root)
     assert man.domains == ["0", "1", "2", "3"]
     with pytest.raises(ValueError, match="domain '7' has no cases"):
-        split_cases(man, train_domains=[0, 7])
-    with pytest.raises(ValueError, match="test_domain '1' is also a training domain"):
-        split_cases(man, train_domains=[0, 1], test_domain=1)
+        split_cases(man, DataConfig(train_domains=[0, 7]))
+    with pytest.raises(ValueError, match="data.train_domains: holds the test domain 1"):
+        split_cases(man, DataConfig(train_domains=[0, 1], test_domain=1))
     with pytest.raises(ValueError, match="too few to hold out"):
-        split_cases(man, train_domains=[0], val_per_domain=3)
-    with pytest.raises(ValueError, match="class_ratios"):
-        build_loaders(synth_root, class_ratios=(1, 1))
-    with pytest.raises(ValueError, match="samples_per_volume"):
-        build_loaders(synth_root, batch_size=3, samples_per_volume=2)
-    split = split_cases(man, test_domain=3, val_per_domain=1, seed=0)
+        split_cases(man, DataConfig(train_domains=[0], val_per_domain=3))
+    with pytest.raises(ValueError, match=r"data.class_ratios=\[1.0, 1.0\]: expected 3 weights, one per label value"):
+        build_loaders(synth_root, DataConfig(class_ratios=(1, 1)))
+    with pytest.raises(ValueError, match="data.samples_per_volume: must divide data.batch_size = 3"):
+        build_loaders(synth_root, DataConfig(batch_size=3, samples_per_volume=2))
+    with pytest.raises(TypeError, match="data must be a DataConfig"):
+        build_loaders(synth_root, {"batch_size": 2})
+    split = split_cases(man, DataConfig(test_domain=3, val_per_domain=1), seed=0)
     assert split.train_domains == ("0", "1", "2") and len(split.train) == 6
 
 
@@ -755,15 +773,32 @@ def test_target_transform_on_cuda_reproducible():
     assert xa.device.type == "cuda" and torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.parametrize(
+    ("components", "message"),
+    [
+        ({"blur": {"p": 1}}, "unknown key 'target_transform.blur'; target_transform has: geometric, gin, "),
+        (
+            {"noise": {"sdt": (0, 1)}},
+            "unknown key 'target_transform.noise.sdt' (did you mean 'target_transform.noise.std'",
+        ),
+        (
+            {"intensity": {"gamma": (2, 1)}},
+            "target_transform.intensity.gamma: expected [low, high] with low <= high, got",
+        ),
+        ({"gin": {"p": 1.5}}, "target_transform.gin.p: expected a number in [0, 1], got 1.5"),
+        ({"gin": {"kernels": (2,)}}, "target_transform.gin.kernels: expected odd kernel sizes"),
+        ({"geometric": {"image_mode": "bicubic"}}, "target_transform.geometric.image_mode: expected one of 'bilinear'"),
+        ({"smooth": "off"}, "target_transform.smooth: expected a section (mapping of keys), got 'off' (str)"),
+    ],
+)
+def test_target_transform_settings_are_the_configs(components, message):
+    """The keyword form is checked by the config's target_transform section: the same keys, rules and errors."""
+    with pytest.raises(ValueError) as err:
+        TargetTransform(**components)
+    assert message in str(err.value)
+
+
 def test_target_transform_config_errors():
-    with pytest.raises(ValueError, match=r"unknown component\(s\) \['blur'\]"):
-        TargetTransform(blur={"p": 1})
-    with pytest.raises(ValueError, match=r"target_transform.noise.sdt: unknown setting"):
-        TargetTransform(noise={"sdt": (0, 1)})
-    with pytest.raises(ValueError, match=r"target_transform.intensity.gamma=\(2, 1\)"):
-        TargetTransform(intensity={"gamma": (2, 1)})
-    with pytest.raises(ValueError, match=r"target_transform.gin.p=1.5"):
-        TargetTransform(gin={"p": 1.5})
     with pytest.raises(ValueError, match="label shape"):
         TargetTransform()(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 4, dtype=torch.long))
 

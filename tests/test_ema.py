@@ -8,6 +8,9 @@ from torch import nn
 
 from gsema_fast.ema import EMA, GSEMA
 
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def small_net() -> nn.Module:
     return nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.Conv3d(4, 2, 1))

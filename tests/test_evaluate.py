@@ -1,14 +1,16 @@
 """Evaluation: metrics against MONAI and hand counts, sliding-window inference, checkpoints, predict, evaluate, lodo."""
 
 import math
+import typing
 
 import numpy as np
 import pytest
 import torch
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU, compute_hausdorff_distance
 
+from gsema_fast.config import AmpMode, EvalConfig, load_config, replace
 from gsema_fast.evaluation.metrics import case_metrics
-from gsema_fast.inference import predict_volume
+from gsema_fast.inference import amp_dtype, eval_settings, predict_volume
 from gsema_fast.models import build_model
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
@@ -132,7 +134,7 @@ def test_sliding_window_any_size_matches_pointwise_net():
     net = _Probe()
     # Neither a multiple of the window, nor of its step, and one axis smaller than the window.
     image = torch.randn(2, 1, 23, 17, 9)
-    logits = predict_volume(net, image, roi_size=(8, 8, 16), overlap=0.5, sw_batch_size=3)
+    logits = predict_volume(net, image, roi_size=(8, 8, 16), settings=EvalConfig(overlap=0.5, sw_batch_size=3))
     assert logits.shape == (2, 2, 23, 17, 9) and logits.dtype == torch.float32
     assert type(logits) is torch.Tensor
     torch.testing.assert_close(logits, net.conv(image).detach(), atol=1e-5, rtol=1e-5)
@@ -141,24 +143,39 @@ def test_sliding_window_any_size_matches_pointwise_net():
 def test_sliding_window_unet_restores_mode_and_checks_channels():
     net = build_model(TINY_UNET).train()
     image = torch.randn(1, 1, 19, 13, 21)
-    logits = predict_volume(net, image, roi_size=16, overlap=0.25, mode="constant")
+    logits = predict_volume(net, image, roi_size=16, settings=EvalConfig(overlap=0.25, mode="constant"))
     assert logits.shape == (1, 3, 19, 13, 21) and torch.isfinite(logits).all()
     assert net.training  # put back as it was
     with pytest.raises(ValueError, match="2 channel"):
         predict_volume(net, torch.randn(1, 2, 16, 16, 16), roi_size=16)
     with pytest.raises(ValueError, match="batch"):
         predict_volume(net, torch.randn(1, 16, 16, 16), roi_size=16)
+    with pytest.raises(TypeError, match="settings must be an EvalConfig"):
+        predict_volume(net, image, roi_size=16, settings={"overlap": 0.5})
+
+
+def test_inference_settings_are_the_eval_sections():
+    cfg = load_config("demo")
+    assert eval_settings(cfg) == cfg.eval
+    assert eval_settings(cfg, overlap=0.5, sw_batch_size=None) == replace(cfg.eval, overlap=0.5)
+    with pytest.raises(ValueError, match=r"^eval\.overlap: expected a number in \[0, 1\), got 1\.5$"):
+        eval_settings(cfg, overlap=1.5)
+    with pytest.raises(ValueError, match=r"^eval\.sw_batch_size: expected an int >= 1, got 0$"):
+        eval_settings(cfg, sw_batch_size=0)
+
+
+def test_amp_dtype_knows_every_amp_setting():
+    """The autocast type of every train.amp choice, auto resolved by the config's one resolver."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    expected = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    assert {amp: amp_dtype(amp, cuda) for amp in typing.get_args(AmpMode)} == expected
+    assert amp_dtype("auto", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+    assert all(amp_dtype(amp, cpu, inference=True) is None for amp in typing.get_args(AmpMode))
+    with pytest.raises(ValueError, match="train.amp must be one of 'auto', 'bf16', 'fp16', 'fp32', got 'bf32'"):
+        amp_dtype("bf32", cuda)
 
 
 # --------------------------------------------------------------------------------------- checkpoints and files
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from gsema_fast.data import synthesize
-
-    # Two centres of different storage orientation (A: RAS, B: LPS) and voxel grids.
-    return synthesize(tmp_path_factory.mktemp("synth") / "ds", domains=2, cases_per_domain=2, size=20, seed=0)
-
-
 def _config(root, **extra):
     from gsema_fast.config import load_config
 
@@ -186,11 +203,11 @@ def _save_checkpoint(path, cfg, net=None):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory):
-    return _save_checkpoint(tmp_path_factory.mktemp("ck") / "final.pt", _config(dataset))
+def checkpoint(phantoms, tmp_path_factory):
+    return _save_checkpoint(tmp_path_factory.mktemp("ck") / "final.pt", _config(phantoms))
 
 
-def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
+def test_load_checkpoint_weights_and_errors(checkpoint, phantoms, tmp_path):
     from gsema_fast.inference import load_checkpoint
 
     teacher = load_checkpoint(checkpoint, device="cpu")
@@ -209,31 +226,31 @@ def test_load_checkpoint_weights_and_errors(checkpoint, dataset, tmp_path):
         load_checkpoint(tmp_path / "partial.pt")
 
     # Weights of one network stored with the config of another.
-    other = build_model(_config(dataset).model, channels=[8, 16, 32])
-    _save_checkpoint(tmp_path / "mixed.pt", _config(dataset), net=other)
+    other = build_model(_config(phantoms).model, channels=[8, 16, 32])
+    _save_checkpoint(tmp_path / "mixed.pt", _config(phantoms), net=other)
     with pytest.raises(ValueError, match="do not fit the model its config describes"):
         load_checkpoint(tmp_path / "mixed.pt")
     # A --config whose model differs from the checkpoint's.
     with pytest.raises(ValueError, match=r"model\.channels"):
-        load_checkpoint(checkpoint, config=_config(dataset, **{"model.channels": "[8,16,32]"}))
+        load_checkpoint(checkpoint, config=_config(phantoms, **{"model.channels": "[8,16,32]"}))
     with pytest.raises(ValueError, match=r"data\.spacing"):
-        load_checkpoint(checkpoint, config=_config(dataset, **{"data.spacing": "1.0"}))
+        load_checkpoint(checkpoint, config=_config(phantoms, **{"data.spacing": "1.0"}))
     # Data and eval settings of a --config are taken.
-    assert load_checkpoint(checkpoint, config=_config(dataset, **{"eval.overlap": 0.5})).config.eval.overlap == 0.5
+    assert load_checkpoint(checkpoint, config=_config(phantoms, **{"eval.overlap": 0.5})).config.eval.overlap == 0.5
 
 
 # Finer than the images (about 0.4-0.5 mm): up and back down loses nothing; coarser: detail is lost, the place is not.
 @pytest.mark.parametrize(("spacing", "min_dice"), [(None, 1.0), ((0.3, 0.3, 0.3), 0.99), ((0.6, 0.6, 0.6), 0.7)])
-def test_preprocessing_inverts_onto_the_original_grid(dataset, spacing, min_dice):
+def test_preprocessing_inverts_onto_the_original_grid(phantoms, spacing, min_dice):
     import nibabel as nib
 
-    from gsema_fast.data import load_manifest, preprocess_transforms
+    from gsema_fast.data import Preprocessing, load_manifest
     from gsema_fast.inference import to_original_grid
 
-    man = load_manifest(dataset)
+    man = load_manifest(phantoms)
     case = man.cases_of("1")[0]  # centre B: stored LPS, so orientation is undone too
     assert nib.aff2axcodes(nib.load(case.label).affine) == ("L", "P", "S")
-    transform = preprocess_transforms(labels=man.labels, spacing=spacing)
+    transform = Preprocessing(spacing=spacing).transforms(labels=man.labels)
     item = transform({"image": str(case.image), "label": str(case.label), "case": case.name})
     onehot = _onehot(item["label"][0].numpy().astype(np.int64))[0]
     back = to_original_grid(transform, onehot, item["image"]).argmax(0).numpy()
@@ -297,7 +314,7 @@ def test_predict_round_trips_affine_shape_and_reports_bad_files(checkpoint, tmp_
         predict(checkpoint, tmp_path / "missing.nii.gz", tmp_path / "out2")
 
 
-def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
+def test_evaluate_writes_summary_csv_and_figures(checkpoint, phantoms, tmp_path):
     import csv
     import json
 
@@ -316,10 +333,10 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
         tsne_cases_per_domain=2,
         tsne_patches_per_case=3,
     )
-    assert summary["domains"] == ["1"] and summary["split"] == "test" and summary["weights"] == "teacher"
+    assert summary["domains"] == ["2"] and summary["split"] == "test" and summary["weights"] == "teacher"
     on_disk = json.loads((out / "summary.json").read_text())
-    assert [c["case"] for c in on_disk["metric_per_case"]] == ["B_000", "B_001"]
-    assert set(on_disk["mean"]) == {"vessel", "aneurysm"} and "1" in on_disk["per_domain"]
+    assert [c["case"] for c in on_disk["metric_per_case"]] == ["C_000", "C_001"]
+    assert set(on_disk["mean"]) == {"vessel", "aneurysm"} and "2" in on_disk["per_domain"]
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 4 and rows[0]["class"] == "vessel"
     for case in on_disk["metric_per_case"]:
@@ -329,30 +346,30 @@ def test_evaluate_writes_summary_csv_and_figures(checkpoint, dataset, tmp_path):
         np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
         m = case_metrics(np.asarray(pred.dataobj), np.asarray(ref.dataobj), LABELS, case["spacing"])
         assert m["vessel"]["dice"] == pytest.approx(case["metrics"]["vessel"]["dice"])
-    assert (out / "figures" / "B_000.png").stat().st_size > 10_000
+    assert (out / "figures" / "C_000.png").stat().st_size > 10_000
     assert (out / "figures" / "tsne.png").stat().st_size > 10_000
 
     held_out = evaluate(checkpoint, split="val", out_dir=tmp_path / "val", device="cpu", hd95=False)
-    assert held_out["domains"] == ["0"] and len(held_out["metric_per_case"]) == 1
+    assert held_out["domains"] == ["0", "1"] and len(held_out["metric_per_case"]) == 2
     with pytest.raises(ValueError, match="no cases"):
         evaluate(checkpoint, domain="7", out_dir=tmp_path / "x", device="cpu")
     # A checkpoint of a run on the built-in phantoms names no folder: evaluation finds the same built-in dataset
     # (here the fixture's, whose settings match), or takes the one given.
     builtin = {
         "data.root": "null",
-        "data.synth_dir": str(dataset),
-        "data.synth_domains": 2,
+        "data.synth_dir": str(phantoms),
+        "data.synth_domains": 3,
         "data.synth_cases_per_domain": 2,
-        "data.synth_size": 20,
+        "data.synth_size": 32,
         "data.synth_seed": 0,
     }
-    no_root = _save_checkpoint(tmp_path / "noroot.pt", _config(dataset, **builtin))
+    no_root = _save_checkpoint(tmp_path / "noroot.pt", _config(phantoms, **builtin))
     found = evaluate(no_root, out_dir=tmp_path / "z", device="cpu", hd95=False)
-    assert found["domains"] == ["1"] and [c["case"] for c in found["metric_per_case"]] == ["B_000", "B_001"]
-    assert evaluate(no_root, dataset, out_dir=tmp_path / "y", device="cpu", hd95=False)["domains"] == ["1"]
+    assert found["domains"] == ["2"] and [c["case"] for c in found["metric_per_case"]] == ["C_000", "C_001"]
+    assert evaluate(no_root, phantoms, out_dir=tmp_path / "y", device="cpu", hd95=False)["domains"] == ["2"]
 
 
-def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
+def test_cli_evaluate_and_predict(checkpoint, phantoms, tmp_path):
     from gsema_fast.cli import main
 
     assert (
@@ -374,7 +391,7 @@ def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
     )
     assert (tmp_path / "e" / "summary.json").is_file()
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
-    image = next((dataset / "imagesTr").glob("A_*"))
+    image = next((phantoms / "imagesTr").glob("A_*"))
     assert (
         main(
             [
@@ -392,3 +409,84 @@ def test_cli_evaluate_and_predict(checkpoint, dataset, tmp_path):
         == 0
     )
     assert (tmp_path / "p" / image.name.replace("_0000", "")).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ inference settings
+def test_load_checkpoint_takes_the_inference_settings_and_only_those(checkpoint):
+    from gsema_fast.inference import load_checkpoint
+
+    stored = load_checkpoint(checkpoint, device="cpu").config
+    overrides = ["eval.mode=constant", "eval.sw_batch_size=3", "train.amp=bf16"]
+    loaded = load_checkpoint(checkpoint, device="cpu", overrides=overrides)
+    assert (loaded.config.eval.mode, loaded.config.eval.sw_batch_size, loaded.config.train.amp) == (
+        "constant",
+        3,
+        "bf16",
+    )
+    assert loaded.amp_dtype is None  # no autocast at inference on the CPU, whatever train.amp says
+    assert loaded.config.data == stored.data and loaded.config.model == stored.model
+    refused = [
+        ("optim.lr=0.1", r"override 'optim\.lr=0\.1' for checkpoint .*final\.pt: expected eval\.\* or train\.amp"),
+        ("data.spacing=1.0", r"override 'data\.spacing=1\.0' .*expected eval\.\* or train\.amp"),
+        ("model.channels=[8,16,32]", r"override 'model\.channels=\[8,16,32\]' .*expected eval\.\* or train\.amp"),
+        ("eval.overlap=2", r"eval\.overlap"),
+        ("eval.nope=1", r"eval\.nope"),
+        ("eval.mode", r"expected KEY=VALUE"),
+    ]
+    for override, match in refused:
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(checkpoint, device="cpu", overrides=[override])
+    with pytest.raises(TypeError, match="overrides"):
+        load_checkpoint(checkpoint, device="cpu", overrides="eval.mode=constant")
+
+
+@pytest.mark.gpu
+def test_train_amp_given_at_inference_sets_the_autocast_on_cuda(checkpoint):
+    from gsema_fast.inference import load_checkpoint
+
+    assert load_checkpoint(checkpoint, device="cuda").amp_dtype == torch.bfloat16  # the stored "auto"
+    assert load_checkpoint(checkpoint, device="cuda", overrides=["train.amp=fp16"]).amp_dtype == torch.float16
+    assert load_checkpoint(checkpoint, device="cuda", overrides=["train.amp=fp32"]).amp_dtype == torch.float32
+
+
+def test_cli_predict_and_evaluate_take_inference_settings(checkpoint, phantoms, tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    import gsema_fast.inference.prediction as prediction
+    from gsema_fast.cli import main
+    from gsema_fast.config import save_config
+
+    seen = []
+    segment = prediction.segment_case
+
+    def spy(loaded, transform, item, settings=None):
+        used = settings or loaded.config.eval
+        seen.append({"overlap": used.overlap, "sw_batch_size": used.sw_batch_size, "mode": used.mode})
+        return segment(loaded, transform, item, settings)
+
+    monkeypatch.setattr(prediction, "segment_case", spy)
+    image = next((phantoms / "imagesTr").glob("A_*"))
+    predict = ["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--device", "cpu", "--output"]
+    assert main([*predict, str(tmp_path / "p1"), "--set", "eval.mode=constant", "--set", "eval.sw_batch_size=3"]) == 0
+    assert seen[-1] == {"overlap": 0.25, "sw_batch_size": 3, "mode": "constant"}  # the rest: the checkpoint's
+    # --config gives its eval section, --set goes on top of it, and --overlap given wins over both
+    config = save_config(_config(phantoms, **{"eval.overlap": 0.5, "eval.mode": "constant"}), tmp_path / "infer.yaml")
+    assert main([*predict, str(tmp_path / "p2"), "--config", str(config), "--set", "eval.mode=gaussian"]) == 0
+    assert seen[-1] == {"overlap": 0.5, "sw_batch_size": 2, "mode": "gaussian"}
+    assert main([*predict, str(tmp_path / "p3"), "--set", "eval.overlap=0.5", "--overlap", "0"]) == 0
+    assert seen[-1]["overlap"] == 0
+    caplog.clear()
+    assert main([*predict, str(tmp_path / "p4"), "--set", "optim.lr=0.1"]) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "'optim.lr=0.1'" in error and "expected eval.* or train.amp" in error
+    assert not (tmp_path / "p4").exists() and len(seen) == 3
+
+    evaluate = ["evaluate", "--checkpoint", str(checkpoint), "--device", "cpu", "--domain", "0", "--no-hd95"]
+    assert (
+        main([*evaluate, "--out", str(tmp_path / "e"), "--set", "eval.mode=constant", "--set", "eval.overlap=0"]) == 0
+    )
+    inference = json.loads((tmp_path / "e" / "summary.json").read_text())["inference"]
+    assert (inference["mode"], inference["overlap"], inference["sw_batch_size"]) == ("constant", 0, 2)
+    assert main([*evaluate, "--out", str(tmp_path / "e2"), "--set", "data.root=elsewhere"]) == 2
+    assert not (tmp_path / "e2").exists()

@@ -15,12 +15,8 @@ from gsema_fast.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BUILTIN = {"domains": 2, "cases_per_domain": 2, "size": 20, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("synth") / "ds", **BUILTIN, workers=1)
+# The settings of the session's phantoms (conftest)
+BUILTIN = {"domains": 3, "cases_per_domain": 2, "size": 32, "seed": 0}
 
 
 def _checkpoint(path, overrides):
@@ -68,9 +64,9 @@ def test_score_runs_uses_only_cases_no_run_saw(phantoms, tmp_path, monkeypatch):
     results = fresh_cases.score_runs([str(run)], cases=1)
     assert results["first_fresh_case"] == 2 and results["cases_per_centre"] == 1
     scored = results["runs"][str(run)]
-    # centre A (0) trained, centre B (1) unseen: fresh = A's third case; unseen = B's own two cases
-    assert list(scored["fresh"]["cases"]) == ["A_002"]
-    assert list(scored["unseen"]["cases"]) == ["B_000", "B_001"]
+    # centres A (0) and B (1) trained, C (2) unseen: fresh = A's and B's third cases; unseen = C's own two cases
+    assert list(scored["fresh"]["cases"]) == ["A_002", "B_002"]
+    assert list(scored["unseen"]["cases"]) == ["C_000", "C_001"]
     for split in ("fresh", "unseen"):
         assert set(scored[split]["mean"]) == {"vessel", "aneurysm"}
         assert all(0.0 <= v <= 1.0 for v in scored[split]["mean"].values())
@@ -111,4 +107,4 @@ def test_the_dataset_can_be_named_where_the_checkpoint_names_another(phantoms, t
     with pytest.raises(FileNotFoundError, match="moved-away is not a folder"):
         fresh_cases.score_runs([str(run)], cases=1)
     results = fresh_cases.score_runs([str(run)], cases=1, data=phantoms)
-    assert list(results["runs"][str(run)]["fresh"]["cases"]) == ["A_002"]
+    assert list(results["runs"][str(run)]["fresh"]["cases"]) == ["A_002", "B_002"]

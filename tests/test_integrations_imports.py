@@ -96,6 +96,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_core_and_cli_import_and_run_without_the_extras():
     done = subprocess.run([sys.executable, "-c", SCRIPT, *EXTRAS], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -137,6 +138,7 @@ BROKEN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_an_extra_that_fails_to_import_is_one_line_naming_the_torchvision_fix(tmp_path):
     # Every extra replaced by one that imports the broken torchvision.
     for name in ("torchvision", "nnunetv2", "lightning", "ignite"):

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
+pytestmark = pytest.mark.integration
+
 from tiny import TINY_MODEL, tiny_batch  # noqa: E402
 
 from gsema_fast.config import config_to_dict, load_config  # noqa: E402
@@ -112,6 +114,7 @@ def close(got: dict, want: dict, **tolerance) -> None:
         torch.testing.assert_close(got[name], value.to(got[name].dtype), msg=name, **tolerance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_average", [True, False])
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_fused_ema_follows_every_optimizer_step_and_the_model_is_one_set_of_weights(accumulate, use_average):
@@ -142,6 +145,7 @@ def test_fused_ema_follows_every_optimizer_step_and_the_model_is_one_set_of_weig
     assert validated == pytest.approx(float(F.mse_loss(reference.net(x), y)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_average_as_the_model_and_resume_exactly(tmp_path):
     full_model, full = Regressor(), FusedEMA(0.6)
     trainer(max_epochs=4, callbacks=[full]).fit(full_model, regression_data(), val_data())
@@ -170,6 +174,7 @@ def test_checkpoints_hold_the_average_as_the_model_and_resume_exactly(tmp_path):
     close(resumed_model.state_dict(), full_model.state_dict(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_without_use_average_the_average_is_kept_beside_the_live_model(tmp_path):
     model, ema = Regressor(), FusedEMA(0.6, use_average=False)
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -196,6 +201,7 @@ class FailsInValidation(Regressor):
             raise self.error("in validation")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_exception_or_ctrl_c_in_validation_leaves_the_live_weights_and_checkpoints_them(tmp_path, error):
     import signal
@@ -238,6 +244,7 @@ class Tied(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
+@pytest.mark.slow
 def test_tied_weights_are_averaged_once_and_keyed_like_the_state_dict(tmp_path):
     model, ema = Tied(), FusedEMA(0.5, use_average=False)
     tokens = DataLoader(TensorDataset(torch.arange(6).repeat(4)), batch_size=6)
@@ -293,6 +300,7 @@ def make_segmenter(*overrides: str) -> tuple[Segmenter, nn.Module]:
     return Segmenter(student, load_config("demo", ["ema.decay_aligned=0.5", *overrides])), start
 
 
+@pytest.mark.slow
 def test_gsema_module_runs_the_package_step_through_lightnings_optimizer():
     module, start = make_segmenter()
     fit = trainer(max_epochs=2, log_every_n_steps=1)
@@ -332,6 +340,7 @@ def test_gsema_module_runs_the_package_step_through_lightnings_optimizer():
     assert any(moved)  # the teacher is an average, not the student
 
 
+@pytest.mark.slow
 def test_gsema_module_resumes_teacher_counters_and_target_streams(tmp_path):
     full, _ = make_segmenter()
     trainer(max_epochs=2).fit(full, segmentation_data())
@@ -351,6 +360,7 @@ def test_gsema_module_resumes_teacher_counters_and_target_streams(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_gsema_module_keeps_its_counters_across_fits():
     # Two fits of one epoch train as one fit of two (SGD without momentum keeps no state between them).
     once, _ = make_segmenter()
@@ -374,6 +384,7 @@ def test_gsema_module_refuses_what_its_step_cannot_do():
         trainer(max_epochs=1, precision="64-true").fit(module, segmentation_data())
 
 
+@pytest.mark.slow
 def test_gsema_module_trains_under_bf16_autocast():
     module, _ = make_segmenter()
     fit = trainer(max_epochs=1, log_every_n_steps=1, precision="bf16-mixed")

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("ignite")
 
+pytestmark = pytest.mark.integration
+
 from ignite.engine import Events  # noqa: E402
 from monai.engines import SupervisedEvaluator, SupervisedTrainer  # noqa: E402
 from monai.handlers import MeanDice, from_engine  # noqa: E402
@@ -42,6 +44,7 @@ def transform() -> TargetTransform:
     return TargetTransform.from_config(Config().target_transform, seed=3)
 
 
+@pytest.mark.slow
 def test_the_iteration_is_the_package_step_inside_a_supervised_trainer():
     ctx = make_ctx()
     loader = DataLoader(batches(), batch_size=2)

@@ -22,6 +22,8 @@ from torch import nn
 
 pytest.importorskip("nnunetv2")
 
+pytestmark = pytest.mark.integration
+
 import nibabel as nib  # noqa: E402
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform  # noqa: E402
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet  # noqa: E402

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("tensorboard")
 
+pytestmark = pytest.mark.integration
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tiny import tiny_run  # noqa: E402
 
@@ -57,13 +59,7 @@ def test_logger_writes_every_number_of_a_record_under_its_kind(tmp_path):
     assert image.step == 6 and (image.width, image.height) == (100, 50)
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from gsema_fast.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
-
-
+@pytest.mark.slow
 def test_training_run_logs_every_record_and_the_progress_figure(phantoms, tmp_path):
     cfg = load_config(
         "demo", [*tiny_run(phantoms), f"train.out_dir={tmp_path / 'run'}", "train.loggers=[jsonl,tensorboard]"]
@@ -106,6 +102,7 @@ def test_logger_of_a_resumed_run_keeps_the_checkpoints_step_and_hides_what_came_
     assert scalar_series(read_events(tmp_path / "tb"), "train/total") == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
+@pytest.mark.slow
 def test_resumed_training_shows_every_step_once_as_log_jsonl_does(phantoms, tmp_path, monkeypatch):
     import gsema_fast.training.loop as train_module
 
@@ -138,6 +135,7 @@ def test_resumed_training_shows_every_step_once_as_log_jsonl_does(phantoms, tmp_
     assert [s for s, _ in scalar_series(events, "test/dice/vessel")] == [4]
 
 
+@pytest.mark.slow
 def test_tensorboard_alone_writes_no_jsonl(phantoms, tmp_path):
     cfg = load_config(
         "demo",

@@ -21,7 +21,7 @@ import gsema_fast.experiments.lodo.study as study_mod
 import gsema_fast.training.loop as train_mod
 from gsema_fast.cli import main as cli_main
 from gsema_fast.config import config_to_dict, load_config, with_overrides
-from gsema_fast.data import dataset_identity, load_manifest, synthesize
+from gsema_fast.data import dataset_identity, load_manifest
 from gsema_fast.evaluation.evaluate import evaluate
 from gsema_fast.experiments.lodo import (
     ABLATION_ROWS,
@@ -36,6 +36,9 @@ from gsema_fast.experiments.lodo import (
 )
 from gsema_fast.models import build_model
 from gsema_fast.training.checkpoints import run_config
+
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("vessel", "aneurysm")
 TABLES = ("markdown", "csv", "effects", "runs", "records")
@@ -732,11 +735,9 @@ def test_lodo_lists_each_run_once_and_drops_the_results_of_a_run_it_replaces(tmp
 
 
 # ------------------------------------------------------------------------------------------------ protocol
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
 
 
+@pytest.mark.slow
 def test_unseen_centre_is_read_only_after_training_and_scored_like_evaluate(
     phantoms, tmp_path, monkeypatch, one_thread
 ):

@@ -30,6 +30,7 @@ def second_round_faults(mode: str) -> int:
 
 
 # Decided without calling retain_freed_memory here: it would change malloc for the whole test session.
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs Linux with glibc")
 def test_freed_blocks_are_reused_without_page_faults():
     off, on = second_round_faults("off"), second_round_faults("on")

@@ -11,11 +11,14 @@ import sys
 
 import pytest
 import torch
-from backends import BACKENDS, HAS_TRITON, needs_triton
+from backends import BACKENDS, HAS_TRITON, INTERPRETED, needs_triton, runs_triton_kernels
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gsema_fast import ops
 from gsema_fast.reference import device as device_state
+
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 if HAS_TRITON:
     from gsema_fast.kernels import _multi_tensor
@@ -25,7 +28,6 @@ if HAS_TRITON:
     from gsema_fast.kernels import gsema_update as gsema_update_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SIZES = {
     "odd": [(1,), (7,), (4097,), (0,), (65539,), (3, 5, 2)],
     "many": [(int(n),) for n in torch.randint(1, 300, (151,), generator=torch.Generator().manual_seed(1))],
@@ -98,7 +100,7 @@ def test_grad_stats_matches_float64(backend, sizes, dtype):
     assert got[3:].double().cpu().equal(want[3:].cpu()), "sign agreement and counts are exact"
 
 
-@needs_triton
+@runs_triton_kernels
 def test_grad_stats_backends_agree_and_are_deterministic(monkeypatch):
     a = random_list(SIZES["odd"], zeros=0.05)
     b = random_list(SIZES["odd"], torch.bfloat16)
@@ -157,7 +159,7 @@ def test_grad_stats_counts_a_nan_as_non_zero(backend):
     assert math.isnan(got[0].item()) and math.isnan(got[1].item())
 
 
-@needs_triton
+@runs_triton_kernels
 def test_grad_stats_partial_rows_are_written_whole():
     """The final reduction loads rows of 8 partial sums; the two padding columns are written (zeros), never read
     stale."""
@@ -310,7 +312,7 @@ def test_gsema_update_copies_integer_buffers_when_updating(backend):
     assert teacher[1].item() == 9
 
 
-@needs_triton
+@runs_triton_kernels
 def test_gsema_update_is_deterministic_and_backends_agree(monkeypatch):
     student = random_list(SIZES["odd"], torch.bfloat16)
     base = random_list(SIZES["odd"])
@@ -522,6 +524,7 @@ def test_an_average_less_precise_than_its_model_is_refused(backend, average, ave
         ops.gsema_update_(ema, current, stats_for(1.0, 1.0), decay_aligned=0.5, decay_conflict=1.0)
 
 
+@pytest.mark.slow
 @needs_triton
 def test_the_triton_backend_on_cpu_tensors_says_what_it_needs():
     """``GSEMA_FAST_BACKEND=triton`` with CPU tensors and no interpreter: one line, not Triton's "0 active drivers"."""
@@ -550,7 +553,7 @@ def test_device_guard_makes_the_tensors_cuda_device_current():
     assert isinstance(device_state.device_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
-@needs_triton
+@runs_triton_kernels
 def test_every_launch_runs_under_its_tensors_device_guard(monkeypatch):
     """Triton launches on the current device's current stream: every launcher makes its tensors' device current
     (tensors on cuda:1 with cuda:0 current would otherwise run on the wrong device or race its copies)."""
@@ -594,7 +597,7 @@ def test_lists_spread_over_devices_are_rejected(backend, call, match):
         call(xs, ys)
 
 
-@needs_triton
+@runs_triton_kernels
 def test_launch_tables_are_built_before_a_capture_and_pinned_by_it(monkeypatch):
     """A CUDA graph replays the table addresses it captured: a table is never built inside a capture (its copy would
     run only at replay, from a freed host buffer) and one that a capture used is never evicted."""

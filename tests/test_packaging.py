@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from backends import needs_triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ def test_kernels_import_as_a_subpackage():
     assert Path(grad_stats_module.__file__).resolve() == ROOT / "kernels" / "grad_stats.py"
 
 
+@pytest.mark.slow
 def test_wheel_layout(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],

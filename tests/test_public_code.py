@@ -1,5 +1,5 @@
-"""``configs/reference.yaml`` against the public reference code's maths, restated directly (as in
-``anchors/gpu_anchors.py``): the contrastive loss of a batch of two, and the teacher's warm-up from the first step.
+"""``configs/reference.yaml`` against the public reference code's maths, restated directly here: the contrastive loss
+of a batch of two, and the teacher's warm-up from the first step.
 The config goes through the trainer's own builder, so what is checked is what a run with ``--config reference`` does.
 """
 
@@ -13,6 +13,9 @@ from torch.nn import functional as F  # noqa: N812
 from gsema_fast import ops
 from gsema_fast.config import load_config, resolve_auto
 from gsema_fast.training.build import build_context
+
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The reference config with a tiny UNet in place of its SwinUNETR: the method's settings are untouched.
 SMALL = ["model.name=unet", "model.channels=[4,8,16]", "model.num_res_units=1", "data.patch_size=[16,16,16]"]

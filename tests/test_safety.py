@@ -153,13 +153,6 @@ def nifti(path: Path, data: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from gsema_fast.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
 def finished(phantoms, tmp_path_factory):
     """A finished tiny run (4 steps, 2 epochs); tests work on copies of it."""
     run = tmp_path_factory.mktemp("finished") / "run"
@@ -186,6 +179,7 @@ def _image(size: int = 20, seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb", ["evaluate", "predict", "train --resume"])
 def test_crafted_checkpoint_runs_no_code(verb, phantoms, run_copy, volume, tmp_path, caplog):
     marker = tmp_path / "code-ran"
@@ -205,6 +199,7 @@ def test_crafted_checkpoint_runs_no_code(verb, phantoms, run_copy, volume, tmp_p
     assert not list(tmp_path.glob("case*.nii.gz"))
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_plain_types_and_older_ones_still_load(finished, tmp_path):
     from gsema_fast.files import read_checkpoint
     from gsema_fast.training.checkpoints import set_numpy_rng_state
@@ -231,6 +226,7 @@ def test_checkpoints_hold_plain_types_and_older_ones_still_load(finished, tmp_pa
 # ------------------------------------------------------------------------------------------------ run folders
 
 
+@pytest.mark.slow
 def test_fresh_run_into_a_finished_run_folder_is_refused(phantoms, run_copy, caplog):
     before = digests(run_copy)
     rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "optim.lr=0.005"))
@@ -239,6 +235,7 @@ def test_fresh_run_into_a_finished_run_folder_is_refused(phantoms, run_copy, cap
     assert digests(run_copy) == before
 
 
+@pytest.mark.slow
 def test_resume_and_overwrite_together_are_refused(phantoms, run_copy, caplog):
     before = digests(run_copy)
     rc, errors = run_cli(caplog, *train_args(phantoms, run_copy), "--resume", "--overwrite")
@@ -247,6 +244,7 @@ def test_resume_and_overwrite_together_are_refused(phantoms, run_copy, caplog):
     assert digests(run_copy) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_previous_run(phantoms, run_copy, caplog):
     (run_copy / "notes.txt").write_text("mine")
     rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "optim.lr=0.005"), "--overwrite")
@@ -275,6 +273,7 @@ def test_a_second_process_on_a_run_folder_is_refused(phantoms, tmp_path, caplog)
         assert (run / ".lock").read_text() == "process 4242 on elsewhere\n"
 
 
+@pytest.mark.slow
 def test_the_stale_lock_of_a_dead_process_is_taken_over(phantoms, tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
@@ -328,6 +327,7 @@ def test_two_runs_on_one_folder_and_ctrl_c(phantoms, tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_resume_refuses_settings_it_cannot_change(phantoms, run_copy, caplog):
     before = digests(run_copy)
     args = train_args(phantoms, run_copy, "model.channels=[8,16,32]", "ema.mode=ema", "optim.lr=0.005")
@@ -339,6 +339,7 @@ def test_resume_refuses_settings_it_cannot_change(phantoms, run_copy, caplog):
     assert digests(run_copy) == before  # config.yaml included: written only after the check
 
 
+@pytest.mark.slow
 def test_resume_changes_that_are_allowed_take_effect(phantoms, run_copy, caplog):
     caplog.set_level(logging.INFO, logger="gsema_fast")
     rc, errors = run_cli(caplog, *train_args(phantoms, run_copy, "train.epochs=3", "optim.lr=0.004"), "--resume")
@@ -350,6 +351,7 @@ def test_resume_changes_that_are_allowed_take_effect(phantoms, run_copy, caplog)
     assert yaml.safe_load((run_copy / "config.yaml").read_text())["train"]["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_resume_truncates_the_log_to_the_checkpoint(phantoms, tmp_path, caplog, monkeypatch):
     import gsema_fast.training.loop as train_module
 
@@ -464,6 +466,7 @@ def test_bad_data_exits_2_every_time(tmp_path):
 # ------------------------------------------------------------------------------------------------ faults
 
 
+@pytest.mark.slow
 def test_read_only_output_folders(phantoms, finished, volume, tmp_path, request):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -480,6 +483,7 @@ def test_read_only_output_folders(phantoms, finished, volume, tmp_path, request)
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_the_last_checkpoint(phantoms, run_copy, caplog, monkeypatch):
     """A full disk while a resumed run writes its next checkpoint: one line naming the file, and the checkpoint of
     before intact (no file system needs to fill: the write fails as ENOSPC does)."""
@@ -500,6 +504,7 @@ def test_disk_full_keeps_the_last_checkpoint(phantoms, run_copy, caplog, monkeyp
     assert not leftovers(run_copy) and not (run_copy / ".lock").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_unshare(), reason="needs user namespaces to mount a small tmpfs")
 def test_disk_full_on_a_real_file_system(phantoms, tmp_path):
     """Training into a 160 KiB tmpfs: the first checkpoint does not fit."""
@@ -515,6 +520,7 @@ def test_disk_full_on_a_real_file_system(phantoms, tmp_path):
     assert not (kept / "run" / "checkpoints" / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_predict_output_that_is_a_file(finished, volume, tmp_path, caplog):
     target = tmp_path / "labels.nii.gz"
     target.write_bytes(b"mine")
@@ -526,6 +532,7 @@ def test_predict_output_that_is_a_file(finished, volume, tmp_path, caplog):
     assert target.read_bytes() == b"mine"
 
 
+@pytest.mark.slow
 def test_predict_refuses_to_replace_outputs_without_overwrite(finished, volume, tmp_path, caplog):
     args = ["predict", "--checkpoint", finished / "checkpoints" / "final.pt", "--input", volume]
     out = tmp_path / "out"
@@ -539,6 +546,7 @@ def test_predict_refuses_to_replace_outputs_without_overwrite(finished, volume, 
     assert nib.load(out / "case.nii.gz").shape == (20, 20, 20)
 
 
+@pytest.mark.slow
 def test_predict_reports_each_bad_file_in_one_line(finished, tmp_path, caplog):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -563,6 +571,7 @@ def test_predict_reports_each_bad_file_in_one_line(finished, tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ quiet oddities
 
 
+@pytest.mark.slow
 def test_single_domain_run_says_so_and_writes_its_summary(tmp_path, caplog):
     from gsema_fast.data import synthesize
 
@@ -577,6 +586,7 @@ def test_single_domain_run_says_so_and_writes_its_summary(tmp_path, caplog):
     assert set(summary["validation"]["dice"]) == {"vessel", "aneurysm"}
 
 
+@pytest.mark.slow
 def test_summary_is_strict_json_with_nan_as_null(phantoms, tmp_path, caplog, monkeypatch):
     import gsema_fast.training.loop as train_module
 
@@ -708,6 +718,7 @@ def test_lodo_never_reports_old_results_under_new_settings(phantoms, tmp_path, c
     assert record["unseen"]["vessel"]["dice"] == pytest.approx(summary["mean"]["vessel"]["dice"])
 
 
+@pytest.mark.slow
 def test_evaluate_never_replaces_a_run_or_earlier_results_unasked(run_copy, tmp_path, caplog):
     checkpoint = run_copy / "checkpoints" / "final.pt"
     before = digests(run_copy)
@@ -716,7 +727,8 @@ def test_evaluate_never_replaces_a_run_or_earlier_results_unasked(run_copy, tmp_
     one_line(
         errors,
         rf"^evaluate: --out {re.escape(str(run_copy))} is the folder of a training run \(config\.yaml, log\.jsonl, "
-        r"progress\.png, summary\.json\): the evaluation's summary\.json would replace the run's; .*--overwrite",
+        r"progress\.png, layer_agreement\.png, summary\.json, checkpoints/\): the evaluation's summary\.json "
+        r"would replace the run's; .*--overwrite",
     )
     assert digests(run_copy) == before
 
@@ -746,6 +758,7 @@ def test_evaluate_never_replaces_a_run_or_earlier_results_unasked(run_copy, tmp_
     }
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_dataset_whose_classes_mean_something_else(phantoms, finished, tmp_path, caplog):
     data = Path(shutil.copytree(phantoms, tmp_path / "data"))
     manifest = json.loads((data / "dataset.json").read_text())
@@ -768,6 +781,7 @@ def test_evaluate_refuses_a_dataset_whose_classes_mean_something_else(phantoms, 
     assert not (tmp_path / "evaluation").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["is the input folder", "lies inside it", "is the folder of an input file"])
 def test_predict_never_writes_among_its_inputs(finished, tmp_path, caplog, where):
     inputs = tmp_path / "scans"
@@ -787,6 +801,7 @@ def test_predict_never_writes_among_its_inputs(finished, tmp_path, caplog, where
         assert digests(inputs) == before and sorted(p.name for p in inputs.iterdir()) == ["a.nii.gz"]
 
 
+@pytest.mark.slow
 def test_predict_may_write_below_the_folder_of_a_file_it_was_given(finished, tmp_path, caplog):
     """Only a folder given as input is read whole: a folder below that of a file given alone is not read next time."""
     scan = nifti(tmp_path / "a_0000.nii.gz", _image())
@@ -796,6 +811,7 @@ def test_predict_may_write_below_the_folder_of_a_file_it_was_given(finished, tmp
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "names, clash",
     [
@@ -822,6 +838,7 @@ def test_predict_refuses_inputs_whose_outputs_would_be_one_file(finished, tmp_pa
 # ------------------------------------------------------------------------------------------------ extreme intensities
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, peak", [(np.float32, 1e38), (np.float64, 3e303)])
 def test_predict_extreme_finite_intensities_as_the_same_image_at_any_scale(finished, tmp_path, caplog, dtype, peak):
     """zscore normalisation does not depend on the image's scale: an image of +-1e38 (float32) or 3e303 (float64)
@@ -841,6 +858,7 @@ def test_predict_extreme_finite_intensities_as_the_same_image_at_any_scale(finis
     np.testing.assert_array_equal(labels["huge"], labels["plain"])
 
 
+@pytest.mark.slow
 def test_predict_never_reports_success_for_an_output_it_could_not_compute(finished, tmp_path, caplog):
     state = torch.load(finished / "checkpoints" / "final.pt", weights_only=True)
     broken = {**state, "teacher": {k: torch.full_like(v, math.nan) if v.is_floating_point() else v
@@ -861,6 +879,7 @@ def test_predict_never_reports_success_for_an_output_it_could_not_compute(finish
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_training_on_extreme_intensities(tmp_path, caplog):
     root = bad_dataset(tmp_path / "data", "huge image")
     short = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "train.log_every=1"]
@@ -921,6 +940,7 @@ DATASET_CHANGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", list(DATASET_CHANGES))
 def test_resume_refuses_a_changed_dataset(moved_run, caplog, change):
     data, run = moved_run
@@ -934,6 +954,7 @@ def test_resume_refuses_a_changed_dataset(moved_run, caplog, change):
     assert digests(run) == before
 
 
+@pytest.mark.slow
 def test_resume_accepts_the_same_dataset_moved_and_touched(moved_run, caplog):
     """The identity is the content: a dataset copied to another folder, its files touched, is the same dataset."""
     data, run = moved_run
@@ -947,6 +968,7 @@ def test_resume_accepts_the_same_dataset_moved_and_touched(moved_run, caplog):
     assert state["step"] == 6 and set(state["dataset"]["cases"]) == {f"{c}_00{i}" for c in "ABC" for i in (0, 1)}
 
 
+@pytest.mark.slow
 def test_a_run_records_absolute_dataset_paths(phantoms, tmp_path, caplog, monkeypatch):
     monkeypatch.chdir(phantoms.parent)
     run = tmp_path / "run"
@@ -964,6 +986,7 @@ def test_a_run_records_absolute_dataset_paths(phantoms, tmp_path, caplog, monkey
 # ------------------------------------------------------------------------------------------------ smaller cases
 
 
+@pytest.mark.slow
 def test_leftover_temporary_files_go_on_resume_and_overwrite(phantoms, run_copy, caplog):
     """A killed write leaves '.<random>.tmp.<name>' beside the output; a resumed or replaced run removes them (with
     the folder locked, no writer can be alive)."""
@@ -981,15 +1004,16 @@ def test_leftover_temporary_files_go_on_resume_and_overwrite(phantoms, run_copy,
 
 
 def test_a_patch_larger_than_the_volumes_is_said(phantoms, caplog):
+    from gsema_fast.config import DataConfig
     from gsema_fast.data import build_loaders
 
     caplog.set_level(logging.WARNING, logger="gsema_fast")
-    build_loaders(phantoms, patch_size=(48, 16, 16), batch_size=1, val_per_domain=1, steps_per_epoch=1)
+    build_loaders(phantoms, DataConfig(patch_size=(48, 16, 16), batch_size=1, val_per_domain=1), steps_per_epoch=1)
     assert re.search(r"data\.patch_size \[48, 16, 16\] is larger than 3 of the 3 training volumes along some axis "
                      r"\(smallest grid \[\d+, \d+, \d+\] after preprocessing, e\.g\. case A_00\d\): they are padded up "
                      r"to the patch", caplog.text)  # fmt: skip
     caplog.clear()
-    build_loaders(phantoms, patch_size=(16, 16, 16), batch_size=1, val_per_domain=1, steps_per_epoch=1)
+    build_loaders(phantoms, DataConfig(patch_size=16, batch_size=1, val_per_domain=1), steps_per_epoch=1)
     assert "is larger than" not in caplog.text
 
 
@@ -1009,7 +1033,7 @@ def test_bench_step_checks_its_output_before_it_runs(tmp_path, caplog, monkeypat
     assert not ran and (tmp_path / "a-file").read_text() == "mine"
 
 
-def test_a_folder_where_a_file_is_expected_is_named_so(phantoms, finished, tmp_path, caplog):
+def test_a_folder_where_a_file_is_expected_is_named_so(phantoms, tmp_path, caplog):
     (tmp_path / "folder").mkdir()
     folder = tmp_path / "folder"
     rc, errors = run_cli(caplog, "evaluate", "--checkpoint", folder)

@@ -21,6 +21,9 @@ from gsema_fast.step import flat_gradient_buffers, forward_all, train_step
 from gsema_fast.training import train
 from gsema_fast.training.compilation import compile_blocks
 
+# tiny tensors: a second thread only adds synchronisation
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ------------------------------------------------------------------------------------------------ the step
 
 
@@ -188,13 +191,6 @@ def test_fp16_step_with_grad_scaler(one_thread):
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from gsema_fast.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("phantoms"), domains=3, cases_per_domain=2, size=32, seed=0)
-
-
 def tiny_config(phantoms, out_dir, *extra):
     return load_config("demo", [*tiny_run(phantoms), "train.deterministic=true", f"train.out_dir={out_dir}", *extra])
 
@@ -204,6 +200,7 @@ def train_records(run_dir):
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeypatch):
     full = train(tiny_config(phantoms, tmp_path / "full"))
     run = full["run_dir"]
@@ -246,6 +243,7 @@ def test_train_writes_run_folder_and_resumes_exactly(phantoms, tmp_path, monkeyp
         torch.testing.assert_close(ck_resumed["teacher"][name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "scored"), [("gsema", True), ("none", False)])
 def test_validation_scores_the_student_beside_the_teacher_on_request(phantoms, tmp_path, mode, scored):
     """``train.val_student``: each validation record also holds the student's Dice (a teacher is worth having only
@@ -260,6 +258,7 @@ def test_validation_scores_the_student_beside_the_teacher_on_request(phantoms, t
         assert all(0.0 <= v <= 1.0 for v in val["student_dice"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "drawn"), [("gsema", True), ("ema", False)])
 def test_the_log_holds_each_layers_agreement_and_its_figure(phantoms, tmp_path, mode, drawn):
     """``train.layer_agreement``: every train record of a GS-EMA run holds ``layer_cos`` by layer name, and the run
@@ -276,6 +275,7 @@ def test_the_log_holds_each_layers_agreement_and_its_figure(phantoms, tmp_path, 
         assert all(name.startswith("model.") for name in cos)
 
 
+@pytest.mark.slow
 def test_bench_step_times_every_mode_and_the_data(phantoms, tmp_path):
     from gsema_fast.cli import main
 
@@ -292,6 +292,7 @@ def test_bench_step_times_every_mode_and_the_data(phantoms, tmp_path):
     assert report["loader_ms"] > 0 and report["compile_cache"] == "off"
 
 
+@pytest.mark.slow
 def test_train_stops_on_repeated_nonfinite_losses(phantoms, tmp_path, monkeypatch):
     monkeypatch.setattr(DiceCE, "forward", lambda self, logits, labels: logits.sum() * float("nan"))
     cfg = tiny_config(

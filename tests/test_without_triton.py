@@ -81,6 +81,7 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_ops_and_every_module_run_without_triton():
     done = _run(OPS)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,10 +90,7 @@ def test_the_ops_and_every_module_run_without_triton():
 
 
 @pytest.mark.slow
-def test_train_runs_without_triton(tmp_path):
-    from gsema_fast.data import synthesize
-
-    phantoms = synthesize(tmp_path / "phantoms", domains=3, cases_per_domain=2, size=32, seed=0)
+def test_train_runs_without_triton(phantoms, tmp_path):
     overrides = [a for kv in [*tiny_run(phantoms), "train.device=cpu"] for a in ("--set", kv)]
     code = "from gsema_fast.cli import main; sys.exit(main(sys.argv[1:]))"
     done = _run(code, "train", *overrides, "--out", str(tmp_path / "run"))

@@ -15,9 +15,9 @@ Public API (names are imported on first use, so ``synthesize`` needs neither tor
   (cases, domains, file contents), recorded in its checkpoints and checked before a result is reused.
 - :class:`TargetTransform` (``gsema_fast.data.target``): ``x_t, y_t = T(x_s, y_s)`` on batched device tensors.
 
-A trainer does::
+A trainer does (``DataConfig``: ``gsema_fast.config``, a config's ``data`` section)::
 
-    data = build_loaders(root, train_domains=[0, 1, 2], test_domain=3, patch_size=(64, 64, 64), batch_size=3)
+    data = build_loaders(root, DataConfig(train_domains=[0, 1, 2], test_domain=3, patch_size=64, batch_size=3))
     T = TargetTransform(seed=0)
     for batch in data.train:                     # call data.set_epoch(e) first for exact resumption
         x_s, y_s = batch["image"].to(dev), batch["label"].to(dev)   # [B,1,D,H,W] float32, int64

@@ -16,9 +16,11 @@ import torch
 from monai.data import DataLoader
 from monai.transforms import ClassesToIndicesd, Compose
 
+from gsema_fast.config import DataConfig
 from gsema_fast.data.manifest import Case, Manifest, Split, load_manifest, split_cases
 from gsema_fast.data.sampling import DomainBalancedSampler
 from gsema_fast.data.transforms import (
+    Preprocessing,
     _CheckedCacheDataset,
     _CheckedDataset,
     _CropByClass,
@@ -26,7 +28,6 @@ from gsema_fast.data.transforms import (
     _items,
     _PadToPatch,
     _TrainItem,
-    preprocess_transforms,
     preprocessed_grid,
 )
 from gsema_fast.files import cache_root
@@ -38,23 +39,19 @@ _MAX_INDICES = 50_000  # per class and case: bounds the cached crop-centre candi
 
 def volume_loader(
     cases: Sequence[Case],
+    preprocessing: Preprocessing,
     *,
     labels: Mapping[str, int] | None = None,
-    spacing: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-    intensity: str = "zscore",
     cache: bool = True,
     num_workers: int = 0,
 ) -> DataLoader:
-    """Whole preprocessed volumes, one per batch, for validation, evaluation and prediction.
+    """Whole volumes preprocessed with ``preprocessing``, one per batch, for validation, evaluation and prediction.
 
     Items: ``image`` MetaTensor [1, 1, D, H, W] (float32, affine and applied transforms attached), ``label``
     [1, 1, D, H, W] uint8 when ``labels`` is given, ``case`` and ``domain`` (lists of one name). ``cache`` keeps
     the preprocessed volumes in memory after their first load (loading then happens in this process).
     """
-    transform = preprocess_transforms(
-        labels=labels, spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity
-    )
+    transform = preprocessing.transforms(labels=labels)
     items = _items(cases)
     if labels is None:
         for it in items:
@@ -129,130 +126,50 @@ class Loaders:
 
 def build_loaders(
     root: str | os.PathLike,
+    data: DataConfig,
     *,
-    manifest: str | os.PathLike | None = None,
-    train_domains: Sequence | None = None,
-    test_domain=None,
-    patch_size: Sequence[int] = (96, 96, 96),
-    spacing: Sequence[float] | None = None,
-    batch_size: int = 2,
-    samples_per_volume: int = 1,
-    class_ratios: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-    intensity: str = "zscore",
-    val_per_domain: int = 1,
     steps_per_epoch: int | None = None,
-    cache: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int = 0,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
 ) -> Loaders:
-    """Training patches balanced over the source domains, plus validation and unseen-domain test volumes.
+    """Training patches balanced over the source domains, plus validation and unseen-domain test volumes, of the
+    dataset in ``root`` as a config's ``data`` section describes them.
 
-    ``root``/``manifest``: see :func:`load_manifest`. Domains: see :func:`split_cases`. Each training item is a
-    ``patch_size`` crop (volumes smaller than the patch are padded) centred on a voxel whose class is drawn with
-    ``class_ratios`` (background, vessel, aneurysm, ...; default equal, which oversamples small aneurysms). A class
-    a case lacks is skipped; a case with none of the weighted classes uses equal weights over those it has.
-    ``batch_size`` patches per batch, ``samples_per_volume`` of them from each loaded volume (must divide
-    ``batch_size``). An epoch is ``steps_per_epoch`` batches (default: one pass over the training cases).
-    Preprocessing: see :func:`preprocess_transforms`. ``cache``: keep preprocessed volumes in memory, or in
-    ``cache_dir`` on disk when given (written atomically; reused across runs).
+    ``data.manifest``: see :func:`load_manifest`; the domains and held-out cases: see :func:`split_cases`
+    (``data.test_domain`` None: no unseen domain). Each training item is a ``data.patch_size`` crop (volumes smaller
+    than the patch are padded) centred on a voxel whose class is drawn with ``data.class_ratios`` (background,
+    vessel, aneurysm, ...; default equal, which oversamples small aneurysms). A class a case lacks is skipped; a case
+    with none of the weighted classes uses equal weights over those it has. ``data.batch_size`` patches per batch,
+    ``data.samples_per_volume`` of them from each loaded volume. An epoch is ``steps_per_epoch`` batches (default:
+    one pass over the training cases). Preprocessing: :class:`Preprocessing` of ``data``. ``data.cache``: keep
+    preprocessed volumes in memory, or in ``data.cache_dir`` on disk when given (written atomically; reused across
+    runs). ``seed``: the split, the order of the cases and the crops.
 
-    ``rank``/``world_size``: this process's part of a multi-process run. ``batch_size`` is then per rank: the
+    ``rank``/``world_size``: this process's part of a multi-process run. ``data.batch_size`` is then per rank: the
     ranks' batches of a step together form the global batch that one process would draw (see
     :class:`DomainBalancedSampler`), ``val`` and ``test`` hold every ``world_size``-th case from ``rank`` (None when
-    that share is empty), and an in-memory ``cache`` without ``cache_dir`` becomes one shared disk cache
+    that share is empty), and an in-memory cache without ``cache_dir`` becomes one shared disk cache
     (:func:`shared_cache_dir`) rather than a copy of the training set in every rank's memory.
     """
+    if not isinstance(data, DataConfig):
+        raise TypeError(f"data must be a DataConfig (a config's data section), got {type(data).__name__}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
-    man = load_manifest(root, manifest)
-    split = split_cases(
-        man, train_domains=train_domains, test_domain=test_domain, val_per_domain=val_per_domain, seed=seed
-    )
-    patch = [int(p) for p in patch_size]
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size={list(patch_size)}: expected three positive sizes")
-    if batch_size < 1 or samples_per_volume < 1 or batch_size % samples_per_volume:
-        raise ValueError(
-            f"batch_size={batch_size}, samples_per_volume={samples_per_volume}: the batch must hold a "
-            f"whole number of volumes' samples"
-        )
-    ratios = [1.0] * man.num_classes if class_ratios is None else [float(r) for r in class_ratios]
-    if len(ratios) != man.num_classes or min(ratios) < 0 or sum(ratios) <= 0:
-        raise ValueError(
-            f"class_ratios={class_ratios}: expected {man.num_classes} non-negative weights, one per "
-            f"label value, not all zero"
-        )
-
+    man = load_manifest(root, data.manifest)
+    split = split_cases(man, data, seed=seed)
     if rank == 0:
-        _warn_small_volumes(split.train, patch, spacing)
-    pre = preprocess_transforms(
-        labels=man.labels, spacing=spacing, clip_percentiles=clip_percentiles, intensity=intensity
-    )
-    train_xform = Compose(
-        [
-            *pre.transforms,
-            _PadToPatch(patch),
-            ClassesToIndicesd(keys="label", num_classes=man.num_classes, max_samples_per_class=_MAX_INDICES),
-            _CropByClass(
-                keys=["image", "label"],
-                label_key="label",
-                spatial_size=patch,
-                ratios=ratios,
-                num_classes=man.num_classes,
-                num_samples=samples_per_volume,
-                indices_key="label_cls_indices",
-                warn=False,
-            ),
-            _TrainItem(),
-        ]
-    )
-    fingerprint = hashlib.sha1(
-        json.dumps(
-            [spacing and list(spacing), clip_percentiles and list(clip_percentiles), intensity, patch, man.labels]
-        ).encode()
-    ).hexdigest()[:16]
-    domain_index = {d: i for i, d in enumerate(split.train_domains)}
-    items = _items(split.train, domain_index)
-    if world_size > 1 and cache and cache_dir is None:
-        cache_dir = shared_cache_dir()
-        log.info("%d ranks: preprocessed training volumes are cached on disk in %s", world_size, cache_dir)
-    train_ds = _dataset(items, train_xform, cache=cache, cache_dir=cache_dir, fingerprint=fingerprint)
-
-    per_batch = batch_size // samples_per_volume
-    n_items = (
-        steps_per_epoch * per_batch
-        if steps_per_epoch
-        else max(-(-len(items) // (per_batch * world_size)), 1) * per_batch
-    )
-    sampler = DomainBalancedSampler(
-        [it["domain"] for it in items], n_items, seed, batch_size=per_batch, num_replicas=world_size, rank=rank
-    )
-    generator = torch.Generator().manual_seed(_seed_for(seed, 0, rank))
-    train = DataLoader(
-        train_ds,
-        batch_size=per_batch,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=True,
-        generator=generator,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
-    common = dict(
-        spacing=spacing,
-        clip_percentiles=clip_percentiles,
-        intensity=intensity,
-        cache=cache,
-        num_workers=min(num_workers, 2),
-    )
+        _warn_small_volumes(split.train, data.patch_size, data.spacing)
+    preprocessing = Preprocessing.from_config(data)
+    pre = preprocessing.transforms(labels=man.labels)
+    items = _items(split.train, {d: i for i, d in enumerate(split.train_domains)})
+    train_ds = _training_dataset(items, _training_transform(pre, data, man), data, man, world_size)
+    train, sampler, generator = _training_loader(train_ds, items, data, steps_per_epoch, seed, rank, world_size)
+    volumes = dict(labels=man.labels, cache=data.cache, num_workers=min(data.num_workers, 2))
     val_cases, test_cases = split.val[rank::world_size], split.test[rank::world_size]
-    val = volume_loader(val_cases, labels=man.labels, **common) if val_cases else None
-    test = volume_loader(test_cases, labels=man.labels, **common) if test_cases else None
-    data = Loaders(
+    val = volume_loader(val_cases, preprocessing, **volumes) if val_cases else None
+    test = volume_loader(test_cases, preprocessing, **volumes) if test_cases else None
+    loaders = Loaders(
         man,
         split,
         list(split.train_domains),
@@ -267,5 +184,77 @@ def build_loaders(
         _sampler=sampler,
         _generator=generator,
     )
-    data.set_epoch(0)
-    return data
+    loaders.set_epoch(0)
+    return loaders
+
+
+def _training_transform(pre: Compose, data: DataConfig, man: Manifest) -> Compose:
+    """Preprocessing, padding up to the patch, and the crops centred by class (``data.class_ratios``, one weight per
+    label value of the dataset)."""
+    ratios = [1.0] * man.num_classes if data.class_ratios is None else data.class_ratios
+    if len(ratios) != man.num_classes:
+        raise ValueError(
+            f"data.class_ratios={ratios}: expected {man.num_classes} weights, one per label value of {man.path}"
+        )
+    patch = data.patch_size
+    return Compose(
+        [
+            *pre.transforms,
+            _PadToPatch(patch),
+            ClassesToIndicesd(keys="label", num_classes=man.num_classes, max_samples_per_class=_MAX_INDICES),
+            _CropByClass(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=patch,
+                ratios=ratios,
+                num_classes=man.num_classes,
+                num_samples=data.samples_per_volume,
+                indices_key="label_cls_indices",
+                warn=False,
+            ),
+            _TrainItem(),
+        ]
+    )
+
+
+def _training_dataset(items: list[dict], transform: Compose, data: DataConfig, man: Manifest, world_size: int):
+    """The training volumes, cached in memory or on disk (keyed by what decides their voxels)."""
+    fingerprint = hashlib.sha1(
+        json.dumps(
+            [
+                data.spacing and list(data.spacing),
+                data.clip_percentiles and list(data.clip_percentiles),
+                data.intensity,
+                data.patch_size,
+                man.labels,
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    cache_dir = data.cache_dir
+    if world_size > 1 and data.cache and cache_dir is None:
+        cache_dir = shared_cache_dir()
+        log.info("%d ranks: preprocessed training volumes are cached on disk in %s", world_size, cache_dir)
+    return _dataset(items, transform, cache=data.cache, cache_dir=cache_dir, fingerprint=fingerprint)
+
+
+def _training_loader(dataset, items: list[dict], data: DataConfig, steps_per_epoch, seed: int, rank: int, world: int):
+    """The loader of domain-balanced training batches, its sampler and its generator."""
+    per_batch = data.batch_size // data.samples_per_volume
+    n_items = (
+        steps_per_epoch * per_batch if steps_per_epoch else max(-(-len(items) // (per_batch * world)), 1) * per_batch
+    )
+    sampler = DomainBalancedSampler(
+        [it["domain"] for it in items], n_items, seed, batch_size=per_batch, num_replicas=world, rank=rank
+    )
+    generator = torch.Generator().manual_seed(_seed_for(seed, 0, rank))
+    loader = DataLoader(
+        dataset,
+        batch_size=per_batch,
+        sampler=sampler,
+        num_workers=data.num_workers,
+        drop_last=True,
+        generator=generator,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, sampler, generator

@@ -12,13 +12,13 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from gsema_fast.config import DataConfig
 from gsema_fast.files import first_line, require_file
 
 log = logging.getLogger(__name__)
@@ -210,28 +210,21 @@ class Split:
     test_domain: str | None
 
 
-def split_cases(
-    manifest: Manifest,
-    *,
-    train_domains: Sequence | None = None,
-    test_domain=None,
-    val_per_domain: int = 1,
-    seed: int = 0,
-) -> Split:
-    """Split by domain: ``test_domain``'s cases are the test set; of each training domain, ``val_per_domain``
-    cases (chosen from ``seed``) are held out for validation. ``train_domains`` defaults to every other domain."""
+def split_cases(manifest: Manifest, data: DataConfig, *, seed: int = 0) -> Split:
+    """Split by domain as a config's ``data`` section says: ``data.test_domain``'s cases are the test set (None: no
+    test set); of each training domain, ``data.val_per_domain`` cases (chosen from ``seed``) are held out for
+    validation. ``data.train_domains`` None is every other domain. The domains must have cases in ``manifest``."""
     present = manifest.domains
-    test = None if test_domain is None else str(test_domain)
-    train = [str(d) for d in train_domains] if train_domains is not None else [d for d in present if d != test]
+    test = None if data.test_domain is None else str(data.test_domain)
+    train = (
+        [str(d) for d in data.train_domains] if data.train_domains is not None else [d for d in present if d != test]
+    )
     for d in [*train, *([test] if test is not None else [])]:
         if d not in present:
             raise ValueError(f"domain {d!r} has no cases in {manifest.path}; domains present: {present}")
-    if test is not None and test in train:
-        raise ValueError(f"test_domain {test!r} is also a training domain ({train})")
-    if len(set(train)) != len(train) or not train:
-        raise ValueError(f"train_domains {train}: need at least one domain, each named once")
-    if val_per_domain < 0:
-        raise ValueError(f"val_per_domain={val_per_domain} must be >= 0")
+    if not train:
+        raise ValueError(f"data.test_domain {test!r} is the only domain of {manifest.path}: none is left to train on")
+    val_per_domain = data.val_per_domain
     rng = np.random.default_rng(seed)
     tr, va = [], []
     for d in train:

@@ -36,12 +36,11 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from tqdm.auto import tqdm
 
+from gsema_fast.config import DataConfig
 from gsema_fast.data.manifest import Case
 from gsema_fast.files import atomic_path, first_line, require_file
 
 log = logging.getLogger(__name__)
-
-INTENSITY_MODES = ("zscore", "minmax", "none")
 
 # Images whose intensities reach beyond this, in absolute value, are scaled into range before they become float32:
 # the percentile clip and the normalisation sum and square them in float32, which would overflow to inf, then NaN.
@@ -190,30 +189,29 @@ class _TrainItem(Transform):
 class Preprocessing:
     """What decides the voxels a network sees, besides the image itself: the target grid (``spacing`` in mm, None
     keeps each image's grid), the intensity clip (``clip_percentiles``, None: no clip) and the normalisation
-    (``intensity``). Training, validation, evaluation, prediction and figures all preprocess through one of these;
-    a checkpoint's weights are only meaningful with the settings they were trained with."""
+    (``intensity``), the settings of a config's ``data`` section of these names, checked by it. Training, validation,
+    evaluation, prediction and figures all preprocess through one of these; a checkpoint's weights are only
+    meaningful with the settings they were trained with."""
 
-    spacing: tuple[float, ...] | None = None
-    clip_percentiles: tuple[float, ...] | None = (0.5, 99.5)
-    intensity: str = "zscore"
+    # The data section's defaults.
+    spacing: tuple[float, ...] | None = DataConfig.model_fields["spacing"].default
+    clip_percentiles: tuple[float, ...] | None = tuple(DataConfig.model_fields["clip_percentiles"].default)
+    intensity: str = DataConfig.model_fields["intensity"].default
+
+    def __post_init__(self) -> None:
+        data = DataConfig(spacing=self.spacing, clip_percentiles=self.clip_percentiles, intensity=self.intensity)
+        for key in ("spacing", "clip_percentiles"):  # one number means isotropic; tuples: a hashable key
+            value = getattr(data, key)
+            object.__setattr__(self, key, None if value is None else tuple(value))
 
     @classmethod
-    def from_config(cls, data) -> Preprocessing:
+    def from_config(cls, data: DataConfig) -> Preprocessing:
         """The settings of a config's ``data`` section (:class:`gsema_fast.config.DataConfig`)."""
-        spacing, clip = data.spacing, data.clip_percentiles
-        if isinstance(spacing, (int, float)):
-            spacing = [spacing] * 3
-        return cls(
-            None if spacing is None else tuple(float(s) for s in spacing),
-            None if clip is None else tuple(float(c) for c in clip),
-            data.intensity,
-        )
+        return cls(data.spacing, data.clip_percentiles, data.intensity)
 
     def transforms(self, labels: Mapping[str, int] | None = None) -> Compose:
         """:func:`preprocess_transforms` with these settings."""
-        return preprocess_transforms(
-            labels=labels, spacing=self.spacing, clip_percentiles=self.clip_percentiles, intensity=self.intensity
-        )
+        return preprocess_transforms(self, labels=labels)
 
 
 # The config keys (``data.<key>``) of the preprocessing: a checkpoint fixes them.
@@ -229,19 +227,18 @@ def unwrap_transform_error(err: BaseException) -> BaseException:
     return err if seen is None else seen
 
 
-def preprocess_transforms(
-    *,
-    labels: Mapping[str, int] | None = None,
-    spacing: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = (0.5, 99.5),
-    intensity: str = "zscore",
-) -> Compose:
+def preprocess_transforms(preprocessing: Preprocessing, *, labels: Mapping[str, int] | None = None) -> Compose:
     """Deterministic preprocessing of ``{"image": path, "label": path, "case": name}`` items (label optional):
-    load and check, orient to RAS, resample to ``spacing`` (mm, None keeps each image's grid), clip intensities to
-    the per-image percentiles and normalise (``zscore`` | ``minmax`` | ``none``). Invertible with MONAI ``Invertd``
-    for mapping predictions back to the original grid."""
-    if intensity not in INTENSITY_MODES:
-        raise ValueError(f"intensity={intensity!r}: expected one of {INTENSITY_MODES}")
+    load and check, orient to RAS, resample to ``preprocessing.spacing`` (mm, None keeps each image's grid), clip
+    intensities to the per-image percentiles and normalise (``zscore`` | ``minmax`` | ``none``). Invertible with
+    MONAI ``Invertd`` for mapping predictions back to the original grid."""
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a Preprocessing, got {type(preprocessing).__name__}")
+    spacing, clip_percentiles, intensity = (
+        preprocessing.spacing,
+        preprocessing.clip_percentiles,
+        preprocessing.intensity,
+    )
     keys = ["image", "label"] if labels is not None else ["image"]
     modes = ["bilinear", "nearest"][: len(keys)]
     xforms: list = [
@@ -249,8 +246,6 @@ def preprocess_transforms(
         Orientationd(keys=keys, axcodes="RAS", labels=None, allow_missing_keys=True),
     ]
     if spacing is not None:
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise ValueError(f"spacing={spacing}: expected three positive voxel sizes in mm")
         xforms.append(
             Spacingd(
                 keys=keys, pixdim=[float(s) for s in spacing], mode=modes, dtype=np.float32, allow_missing_keys=True
@@ -260,8 +255,6 @@ def preprocess_transforms(
             xforms.append(CastToTyped(keys="label", dtype=torch.uint8))
     if clip_percentiles is not None:
         lo, hi = clip_percentiles
-        if not 0 <= lo < hi <= 100:
-            raise ValueError(f"clip_percentiles={clip_percentiles}: expected 0 <= lower < upper <= 100")
         xforms.append(ClipIntensityPercentilesd(keys="image", lower=lo, upper=hi))
     if intensity == "zscore":
         xforms.append(NormalizeIntensityd(keys="image"))

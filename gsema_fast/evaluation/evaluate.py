@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gsema_fast.config import Config
+from gsema_fast.config import Config, EvalConfig, replace
 from gsema_fast.data import Case, Manifest, Preprocessing, dataset_folder, load_manifest, run_domains, split_cases
 from gsema_fast.evaluation import figures as figs
 from gsema_fast.evaluation.metrics import METRICS, case_metrics, summarize, voxel_spacing
 from gsema_fast.files import check_writable, jsonable, write_csv, write_json
 from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from gsema_fast.inference.nifti import load_nifti, save_nifti_like
-from gsema_fast.inference.prediction import segment_case
+from gsema_fast.inference.prediction import eval_settings, segment_case
 from gsema_fast.training.runfolder import run_outputs
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ __all__ = ["clear_evaluation", "evaluate", "evaluation_outputs"]
 # What evaluate writes into its folder: the files, and the folders with the endings of the files written into them.
 # --overwrite replaces these, and nothing else.
 EVALUATION_FILES = ("summary.json", "metrics.csv")
+# test: the unseen centre's cases; val: held-out cases of the training centres; all: both
+SPLITS = ("test", "val", "all")
 EVALUATION_FOLDERS = {"predictions": (".nii.gz", ".nii"), "figures": (".png",)}
 
 
@@ -68,7 +70,7 @@ def _check_out(out: Path, *, overwrite: bool) -> list[Path]:
     run = run_outputs(out)
     if run and not overwrite:
         raise FileExistsError(
-            f"evaluate: --out {out} is the folder of a training run ({', '.join(run[:4])}): the evaluation's "
+            f"evaluate: --out {out} is the folder of a training run ({', '.join(run)}): the evaluation's "
             f"summary.json would replace the run's; choose another --out (by default <run folder>/evaluation_"
             f"<checkpoint name>), or pass --overwrite to replace it"
         )
@@ -115,8 +117,8 @@ def _dataset_root(cfg: Config, data: str | os.PathLike | None) -> tuple[Path, st
 
 
 def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[list, list[str]]:
-    if split not in ("test", "val", "all"):
-        raise ValueError(f"split={split!r}: expected 'test', 'val' or 'all'")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     wanted = None
     if domain is not None:
         wanted = [str(d) for d in (domain if isinstance(domain, (list, tuple)) else [domain])]
@@ -129,7 +131,7 @@ def _select_cases(man: Manifest, cfg: Config, *, split: str, domain) -> tuple[li
     elif split == "val":
         # The trainer holds out validation cases with split_cases(seed=train.seed); the same call finds them again.
         held_out = split_cases(
-            man, train_domains=trained_on, test_domain=None, val_per_domain=cfg.data.val_per_domain, seed=cfg.train.seed
+            man, replace(cfg.data, train_domains=trained_on, test_domain=None), seed=cfg.train.seed
         ).val
         cases = [c for c in held_out if wanted is None or c.domain in wanted]
     else:
@@ -157,6 +159,7 @@ def evaluate(
     figures: bool = False,
     compare: Sequence[str | os.PathLike] = (),
     config=None,
+    overrides=(),
     device: str | torch.device | None = None,
     overlap: float | None = None,
     sw_batch_size: int | None = None,
@@ -173,7 +176,8 @@ def evaluate(
     ``all``; ``domain`` (a name or list) narrows any split. ``weights``: ``teacher`` (default, via the config's
     ``eval.weights``) or ``student``. Each volume is preprocessed as in training, segmented by sliding-window
     inference (``eval.overlap``, ``eval.sw_batch_size``, ``eval.mode`` unless given; AMP on CUDA per
-    ``train.amp``), its class probabilities resampled back to the image's own grid, and scored there against the
+    ``train.amp``; ``config`` and ``overrides`` change them as :func:`~gsema_fast.inference.load_checkpoint` takes
+    them), its class probabilities resampled back to the image's own grid, and scored there against the
     reference with :func:`case_metrics` (spacing from the reference's affine). ``out_dir`` default:
     ``<run folder>/evaluation_<checkpoint name>``; a folder that holds a training run or the results of an evaluation
     is refused unless ``overwrite``, which replaces those results (and a run's ``summary.json``) and nothing else.
@@ -184,7 +188,7 @@ def evaluate(
     then ``compare``). Returns the summary (as written to ``summary.json``, NaN as None) plus ``out_dir``.
     """
     started = time.perf_counter()
-    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
+    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config, overrides=overrides)
     cfg = loaded.config
     root, manifest = _dataset_root(cfg, data)
     man = load_manifest(root, manifest)
@@ -196,8 +200,7 @@ def evaluate(
         Preprocessing.from_config(cfg.data).transforms(labels=man.labels),
         man,
         out,
-        overlap=cfg.eval.overlap if overlap is None else overlap,
-        sw_batch_size=cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size,
+        eval_settings(cfg, overlap=overlap, sw_batch_size=sw_batch_size),
         hd95=hd95,
         save_predictions=save_predictions,
         figures=figures,
@@ -245,8 +248,7 @@ class _Scoring:
     transform: Any  # the preprocessing (a MONAI Compose), inverted to map predictions back
     manifest: Manifest
     out: Path
-    overlap: float
-    sw_batch_size: int
+    settings: EvalConfig  # the sliding window's
     hd95: bool
     save_predictions: bool
     figures: bool
@@ -271,14 +273,7 @@ class _Scoring:
         t0 = time.perf_counter()
         loaded, labels = self.loaded, self.manifest.labels
         item = {"image": str(case.image), "label": str(case.label), "case": case.name}
-        probs, _ = segment_case(
-            loaded,
-            self.transform,
-            item,
-            overlap=self.overlap,
-            sw_batch_size=self.sw_batch_size,
-            mode=loaded.config.eval.mode,
-        )
+        probs, _ = segment_case(loaded, self.transform, item, self.settings)
         pred = probs.argmax(0).numpy().astype(np.uint8)
         ref_img = load_nifti(case.label)
         ref = np.asarray(ref_img.dataobj).astype(np.int64).reshape(ref_img.shape[:3])
@@ -331,9 +326,9 @@ def _summary(scoring: _Scoring, split: str, domains: list[str], records: list[di
         "device": str(loaded.device),
         "inference": {
             "roi_size": list(loaded.config.data.patch_size),
-            "overlap": scoring.overlap,
-            "sw_batch_size": scoring.sw_batch_size,
-            "mode": loaded.config.eval.mode,
+            "overlap": scoring.settings.overlap,
+            "sw_batch_size": scoring.settings.sw_batch_size,
+            "mode": scoring.settings.mode,
         },
         "conventions": "0/0 metrics are NaN (null here) and skipped by the means; n counts the cases in each mean",
         **summarize(records),

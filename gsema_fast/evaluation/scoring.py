@@ -29,9 +29,7 @@ def volume_logits(
         net,
         item["image"].to(device),
         roi_size=cfg.data.patch_size,
-        overlap=cfg.eval.overlap,
-        sw_batch_size=cfg.eval.sw_batch_size,
-        mode=cfg.eval.mode,
+        settings=cfg.eval,
         amp_dtype=amp,
     )
 

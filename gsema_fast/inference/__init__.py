@@ -9,13 +9,13 @@ trainer's contract (a dict with ``config``, ``student``, ``teacher``).
 
 from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from gsema_fast.inference.nifti import load_nifti, save_nifti_like
-from gsema_fast.inference.prediction import predict, segment_case
-from gsema_fast.inference.window import AMP_DTYPES, amp_dtype, predict_volume, preprocess_case, to_original_grid
+from gsema_fast.inference.prediction import eval_settings, predict, segment_case
+from gsema_fast.inference.window import amp_dtype, predict_volume, preprocess_case, to_original_grid
 
 __all__ = [
-    "AMP_DTYPES",
     "LoadedCheckpoint",
     "amp_dtype",
+    "eval_settings",
     "load_checkpoint",
     "load_nifti",
     "predict",

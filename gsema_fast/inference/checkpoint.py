@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gsema_fast.config import Config, config_from_dict, config_to_dict
+from gsema_fast.config import (
+    Config,
+    EvalWeights,
+    check_choice,
+    config_from_dict,
+    config_to_dict,
+    parse_override,
+    resolve_device,
+    with_overrides,
+)
 from gsema_fast.data import PREPROCESSING_KEYS
 from gsema_fast.files import read_checkpoint
 from gsema_fast.inference.window import amp_dtype
@@ -48,15 +57,6 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
-    return device
-
-
 def _merge_config(ck_cfg: Config, override: Config | None, path: Path) -> Config:
     """The checkpoint's config, with data and eval settings taken from ``override`` where they do not conflict
     (a --config that changed the preprocessing would feed the weights other inputs)."""
@@ -84,8 +84,29 @@ def _merge_config(ck_cfg: Config, override: Config | None, path: Path) -> Config
     return config_from_dict(merged)
 
 
+def _apply_inference_overrides(cfg: Config, overrides, path: Path) -> Config:
+    """``overrides`` (``"a.b=c"``) of the settings that apply at inference; the model, the preprocessing and the
+    training settings are what the weights were trained with."""
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of 'a.b=c' strings, got the string {overrides!r}")
+    updated = with_overrides(cfg, *overrides)  # the syntax, the key and the value checked as --set checks them
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if not (key.startswith("eval.") or key == "train.amp"):
+            raise ValueError(
+                f"override {text!r} for checkpoint {path}: expected eval.* or train.amp, the settings that apply at "
+                f"inference (the others are the checkpoint's)"
+            )
+    return updated
+
+
 def load_checkpoint(
-    path: str | os.PathLike, *, weights: str | None = None, device: str | torch.device | None = None, config=None
+    path: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    device: str | torch.device | None = None,
+    config=None,
+    overrides=(),
 ) -> LoadedCheckpoint:
     """Rebuild the ``weights`` network (``teacher`` or ``student``; None: the config's ``eval.weights``, by default
     the teacher, the domain-generalised model) of a trainer checkpoint, on ``device`` (None: CUDA if available).
@@ -93,13 +114,14 @@ def load_checkpoint(
     The model is built from the config stored in the checkpoint (``build_model(cfg.model)``). ``config``: a
     :class:`~gsema_fast.config.Config` whose data and eval sections replace the stored ones (another dataset,
     other inference settings); its model section and preprocessing (``data.spacing``, ``data.clip_percentiles``,
-    ``data.intensity``) must equal the checkpoint's. Every failure (missing or unreadable file, missing keys,
-    weights that do not fit the stored model config, a conflicting ``config``) raises ``FileNotFoundError`` or
-    ``ValueError`` with the file and the reason.
+    ``data.intensity``) must equal the checkpoint's. ``overrides``: ``"a.b=c"`` strings (the ``--set`` syntax) of
+    ``eval.*`` and ``train.amp``, applied last. Every failure (missing or unreadable file, missing keys, weights
+    that do not fit the stored model config, a conflicting ``config``, an override of another setting) raises
+    ``FileNotFoundError`` or ``ValueError`` with the file and the reason.
     """
     path = Path(path)
-    if weights not in (None, "teacher", "student"):
-        raise ValueError(f"weights={weights!r}: expected 'teacher' or 'student'")
+    if weights is not None:
+        check_choice("weights", weights, EvalWeights)
     ck = read_checkpoint(path)  # tensors, numbers, strings and containers only: loading runs no code
     if not isinstance(ck, Mapping) or "config" not in ck:
         found = f"keys: {', '.join(map(str, ck))}" if isinstance(ck, Mapping) else f"a {type(ck).__name__}"
@@ -108,7 +130,7 @@ def load_checkpoint(
         cfg = config_from_dict(ck["config"])
     except ValueError as err:
         raise ValueError(f"checkpoint {path}: its stored config is not valid here: {err}") from err
-    cfg = _merge_config(cfg, config, path)
+    cfg = _apply_inference_overrides(_merge_config(cfg, config, path), overrides, path)
     weights = weights or cfg.eval.weights
     if weights not in ck:
         raise ValueError(
@@ -127,7 +149,7 @@ def load_checkpoint(
             f"{model.name}, feature_size={model.feature_size}, channels={model.channels}, out_channels="
             f"{model.out_channels}); the file mixes weights and config of different models:\n{detail[:1500]}"
         ) from None
-    dev = _resolve_device(device)
+    dev = torch.device(resolve_device("auto" if device is None else str(device), key="device"))
     net.to(dev).eval()
     return LoadedCheckpoint(
         net,

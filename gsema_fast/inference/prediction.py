@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gsema_fast.config import Config, EvalConfig, replace
 from gsema_fast.data import Preprocessing, unwrap_transform_error
 from gsema_fast.files import WriteError, check_writable, first_line
 from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -23,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def segment_case(
-    loaded: LoadedCheckpoint, transform, item: dict, *, overlap: float, sw_batch_size: int, mode: str
+    loaded: LoadedCheckpoint, transform, item: dict, settings: EvalConfig | None = None
 ) -> tuple[torch.Tensor, dict]:
-    """Preprocess one case (``{"image": path, "case": name}``, optionally ``"label"``), run sliding-window inference,
-    and return class probabilities ``[C, ...]`` on the image's original grid, and the preprocessed item."""
+    """Preprocess one case (``{"image": path, "case": name}``, optionally ``"label"``), run sliding-window inference
+    with ``settings`` (None: the checkpoint config's ``eval`` section), and return class probabilities ``[C, ...]``
+    on the image's original grid, and the preprocessed item."""
     data = preprocess_case(transform, item)
     image = data["image"]
     batch = image[None].to(loaded.device)
@@ -35,9 +37,7 @@ def segment_case(
         loaded.net,
         batch,
         roi_size=cfg.data.patch_size,
-        overlap=overlap,
-        sw_batch_size=sw_batch_size,
-        mode=mode,
+        settings=cfg.eval if settings is None else settings,
         amp_dtype=loaded.amp_dtype,
     )
     probs = torch.softmax(logits[0], dim=0)
@@ -48,6 +48,12 @@ def segment_case(
             f"values; no segmentation can be computed from it"
         )
     return to_original_grid(transform, probs, image), data
+
+
+def eval_settings(cfg: Config, **given: Any) -> EvalConfig:
+    """``cfg``'s ``eval`` section with the settings ``given`` that are not None (a command's ``--overlap``, ...),
+    checked as the config checks them."""
+    return replace(cfg.eval, **{key: value for key, value in given.items() if value is not None})
 
 
 def _input_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -129,6 +135,7 @@ def predict(
     overlap: float | None = None,
     sw_batch_size: int | None = None,
     config=None,
+    overrides=(),
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Segment NIfTI files (a file, a folder of them, or a list) and write ``<case>.nii.gz`` label volumes.
@@ -139,7 +146,9 @@ def predict(
     ``overwrite``; so are an ``output_dir`` that is the folder of an input (or lies inside an input folder), and
     inputs whose outputs would be one file. A file that fails (unreadable, or a network output that is not finite)
     is logged with the reason (one line) and skipped; the others still run; an output that cannot be written
-    (read-only folder, full disk) stops the run. Returns ``{"written": [paths], "failed": {input: reason}}``.
+    (read-only folder, full disk) stops the run. ``config`` and ``overrides`` change the inference settings
+    (``eval.*``, ``train.amp``) as :func:`~gsema_fast.inference.load_checkpoint` takes them; ``overlap`` and
+    ``sw_batch_size`` given win. Returns ``{"written": [paths], "failed": {input: reason}}``.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -149,25 +158,17 @@ def predict(
     given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     _refuse_outputs_among_inputs(out, given, files)
     _refuse_existing_outputs(out, _output_names(files, names, probabilities=probabilities), overwrite=overwrite)
-    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config)
+    loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config, overrides=overrides)
     cfg = loaded.config
     check_writable(out)
-    overlap = cfg.eval.overlap if overlap is None else overlap
-    sw_batch_size = cfg.eval.sw_batch_size if sw_batch_size is None else sw_batch_size
+    settings = eval_settings(cfg, overlap=overlap, sw_batch_size=sw_batch_size)
     transform = Preprocessing.from_config(cfg.data).transforms(labels=None)
     written: list[Path] = []
     failed: dict[str, str] = {}
     log.info("predicting %d file(s) with the %s of %s on %s", len(files), loaded.weights, loaded.path, loaded.device)
     for path, name in tqdm(list(zip(files, names, strict=True)), desc="predict", unit="file", disable=None):
         try:
-            probs, _ = segment_case(
-                loaded,
-                transform,
-                {"image": str(path), "case": name},
-                overlap=overlap,
-                sw_batch_size=sw_batch_size,
-                mode=cfg.eval.mode,
-            )
+            probs, _ = segment_case(loaded, transform, {"image": str(path), "case": name}, settings)
             like = load_nifti(path)
             grid = tuple(like.shape[:3])
             if tuple(probs.shape[1:]) != grid:

@@ -11,22 +11,21 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from gsema_fast.config import EvalConfig, resolve_amp
 from gsema_fast.data import unwrap_transform_error
 
-# Autocast type of each ``train.amp`` setting (``auto`` is resolved per device: bf16 on CUDA, fp32 elsewhere).
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The torch type of each resolved ``train.amp`` setting (the choices are the config's AmpMode).
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def amp_dtype(amp: str, device: torch.device, *, inference: bool = False) -> torch.dtype | None:
-    """Autocast type of the ``train.amp`` setting ``amp`` on ``device``. ``inference``: none on the CPU whatever the
-    setting, where 3D convolutions under autocast are far slower than fp32."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "fp32"
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp={amp!r}: expected one of auto, {', '.join(AMP_DTYPES)}")
+    """Autocast type of the ``train.amp`` setting ``amp`` on ``device`` (``auto`` resolved by
+    :func:`gsema_fast.config.resolve_amp`). ``inference``: none on the CPU whatever the setting, where 3D
+    convolutions under autocast are far slower than fp32."""
+    resolved = resolve_amp(amp, device.type)
     if inference and device.type != "cuda":
         return None
-    return AMP_DTYPES[amp]
+    return _AUTOCAST[resolved]
 
 
 def _first_conv_in_channels(net: nn.Module) -> int | None:
@@ -50,16 +49,15 @@ def predict_volume(
     image: torch.Tensor,
     *,
     roi_size: Sequence[int] | int,
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-    mode: str = "gaussian",
+    settings: EvalConfig | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Logits ``[B, out_channels, D, H, W]`` (float32) of a whole volume ``image [B, C, D, H, W]``.
 
-    MONAI ``sliding_window_inference`` over windows of ``roi_size`` (the training patch size) with ``overlap`` and
-    ``mode`` blending (gaussian weights the window centres, where the network saw the most context). Any volume size
+    MONAI ``sliding_window_inference`` over windows of ``roi_size`` (the training patch size) with the ``settings``
+    of a config's ``eval`` section (None: its defaults): ``overlap`` and ``mode`` blending (gaussian weights the
+    window centres, where the network saw the most context). Any volume size
     works: a volume smaller than the window is padded, and the last windows of a size that is not a multiple of the
     window step are shifted back inside the volume. Windows run on the network's device, ``sw_batch_size`` at a time;
     the output is assembled on ``image``'s device, so a large volume can stay in host memory while the network runs
@@ -71,8 +69,9 @@ def predict_volume(
     expected = _first_conv_in_channels(net)
     if expected is not None and image.shape[1] != expected:
         raise ValueError(f"image has {image.shape[1]} channel(s) but the network takes {expected}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap={overlap}: expected a fraction in [0, 1)")
+    settings = EvalConfig() if settings is None else settings
+    if not isinstance(settings, EvalConfig):
+        raise TypeError(f"settings must be an EvalConfig (a config's eval section), got {type(settings).__name__}")
     roi = [int(roi_size)] * 3 if isinstance(roi_size, int) else [int(r) for r in roi_size]
     if len(roi) != 3 or min(roi) < 1:
         raise ValueError(f"roi_size={roi_size}: expected three positive sizes")
@@ -92,10 +91,10 @@ def predict_volume(
             logits = sliding_window_inference(
                 image,
                 roi,
-                sw_batch_size,
+                settings.sw_batch_size,
                 _logits_of(net),
-                overlap=overlap,
-                mode=mode,
+                overlap=settings.overlap,
+                mode=settings.mode,
                 padding_mode="constant",
                 cval=float(image.min()) if image.numel() else 0.0,
                 sw_device=net_device,

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from gsema_fast.config import BaclOptions
 from gsema_fast.reference.device import GraphSafeCache
 
 EPS = 1e-8  # F.cosine_similarity's default guard on each norm
-MASKS = ("symmetric", "reference")
-# sample: the mean over the batch of per-sample losses (the paper's Eq. 5 per instance); batch_mean: one loss of the
-# similarities averaged over the batch first (the public code's ``F.cosine_similarity(...).mean()`` before exp/log).
-REDUCTIONS = ("sample", "batch_mean")
 SPATIAL = (-3, -2, -1)
 
 
@@ -60,28 +57,29 @@ def _build_mask(size: tuple[int, int, int], cutoff: float, mask: str, dtype: tor
 
 def high_pass_mask(
     size: tuple[int, int, int],
+    options: BaclOptions | None = None,
     *,
-    cutoff: float = 0.5,
-    mask: str = "symmetric",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    **overrides: Any,
 ) -> torch.Tensor:
-    """M for spatial ``size = (D, H, W)`` in unshifted FFT order: ``[D, H, W // 2 + 1]`` (the rfftn half) for
-    ``symmetric``, ``[D, H, W]`` for ``reference`` (equal to ``ifftshift`` of the public code's shifted mask)."""
-    _check_cutoff_mask(cutoff, mask)
-    key = (tuple(int(n) for n in size), float(cutoff), mask, dtype, torch.device(device))
+    """M for spatial ``size = (D, H, W)`` and the options' ``cutoff`` and ``mask`` (:meth:`BaclOptions.of`), in
+    unshifted FFT order: ``[D, H, W // 2 + 1]`` (the rfftn half) for ``symmetric``, ``[D, H, W]`` for ``reference``
+    (equal to ``ifftshift`` of the public code's shifted mask)."""
+    options = BaclOptions.of(options, **overrides)
+    key = (tuple(int(n) for n in size), options.cutoff, options.mask, dtype, torch.device(device))
     # Cached (built from host values, copied once) and, being read by launches a CUDA graph may capture, kept alive
     # for as long as such a graph (see GraphSafeCache).
     return _MASKS.get(key, lambda: _build_mask(*key), key[-1])
 
 
-def apply_high_pass(x: torch.Tensor, cutoff: float, mask: str, *, inplace: bool = False) -> torch.Tensor:
+def apply_high_pass(x: torch.Tensor, options: BaclOptions, *, inplace: bool = False) -> torch.Tensor:
     """``IFFT(FFT(x) * M)`` over the last three axes; real for ``symmetric`` (real x), complex for ``reference``.
 
     ``inplace`` masks the spectrum in place (outside autograd only).
     """
-    m = high_pass_mask(tuple(x.shape[-3:]), cutoff=cutoff, mask=mask, dtype=x.real.dtype, device=x.device)
-    if mask == "symmetric" and not x.is_complex():
+    m = high_pass_mask(tuple(x.shape[-3:]), options, dtype=x.real.dtype, device=x.device)
+    if options.mask == "symmetric" and not x.is_complex():
         spectrum = torch.fft.rfftn(x, dim=SPATIAL)
         spectrum = spectrum.mul_(m) if inplace else spectrum * m
         return torch.fft.irfftn(spectrum, s=x.shape[-3:], dim=SPATIAL)
@@ -94,23 +92,24 @@ def work_dtype(z: torch.Tensor) -> torch.dtype:
     return z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32  # torch.fft has no bfloat16
 
 
-def filtered_latent(z: torch.Tensor, cutoff: float, mask: str) -> torch.Tensor:
+def filtered_latent(z: torch.Tensor, options: BaclOptions) -> torch.Tensor:
     """``IFFT(FFT(z) * M)`` before the modulus, differentiable: real for ``symmetric``, complex for ``reference``."""
-    return apply_high_pass(z.to(work_dtype(z)), cutoff, mask)
+    return apply_high_pass(z.to(work_dtype(z)), options)
 
 
-def filtered_stack(zs, cutoff: float, mask: str) -> torch.Tensor:
+def filtered_stack(zs, options: BaclOptions) -> torch.Tensor:
     """The four latents filtered as one stack ``[4, B, C, D, H, W]``: one batched FFT each way (no autograd)."""
     work = torch.float64 if any(z.dtype == torch.float64 for z in zs) else torch.float32
     if all(z.dtype == zs[0].dtype for z in zs):
         stacked = torch.stack(zs).to(work)
     else:
         stacked = torch.stack([z.to(work) for z in zs])
-    return apply_high_pass(stacked, cutoff, mask, inplace=True)
+    return apply_high_pass(stacked, options, inplace=True)
 
 
-def high_pass(z: torch.Tensor, *, cutoff: float = 0.5, mask: str = "symmetric") -> torch.Tensor:
-    """Boundary features ``|IFFT(FFT(z) * M)|`` over the spatial axes of ``z: [B, C, D, H, W]``, in ``z.dtype``.
+def high_pass(z: torch.Tensor, options: BaclOptions | None = None, **overrides: Any) -> torch.Tensor:
+    """Boundary features ``|IFFT(FFT(z) * M)|`` over the spatial axes of ``z: [B, C, D, H, W]``, in ``z.dtype``, for
+    the options' ``cutoff`` and ``mask`` (:meth:`BaclOptions.of`: ``high_pass(z, cutoff=0.4)``).
 
     ``mask="symmetric"``: M is 0 where ``|k_i| < cutoff * n_i / 2`` on all three axes, 1 elsewhere; the filtered
     volume is real and the rfftn/irfftn pair computes it. ``mask="reference"``: the public code's mask, the
@@ -118,9 +117,9 @@ def high_pass(z: torch.Tensor, *, cutoff: float = 0.5, mask: str = "symmetric") 
     0.5), bit for bit; complex path. torch.fft on every backend (cuFFT on CUDA); differentiable.
     Raises ``TypeError``/``ValueError`` for a non-float or non-5-D ``z``, ``cutoff`` outside (0, 1) or an unknown mask.
     """
+    options = BaclOptions.of(options, **overrides)
     _check_latent(z, "z")
-    _check_cutoff_mask(cutoff, mask)
-    return filtered_latent(z, cutoff, mask).abs().to(z.dtype)
+    return filtered_latent(z, options).abs().to(z.dtype)
 
 
 class BACLResult(NamedTuple):
@@ -149,28 +148,9 @@ def _check_latent(z, name: str) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(z.shape)}")
 
 
-def _check_cutoff_mask(cutoff, mask) -> None:
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0.0 < cutoff < 1.0:
-        raise ValueError(f"cutoff must be a number in (0, 1), got {cutoff!r}")
-    if mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-
-
-def check_options(*, cutoff, tau, volume, boundary, mask, reduction="sample") -> None:
-    """Validate the options of ``bacl``; ``ValueError`` naming the argument and the bad value."""
-    _check_cutoff_mask(cutoff, mask)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    if not (volume or boundary):
-        raise ValueError(
-            f"at least one of volume and boundary must be on, got volume={volume!r}, boundary={boundary!r}"
-        )
-
-
-def check_inputs(zs, *, cutoff, tau, volume, boundary, mask, reduction="sample") -> None:
-    """Validate ``bacl``'s latents and options; ``ValueError``/``TypeError`` naming the argument and the bad value."""
+def check_inputs(zs, options: BaclOptions) -> None:
+    """Validate ``bacl``'s latents, and that ``options`` (validated when made) turn a term on; ``ValueError``/
+    ``TypeError`` naming the argument and the bad value."""
     names = ("z_stu_src", "z_stu_trg", "z_tea_src", "z_tea_trg")
     for name, z in zip(names, zs, strict=True):
         _check_latent(z, name)
@@ -179,7 +159,7 @@ def check_inputs(zs, *, cutoff, tau, volume, boundary, mask, reduction="sample")
             raise ValueError(f"{name} has shape {tuple(z.shape)}, z_stu_src has {tuple(zs[0].shape)}")
         if z.device != zs[0].device:
             raise ValueError(f"{name} is on {z.device}, z_stu_src on {zs[0].device}")
-    check_options(cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
+    options.require_term()
 
 
 def _result(volume, boundary) -> BACLResult:
@@ -222,19 +202,16 @@ def bacl_reference(
     z_stu_trg: torch.Tensor,
     z_tea_src: torch.Tensor,
     z_tea_trg: torch.Tensor,
-    *,
-    cutoff: float = 0.5,
-    tau: float = 1.0,
-    volume: bool = True,
-    boundary: bool = True,
-    mask: str = "symmetric",
-    reduction: str = "sample",
+    options: BaclOptions | None = None,
+    **overrides: Any,
 ) -> BACLResult:
     """The same maths in plain torch (the tests' reference and the CPU path): rfftn/irfftn or fftn/ifftn, one
-    ``bmm`` for the Gram matrix of each term, autograd for the backward."""
+    ``bmm`` for the Gram matrix of each term, autograd for the backward. Options: :meth:`BaclOptions.of`."""
+    options = BaclOptions.of(options, **overrides)
     zs = (z_stu_src, z_stu_trg, z_tea_src, z_tea_trg)
-    check_inputs(zs, cutoff=cutoff, tau=tau, volume=volume, boundary=boundary, mask=mask, reduction=reduction)
-    vol = _contrast_reference(zs, tau, reduction) if volume else None
-    boundary_features = [filtered_latent(z, cutoff, mask).abs() for z in zs] if boundary else None
-    bnd = _contrast_reference(boundary_features, tau, reduction) if boundary else None
+    check_inputs(zs, options)
+    tau, reduction = options.tau, options.reduction
+    vol = _contrast_reference(zs, tau, reduction) if options.volume else None
+    boundary_features = [filtered_latent(z, options).abs() for z in zs] if options.boundary else None
+    bnd = _contrast_reference(boundary_features, tau, reduction) if options.boundary else None
     return _result(vol, bnd)

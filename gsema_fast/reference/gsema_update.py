@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gsema_fast.config import EmaRule, check_choice
 from gsema_fast.reference.multi_tensor import lerp_
-
-RULES = ("dot", "sign")
 
 
 def check_update_args(
@@ -39,8 +38,7 @@ def check_update_args(
             raise TypeError(f"{name} must be a float, got {type(decay).__name__}")
         if not math.isfinite(decay) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"{name} must be a finite number in [0, 1], got {decay}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    check_choice("rule", rule, EmaRule)
     if isinstance(step, torch.Tensor):
         if step.dim() != 0 or step.device != device:
             raise ValueError(

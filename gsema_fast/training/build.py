@@ -5,7 +5,6 @@ loop (:mod:`gsema_fast.training.loop`), the step benchmark (:mod:`gsema_fast.tra
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -14,8 +13,8 @@ import numpy as np
 import torch
 
 from gsema_fast import distributed
-from gsema_fast.config import Config
-from gsema_fast.data import Loaders, Preprocessing, TargetTransform, build_loaders, dataset_folder, load_manifest
+from gsema_fast.config import Config, replace
+from gsema_fast.data import Loaders, TargetTransform, build_loaders, dataset_folder, load_manifest
 from gsema_fast.ema import GSEMA
 from gsema_fast.inference.window import amp_dtype
 from gsema_fast.losses import DiceCE
@@ -50,29 +49,11 @@ def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1, local_rank: i
     distributed.barrier()
     if local_rank != 0:
         root = dataset_folder(d)
-    test_domain = d.test_domain
-    if test_domain is None:
+    if d.test_domain is None:
         domains = load_manifest(root, d.manifest, check=False).domains  # build_loaders checks the cases next
-        test_domain = domains[-1] if len(domains) > 1 else None
-    return build_loaders(
-        root,
-        manifest=d.manifest,
-        train_domains=d.train_domains,
-        test_domain=test_domain,
-        patch_size=d.patch_size,
-        **dataclasses.asdict(Preprocessing.from_config(d)),
-        batch_size=d.batch_size,
-        samples_per_volume=d.samples_per_volume,
-        class_ratios=d.class_ratios,
-        val_per_domain=d.val_per_domain,
-        steps_per_epoch=cfg.train.steps_per_epoch,
-        cache=d.cache,
-        cache_dir=d.cache_dir,
-        num_workers=d.num_workers,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world_size,
-    )
+        d = replace(d, test_domain=domains[-1] if len(domains) > 1 else None)
+    t = cfg.train
+    return build_loaders(root, d, steps_per_epoch=t.steps_per_epoch, seed=t.seed, rank=rank, world_size=world_size)
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

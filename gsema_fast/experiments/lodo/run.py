@@ -9,7 +9,6 @@ disk is read back only when its checkpoint shows the settings it would be traine
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gsema_fast.config import Config, load_config, with_overrides
+from gsema_fast.config import Config, load_config, replace, with_overrides
 from gsema_fast.data import Manifest, builtin_dataset, load_manifest
 from gsema_fast.evaluation.evaluate import clear_evaluation, evaluate
 from gsema_fast.evaluation.metrics import METRICS
@@ -39,6 +38,7 @@ log = logging.getLogger(__name__)
 _CASE_KEYS = tuple(SCOPES.values())
 # What lodo writes into a run folder beside the run's own files.
 _EVALUATIONS = ("evaluation", "evaluation-val")
+CHECKPOINTS = ("final", "best")  # which of a run's checkpoints is scored
 _TIMING = "lodo_timing.json"
 
 
@@ -73,8 +73,8 @@ def lodo(
     (``data.root: null``) are synthesised once into ``data.synth_dir`` (default ``out_dir/synth``). Returns
     ``{"records", "tables" (paths), "out_dir"}``.
     """
-    if checkpoint not in ("final", "best"):
-        raise ValueError(f"checkpoint={checkpoint!r}: expected 'final' or 'best'")
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint={checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
     study = PRESETS[preset] if preset is not None else None
@@ -281,8 +281,8 @@ def _lodo_run(
     record: dict[str, Any] = {"row": row, "test_domain": centre, "seed": seed, "run_dir": str(run_dir)}
     # The run's own data and folder are set as values (a path is not YAML), the row's settings as overrides. Every
     # centre but the unseen one trains.
-    data = dataclasses.replace(base.data, root=root, train_domains=None, test_domain=centre)
-    run = dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, out_dir=str(run_dir), seed=seed))
+    data = replace(base.data, root=root, train_domains=None, test_domain=centre)
+    run = replace(base, data=data, train=replace(base.train, out_dir=str(run_dir), seed=seed))
     cfg = with_overrides(run, *(row_overrides(row, base) if row in ABLATION_ROWS else ()))
 
     evaluated = test_json.is_file() and (val_json.is_file() or not with_val)

@@ -8,7 +8,7 @@ import dataclasses
 from gsema_fast.config import Config, TargetTransformConfig
 
 # The components of the simulated target domain T (config section target_transform).
-_TARGET_COMPONENTS = tuple(f.name for f in dataclasses.fields(TargetTransformConfig))
+_TARGET_COMPONENTS = tuple(TargetTransformConfig.model_fields)
 
 # The paper's ablation rows (Table 1), a baseline that never sees the simulated target domain, and the paper's
 # nnU-Net baseline, as overrides of the base config. Rows with BACL get loss.lambda_con from the base config (the
