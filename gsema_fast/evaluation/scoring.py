@@ -16,7 +16,22 @@ from tqdm.auto import tqdm
 from gsema_fast import distributed
 from gsema_fast.config import Config
 from gsema_fast.evaluation.metrics import case_metrics, mean_dice, voxel_spacing
+from gsema_fast.inference.postprocess import label_map
 from gsema_fast.inference.window import predict_volume
+
+
+def volume_logits(
+    net: nn.Module, item: Mapping[str, Any], cfg: Config, *, amp: torch.dtype | None, device: torch.device
+) -> torch.Tensor:
+    """Logits ``[1, C, ...]`` of one preprocessed volume of a :func:`gsema_fast.data.volume_loader`, by sliding
+    window with the config's patch size and ``eval`` settings."""
+    return predict_volume(
+        net,
+        item["image"].to(device),
+        roi_size=cfg.data.patch_size,
+        settings=cfg.eval,
+        amp_dtype=amp,
+    )
 
 
 def score_volumes(
@@ -40,15 +55,9 @@ def score_volumes(
         device = torch.device("cpu")
     per_case = []
     for item in tqdm(loader or [], desc=desc, leave=False, disable=not distributed.is_main_process()):
-        logits = predict_volume(
-            net,
-            item["image"].to(device),
-            roi_size=cfg.data.patch_size,
-            settings=cfg.eval,
-            amp_dtype=amp,
-        )
+        logits = volume_logits(net, item, cfg, amp=amp, device=device)
         spacing = voxel_spacing(np.asarray(item["image"].affine))
-        metrics = case_metrics(logits.argmax(1)[0].cpu(), item["label"][0, 0].cpu(), labels, spacing, hd95=hd95)
+        metrics = case_metrics(label_map(logits[0], labels), item["label"][0, 0].cpu(), labels, spacing, hd95=hd95)
         per_case.append({"case": item["case"][0], "domain": str(item["domain"][0]), **metrics})
     if distributed.world_size() > 1:
         shares = distributed.all_gather_object(per_case)

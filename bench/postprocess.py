@@ -1,0 +1,109 @@
+"""Choose the post-processing on the training centres: ``python -m bench.postprocess RUN [RUN ...] --cases 16``.
+
+Each run's ``best.pt`` teacher segments its own validation cases (held-out cases of its training centres) and
+``--cases`` fresh cases of each training centre (as ``bench.fresh_cases`` draws them); every candidate rule of
+:mod:`gsema_fast.inference.postprocess` is applied to the same predictions, and the Dice per class is compared with
+no post-processing, paired by run. The unseen centre is not looked at: a rule is adopted only where it helps on the
+training centres' cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench.fresh_cases import fresh_split, synthesis_of
+from gsema_fast.data import Preprocessing, builtin_dataset, load_manifest, run_domains, split_cases, volume_loader
+from gsema_fast.evaluation.metrics import case_metrics, voxel_spacing
+from gsema_fast.evaluation.scoring import volume_logits
+from gsema_fast.files import write_json
+from gsema_fast.inference import load_checkpoint
+from gsema_fast.inference.postprocess import Postprocess, label_map
+
+log = logging.getLogger("bench.postprocess")
+
+CANDIDATES = {
+    "none": Postprocess(),
+    "largest aneurysm": Postprocess(keep_largest=("aneurysm",)),
+    "largest vessel": Postprocess(keep_largest=("vessel",)),
+    "aneurysm touching vessel": Postprocess(attached=(("aneurysm", "vessel"),)),
+    "largest vessel, aneurysm touching it": Postprocess(keep_largest=("vessel",), attached=(("aneurysm", "vessel"),)),
+}
+
+
+def score_rules(runs: list[str], cases: int, data: str | Path | None = None) -> dict:
+    """Per run, scope (``validation``, ``fresh``) and rule: the mean Dice per class over the scope's cases."""
+    paths = [Path(r) / "checkpoints" / "best.pt" if Path(r).is_dir() else Path(r) for r in runs]
+    loaded = [load_checkpoint(p, device="cpu") for p in paths]
+    synths = [synthesis_of(ck.config, data) for ck in loaded]
+    first = max(s["cases_per_domain"] for s in synths)
+    man = load_manifest(builtin_dataset(**{**synths[0], "cases_per_domain": first + cases}))
+    results: dict = {}
+    for path, ck in zip(paths, loaded, strict=True):
+        centres, _ = run_domains(man, ck.config.data)
+        own = load_manifest(builtin_dataset(**synths[0]))
+        scopes = {
+            # the cases the trainer validated on and chose best.pt by: its own split of its own dataset
+            "validation": split_cases(own, ck.config.data, seed=ck.config.train.seed).val,
+            "fresh": fresh_split(man, centres, first, cases),
+        }
+        preprocessing = Preprocessing.from_config(ck.config.data)
+        per_run: dict = {}
+        for scope, chosen in scopes.items():
+            dice: dict[str, dict[str, list[float]]] = {rule: {} for rule in CANDIDATES}
+            for item in volume_loader(chosen, preprocessing, labels=man.labels):
+                logits = volume_logits(ck.net, item, ck.config, amp=None, device=ck.device)
+                reference = item["label"][0, 0].cpu()
+                spacing = voxel_spacing(np.asarray(item["image"].affine))
+                for rule, post in CANDIDATES.items():
+                    metrics = case_metrics(
+                        label_map(logits[0], man.labels, post), reference, man.labels, spacing, hd95=False
+                    )
+                    for cls, m in metrics.items():
+                        dice[rule].setdefault(cls, []).append(m["dice"])
+            per_run[scope] = {rule: {c: float(np.nanmean(v)) for c, v in d.items()} for rule, d in dice.items()}
+            log.info(
+                "%s %s: %s", path, scope, {r: {c: round(v, 3) for c, v in d.items()} for r, d in per_run[scope].items()}
+            )
+        results[str(path)] = per_run
+    return results
+
+
+def table(results: dict) -> str:
+    """Markdown: per scope, rule and class, the mean ± sd over runs and the paired difference from ``none``."""
+    runs = list(results.values())
+    lines = ["| scope | rule | class | Dice (mean ± sd over runs) | Δ vs none, per run |", "|---|---|---|---|---|"]
+    for scope in runs[0]:
+        for rule in CANDIDATES:
+            for cls in runs[0][scope][rule]:
+                values = [r[scope][rule][cls] for r in runs]
+                sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+                deltas = ", ".join(f"{r[scope][rule][cls] - r[scope]['none'][cls]:+.3f}" for r in runs)
+                lines.append(f"| {scope} | {rule} | {cls} | {statistics.fmean(values):.3f} ± {sd:.3f} | {deltas} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (their checkpoints/best.pt) or checkpoint files")
+    parser.add_argument("--cases", type=int, default=8, help="fresh cases per training centre (default: 8)")
+    parser.add_argument("--data", help="the phantoms' folder the runs trained on (default: the one they name)")
+    parser.add_argument("--out", help="write the per-run Dice here (JSON)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        results = score_rules(args.runs, args.cases, args.data)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    sys.stdout.write(table(results))
+    if args.out:
+        write_json(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
