@@ -85,6 +85,8 @@ def table(runs: list[dict]) -> list[str]:
     for (decay, row), group in sorted(groups.items()):
         scored = [r for r in group if r["fresh"]]
         fresh = [mean_sd([r["fresh"][c] for r in scored]) if scored else "not scored" for c in CLASSES]
+        if scored and len(scored) < len(group):
+            fresh = [f"{f} ({len(scored)} of {len(group)} scored)" for f in fresh]
         paired = ""
         if row == "GS-EMA":
             ema = {r["seed"]: r for r in groups.get((decay, "EMA"), []) if r["fresh"]}

@@ -60,6 +60,12 @@ def test_an_unscored_run_says_so_and_the_figure_is_written(tmp_path):
     fake_study(tmp_path, 0.9, ["EMA", "GS-EMA"], {"EMA": [0.5, 0.6], "GS-EMA": [0.5, 0.6]})
     runs = horizon.collect([str(tmp_path / "h0.9")], [])
     assert "not scored" in horizon.table(runs)[3]
+    fresh = json.loads((tmp_path / "fresh-0.9.json").read_text())
+    one = {k: v for k, v in fresh["runs"].items() if "seed-0" in k}
+    (tmp_path / "one.json").write_text(json.dumps({"runs": one}))
+    assert (
+        "(1 of 2 scored)" in horizon.table(horizon.collect([str(tmp_path / "h0.9")], [str(tmp_path / "one.json")]))[3]
+    )
     horizon.figure(runs, tmp_path / "horizon.png")
     assert (tmp_path / "horizon.png").read_bytes()[:4] == b"\x89PNG"
 
