@@ -17,6 +17,7 @@ import json
 import logging
 import statistics
 from pathlib import Path
+from typing import Any
 
 from gsema_fast.data import Preprocessing, builtin_dataset, dataset_folder, load_manifest, run_domains, volume_loader
 from gsema_fast.data.phantoms.writer import FORMAT_VERSION
@@ -50,10 +51,12 @@ def fresh_split(man, centres: list[str], first: int, count: int) -> list:
     return cases
 
 
-def score_runs(runs: list[str], cases: int, data: str | Path | None = None) -> dict:
-    """Per run (keyed by its checkpoint path): the mean Dice per class and the aneurysm Dice per case on the fresh
-    cases (``fresh``) and on the unseen centre's cases of its own dataset (``unseen``). ``data``: the phantoms' folder
-    the runs trained on, where it is not (or no longer) the one their checkpoints name."""
+def load_runs(
+    runs: list[str], cases: int, data: str | Path | None = None
+) -> tuple[list[Path], list, list[dict], int, Any]:
+    """The runs' checkpoints (a run folder: its ``checkpoints/best.pt``), loaded on the CPU, their synthesis settings,
+    the index of the first fresh case, and the manifest of their phantom set grown by ``cases`` fresh cases per
+    centre; ValueError when they trained on different phantom sets."""
     if cases < 1:
         raise ValueError(f"cases={cases}: expected at least 1 fresh case per centre")
     paths = [Path(r) / "checkpoints" / "best.pt" if Path(r).is_dir() else Path(r) for r in runs]
@@ -64,6 +67,14 @@ def score_runs(runs: list[str], cases: int, data: str | Path | None = None) -> d
         raise ValueError(f"the runs trained on different phantom sets (domains, size, seed): {sorted(phantom_sets)}")
     first = max(s["cases_per_domain"] for s in synths)
     man = load_manifest(builtin_dataset(**{**synths[0], "cases_per_domain": first + cases}))
+    return paths, loaded, synths, first, man
+
+
+def score_runs(runs: list[str], cases: int, data: str | Path | None = None) -> dict:
+    """Per run (keyed by its checkpoint path): the mean Dice per class and the aneurysm Dice per case on the fresh
+    cases (``fresh``) and on the unseen centre's cases of its own dataset (``unseen``). ``data``: the phantoms' folder
+    the runs trained on, where it is not (or no longer) the one their checkpoints name."""
+    paths, loaded, synths, first, man = load_runs(runs, cases, data)
     results = {"first_fresh_case": first, "cases_per_centre": cases, "runs": {}}
     for path, ck, synth in zip(paths, loaded, synths, strict=True):
         centres, unseen = run_domains(man, ck.config.data)

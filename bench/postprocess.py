@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.fresh_cases import fresh_split, synthesis_of
+from bench.fresh_cases import fresh_split, load_runs
 from gsema_fast.data import Preprocessing, builtin_dataset, load_manifest, run_domains, split_cases, volume_loader
 from gsema_fast.evaluation.metrics import case_metrics, voxel_spacing
 from gsema_fast.evaluation.scoring import volume_logits
 from gsema_fast.files import write_json
-from gsema_fast.inference import load_checkpoint
 from gsema_fast.inference.postprocess import Postprocess, label_map
 
 log = logging.getLogger("bench.postprocess")
@@ -38,15 +37,11 @@ CANDIDATES = {
 
 def score_rules(runs: list[str], cases: int, data: str | Path | None = None) -> dict:
     """Per run, scope (``validation``, ``fresh``) and rule: the mean Dice per class over the scope's cases."""
-    paths = [Path(r) / "checkpoints" / "best.pt" if Path(r).is_dir() else Path(r) for r in runs]
-    loaded = [load_checkpoint(p, device="cpu") for p in paths]
-    synths = [synthesis_of(ck.config, data) for ck in loaded]
-    first = max(s["cases_per_domain"] for s in synths)
-    man = load_manifest(builtin_dataset(**{**synths[0], "cases_per_domain": first + cases}))
+    paths, loaded, synths, first, man = load_runs(runs, cases, data)
     results: dict = {}
-    for path, ck in zip(paths, loaded, strict=True):
+    for path, ck, synth in zip(paths, loaded, synths, strict=True):
         centres, _ = run_domains(man, ck.config.data)
-        own = load_manifest(builtin_dataset(**synths[0]))
+        own = load_manifest(builtin_dataset(**synth))  # the dataset this run was split from
         scopes = {
             # the cases the trainer validated on and chose best.pt by: its own split of its own dataset
             "validation": split_cases(own, ck.config.data, seed=ck.config.train.seed).val,
