@@ -59,6 +59,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "Postprocess",
     "TargetTransformConfig",
     "TrainConfig",
     "DATA_PATH_KEYS",
@@ -544,13 +545,61 @@ class TrainConfig(_Section):
     dist_timeout_s: float = Field(600.0, ge=1.0)
 
 
+def _distinct_pair(value: list[str]) -> list[str]:
+    if value[0] == value[1]:
+        raise ValueError("expected two different classes")
+    return value
+
+
+ClassName = Annotated[str, Field(min_length=1)]
+ClassPair = Annotated[list[ClassName], Pair, AfterValidator(_distinct_pair)]
+
+
+class Postprocess(_Section):
+    """Post-processing of nnU-Net's kind, applied to every label map a network makes (the trainer's validation and
+    final scoring, ``evaluate``, ``predict``): the ``eval.postprocess`` section, and the rules that
+    :func:`gsema_fast.inference.postprocess.label_map` applies after the argmax. Classes are named as in the
+    dataset's label map; components are 26-connected; ``keep_largest`` runs first. Empty (the default): the argmax
+    alone."""
+
+    # Of each class named, only its largest connected component stays; the rest becomes background.
+    keep_largest: Annotated[list[ClassName], AfterValidator(_each_once)] = []
+    # [class, to] pairs: of class, only the components that touch class `to` stay (an aneurysm grows from a vessel
+    # wall; a blob of "aneurysm" in the background texture touches no vessel).
+    attached: Annotated[list[ClassPair], AfterValidator(_each_once)] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.keep_largest or self.attached)
+
+    def describe(self) -> str:
+        """The rules in words, for logs and summaries ("none" when there are none)."""
+        parts = [f"largest component of {name}" for name in self.keep_largest]
+        parts += [f"{name} touching {to}" for name, to in self.attached]
+        return ", ".join(parts) or "none"
+
+    def check(self, labels: Mapping[str, int], where: str = "the label map") -> None:
+        """``ValueError`` naming a class that ``labels`` (name -> value, the dataset's) does not hold: checked
+        before the work, so that a misspelt class never costs a training run."""
+        known = [name for name in labels if name != "background"]
+        for name in (*self.keep_largest, *(n for pair in self.attached for n in pair)):
+            if name not in known:
+                raise ValueError(
+                    f"eval.postprocess: no class {name!r} in {where}; classes: {known} (name one of those, or post-"
+                    f"process nothing: --set eval.postprocess.keep_largest=[] --set eval.postprocess.attached=[])"
+                )
+
+
 class EvalConfig(_Section):
-    """Full-volume sliding-window inference, for validation and evaluation."""
+    """Full-volume sliding-window inference, for validation and evaluation, and the label map's post-processing."""
 
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     sw_batch_size: Count = 2
     mode: Literal["gaussian", "constant"] = "gaussian"
     weights: EvalWeights = "teacher"
+    # Test-time mirroring, nnU-Net's: the logits averaged over the volume and its flips along every non-empty subset
+    # of these spatial axes (0, 1, 2 of [D, H, W]), 2^n passes of the sliding window.
+    mirror_axes: Annotated[list[Annotated[int, Field(ge=0, le=2)]], AfterValidator(_each_once)] = []
+    postprocess: Postprocess = Field(default_factory=Postprocess)
 
 
 class Config(_Section):

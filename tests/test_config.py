@@ -424,7 +424,11 @@ def _typed(tree):
 
 # Settings added since 0.1.0, with the value an earlier config reads back with (its behaviour then, or a logging
 # switch that changes no number): a stored config reads back exactly, plus these.
-ADDED_SINCE_0_1_0 = {("train", "layer_agreement"): True}
+ADDED_SINCE_0_1_0 = {
+    ("train", "layer_agreement"): True,
+    ("eval", "mirror_axes"): [],
+    ("eval", "postprocess"): {"keep_largest": [], "attached": []},
+}
 
 
 def _without_added(tree):
@@ -436,7 +440,7 @@ def _without_added(tree):
 
 def _reads_back_exactly(dumped, stored):
     """``dumped`` is ``stored`` (values, types, key order), plus the settings added since with their values."""
-    assert all(dumped[section][key] is value for (section, key), value in ADDED_SINCE_0_1_0.items())
+    assert all(_typed(dumped[section][key]) == _typed(value) for (section, key), value in ADDED_SINCE_0_1_0.items())
     assert _typed(_without_added(dumped)) == _typed(stored)
     assert json.dumps(_without_added(dumped)) == json.dumps(stored), "the same keys in the same order"
     return True

@@ -1,5 +1,6 @@
 """Evaluation: metrics against MONAI and hand counts, sliding-window inference, checkpoints, predict, evaluate, lodo."""
 
+import itertools
 import math
 import typing
 
@@ -11,6 +12,7 @@ from monai.metrics import ConfusionMatrixMetric, DiceMetric, MeanIoU, compute_ha
 from gsema_fast.config import AmpMode, EvalConfig, load_config, replace
 from gsema_fast.evaluation.metrics import case_metrics
 from gsema_fast.inference import amp_dtype, eval_settings, predict_volume
+from gsema_fast.inference.window import mirror_flips
 from gsema_fast.models import build_model
 
 LABELS = {"background": 0, "vessel": 1, "aneurysm": 2}
@@ -154,6 +156,35 @@ def test_sliding_window_unet_restores_mode_and_checks_channels():
         predict_volume(net, image, roi_size=16, settings={"overlap": 0.5})
 
 
+@pytest.mark.parametrize("axes", [[0], [2, 0], [0, 1, 2]])
+def test_mirroring_averages_the_logits_of_the_flipped_volumes_mapped_back(axes):
+    torch.manual_seed(0)
+    net = build_model(TINY_UNET)
+    image = torch.randn(1, 1, 19, 13, 21)
+    settings = EvalConfig(overlap=0.25)
+    plain = predict_volume(net, image, roi_size=16, settings=settings)
+    # the reference: every subset of the axes (the empty one included), flipped, predicted, flipped back, averaged
+    subsets = [[2 + a for a in combo] for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+    expected = torch.stack(
+        [predict_volume(net, image.flip(d), roi_size=16, settings=settings).flip(d) for d in subsets]
+    ).mean(0)
+    mirrored = predict_volume(net, image, roi_size=16, settings=replace(settings, mirror_axes=axes))
+    assert len(mirror_flips(axes)) == 2 ** len(axes) - 1 and not torch.allclose(mirrored, plain, atol=1e-3)
+    torch.testing.assert_close(mirrored, expected, atol=1e-5, rtol=1e-5)
+    # a network that is its own mirror image (pointwise) gives the same logits mirrored or not
+    probe = _Probe()
+    once = predict_volume(probe, image, roi_size=16, settings=settings)
+    torch.testing.assert_close(
+        predict_volume(probe, image, roi_size=16, settings=replace(settings, mirror_axes=axes)), once
+    )
+
+
+def test_mirror_axes_are_spatial_axes_each_once():
+    for bad, said in [([3], "eval.mirror_axes: expected a list of ints"), ([1, 1], "each entry at most once")]:
+        with pytest.raises(ValueError, match=said):
+            EvalConfig(mirror_axes=bad)
+
+
 def test_inference_settings_are_the_eval_sections():
     cfg = load_config("demo")
     assert eval_settings(cfg) == cfg.eval
@@ -196,9 +227,9 @@ def _save_checkpoint(path, cfg, net=None):
 
     net = net or build_model(cfg.model)
     teacher = {k: v + 0.01 if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    torch.save(
-        {"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": teacher, "step": 7, "epoch": 1}, path
-    )
+    # the label map of the phantoms, recorded as the trainer records its dataset's
+    state = {"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": teacher, "step": 7, "epoch": 1}
+    torch.save({**state, "dataset": {"labels": LABELS}}, path)
     return path
 
 

@@ -6,50 +6,17 @@ import hashlib
 import json
 
 import pytest
-import torch
+from tiny import SESSION_PHANTOMS, phantom_settings, tiny_checkpoint
 
 from bench import fresh_cases
-from gsema_fast.config import config_to_dict, load_config
 from gsema_fast.data import synthesize
-from gsema_fast.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# The settings of the session's phantoms (conftest)
-BUILTIN = {"domains": 3, "cases_per_domain": 2, "size": 32, "seed": 0}
-
-
-def _checkpoint(path, overrides):
-    cfg = load_config(
-        "demo",
-        [
-            "model.channels=[4,8,16]",
-            "model.num_res_units=0",
-            "data.patch_size=[16,16,16]",
-            "eval.overlap=0",
-            "data.val_per_domain=1",
-            *overrides,
-        ],
-    )
-    net = build_model(cfg.model)
-    torch.save({"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": net.state_dict()}, path)
-    return path
-
-
-def _builtin(folder):
-    return [
-        "data.root=null",
-        f"data.synth_dir={folder}",
-        f"data.synth_domains={BUILTIN['domains']}",
-        f"data.synth_cases_per_domain={BUILTIN['cases_per_domain']}",
-        f"data.synth_size={BUILTIN['size']}",
-        f"data.synth_seed={BUILTIN['seed']}",
-    ]
 
 
 def test_a_larger_synthesis_begins_with_the_same_cases(phantoms, tmp_path):
     # What fresh cases rest on: the cases after a run's own are new draws, its own ones are unchanged.
-    larger = synthesize(tmp_path / "larger", **{**BUILTIN, "cases_per_domain": 3}, workers=1)
+    larger = synthesize(tmp_path / "larger", **{**SESSION_PHANTOMS, "cases_per_domain": 3}, workers=1)
     for case in ("A_000", "A_001", "B_001"):
         for sub, name in (("imagesTr", f"{case}_0000.nii.gz"), ("labelsTr", f"{case}.nii.gz")):
             digest = [hashlib.sha256((root / sub / name).read_bytes()).hexdigest() for root in (phantoms, larger)]
@@ -60,7 +27,7 @@ def test_a_larger_synthesis_begins_with_the_same_cases(phantoms, tmp_path):
 
 def test_score_runs_uses_only_cases_no_run_saw(phantoms, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    run = _checkpoint(tmp_path / "run.pt", _builtin(phantoms))
+    run = tiny_checkpoint(tmp_path / "run.pt", phantom_settings(phantoms))
     results = fresh_cases.score_runs([str(run)], cases=1)
     assert results["first_fresh_case"] == 2 and results["cases_per_centre"] == 1
     scored = results["runs"][str(run)]
@@ -74,14 +41,14 @@ def test_score_runs_uses_only_cases_no_run_saw(phantoms, tmp_path, monkeypatch):
 
 def test_score_runs_rejects_bad_inputs(phantoms, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    run = _checkpoint(tmp_path / "run.pt", _builtin(phantoms))
+    run = tiny_checkpoint(tmp_path / "run.pt", phantom_settings(phantoms))
     with pytest.raises(ValueError, match="cases=0"):
         fresh_cases.score_runs([str(run)], cases=0)
     # a dataset folder that is not the built-in phantoms has no further cases to draw
     foreign = tmp_path / "foreign"
     (foreign / "imagesTr").mkdir(parents=True)
     (foreign / "dataset.json").write_text((phantoms / "dataset.json").read_text().replace('"synth"', '"other"'))
-    other = _checkpoint(tmp_path / "other.pt", [f"data.root={foreign}"])
+    other = tiny_checkpoint(tmp_path / "other.pt", [f"data.root={foreign}"])
     with pytest.raises(ValueError, match="not built-in phantoms"):
         fresh_cases.score_runs([str(other)], cases=1)
     # phantoms of an older format: a new draw would come from another generator
@@ -91,8 +58,8 @@ def test_score_runs_rejects_bad_inputs(phantoms, tmp_path, monkeypatch):
     manifest["synth"]["version"] = -1
     (old / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="phantoms of format -1"):
-        fresh_cases.score_runs([str(_checkpoint(tmp_path / "old.pt", [f"data.root={old}"]))], cases=1)
-    seed1 = _checkpoint(tmp_path / "seed1.pt", [*_builtin(tmp_path / "s1"), "data.synth_seed=1"])
+        fresh_cases.score_runs([str(tiny_checkpoint(tmp_path / "old.pt", [f"data.root={old}"]))], cases=1)
+    seed1 = tiny_checkpoint(tmp_path / "seed1.pt", [*phantom_settings(tmp_path / "s1"), "data.synth_seed=1"])
     with pytest.raises(ValueError, match="different phantom sets"):
         fresh_cases.score_runs([str(run), str(seed1)], cases=1)
     with pytest.raises(FileNotFoundError):
@@ -103,7 +70,7 @@ def test_the_dataset_can_be_named_where_the_checkpoint_names_another(phantoms, t
     """A run whose stored dataset path no longer leads to its phantoms (moved, or stored relative by an earlier
     version) is scored with --data naming them."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    run = _checkpoint(tmp_path / "run.pt", [f"data.root={tmp_path / 'moved-away'}"])
+    run = tiny_checkpoint(tmp_path / "run.pt", [f"data.root={tmp_path / 'moved-away'}"])
     with pytest.raises(FileNotFoundError, match="moved-away is not a folder"):
         fresh_cases.score_runs([str(run)], cases=1)
     results = fresh_cases.score_runs([str(run)], cases=1, data=phantoms)

@@ -8,6 +8,7 @@ import copy
 import torch
 
 from gsema_fast import ops
+from gsema_fast.config import config_to_dict, load_config
 from gsema_fast.ema import EMA, GSEMA
 from gsema_fast.losses import BACL, DiceCE
 from gsema_fast.models import build_model
@@ -96,3 +97,39 @@ def recorded_grad_stats():
         yield seen
     finally:
         ops.grad_stats = grad_stats
+
+
+# The settings of the session's phantoms (conftest)
+SESSION_PHANTOMS = {"domains": 3, "cases_per_domain": 2, "size": 32, "seed": 0}
+
+
+def tiny_checkpoint(path, overrides=()):
+    """A checkpoint of an untrained tiny UNet (teacher and student alike, the same weights in every call) under the
+    demo config with ``overrides``."""
+    cfg = load_config(
+        "demo",
+        [
+            "model.channels=[4,8,16]",
+            "model.num_res_units=0",
+            "data.patch_size=[16,16,16]",
+            "eval.overlap=0",
+            "data.val_per_domain=1",
+            *overrides,
+        ],
+    )
+    torch.manual_seed(0)
+    net = build_model(cfg.model)
+    torch.save({"config": config_to_dict(cfg), "student": net.state_dict(), "teacher": net.state_dict()}, path)
+    return path
+
+
+def phantom_settings(folder):
+    """The overrides that make a config's built-in phantoms the session's, synthesised into ``folder``."""
+    return [
+        "data.root=null",
+        f"data.synth_dir={folder}",
+        f"data.synth_domains={SESSION_PHANTOMS['domains']}",
+        f"data.synth_cases_per_domain={SESSION_PHANTOMS['cases_per_domain']}",
+        f"data.synth_size={SESSION_PHANTOMS['size']}",
+        f"data.synth_seed={SESSION_PHANTOMS['seed']}",
+    ]

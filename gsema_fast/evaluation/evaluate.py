@@ -25,6 +25,7 @@ from gsema_fast.evaluation.metrics import METRICS, case_metrics, summarize, voxe
 from gsema_fast.files import check_writable, jsonable, write_csv, write_json
 from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from gsema_fast.inference.nifti import load_nifti, save_nifti_like
+from gsema_fast.inference.postprocess import label_map
 from gsema_fast.inference.prediction import eval_settings, segment_case
 from gsema_fast.training.runfolder import run_outputs
 
@@ -178,7 +179,8 @@ def evaluate(
     inference (``eval.overlap``, ``eval.sw_batch_size``, ``eval.mode`` unless given; AMP on CUDA per
     ``train.amp``; ``config`` and ``overrides`` change them as :func:`~gsema_fast.inference.load_checkpoint` takes
     them), its class probabilities resampled back to the image's own grid, and scored there against the
-    reference with :func:`case_metrics` (spacing from the reference's affine). ``out_dir`` default:
+    reference with :func:`case_metrics` (spacing from the reference's affine), after ``eval.postprocess`` (whose
+    classes the dataset must hold). ``out_dir`` default:
     ``<run folder>/evaluation_<checkpoint name>``; a folder that holds a training run or the results of an evaluation
     is refused unless ``overwrite``, which replaces those results (and a run's ``summary.json``) and nothing else.
     ``save_predictions`` writes label NIfTIs to ``out_dir/predictions``. A dataset whose label map differs from the
@@ -193,6 +195,7 @@ def evaluate(
     root, manifest = _dataset_root(cfg, data)
     man = load_manifest(root, manifest)
     _check_labels(man, loaded)
+    cfg.eval.postprocess.check(man.labels, str(man.path))
     cases, domains = _select_cases(man, cfg, split=split, domain=domain)
     out, previous = _output_folder(loaded, out_dir, overwrite=overwrite, predictions=save_predictions, figures=figures)
     scoring = _Scoring(
@@ -265,6 +268,10 @@ class _Scoring:
             split,
             loaded.device,
         )
+        if self.settings.mirror_axes:
+            log.info("test-time mirroring along axes %s", self.settings.mirror_axes)
+        if self.settings.postprocess:
+            log.info("label maps post-processed before scoring: %s", self.settings.postprocess.describe())
         return [self.case(case) for case in tqdm(cases, desc="evaluate", unit="case", disable=None)]
 
     def case(self, case: Case) -> dict[str, Any]:
@@ -274,7 +281,7 @@ class _Scoring:
         loaded, labels = self.loaded, self.manifest.labels
         item = {"image": str(case.image), "label": str(case.label), "case": case.name}
         probs, _ = segment_case(loaded, self.transform, item, self.settings)
-        pred = probs.argmax(0).numpy().astype(np.uint8)
+        pred = label_map(probs, labels, self.settings.postprocess)
         ref_img = load_nifti(case.label)
         ref = np.asarray(ref_img.dataobj).astype(np.int64).reshape(ref_img.shape[:3])
         if pred.shape != ref.shape:
@@ -329,6 +336,8 @@ def _summary(scoring: _Scoring, split: str, domains: list[str], records: list[di
             "overlap": scoring.settings.overlap,
             "sw_batch_size": scoring.settings.sw_batch_size,
             "mode": scoring.settings.mode,
+            "mirror_axes": list(scoring.settings.mirror_axes),
+            "postprocess": scoring.settings.postprocess.model_dump(),
         },
         "conventions": "0/0 metrics are NaN (null here) and skipped by the means; n counts the cases in each mean",
         **summarize(records),

@@ -45,10 +45,11 @@ def score_volumes(
     desc: str = "score",
 ) -> dict:
     """Metrics of ``net`` on whole preprocessed volumes (a :func:`gsema_fast.data.volume_loader`), by sliding window
-    with the config's patch size and ``eval`` settings: ``{"cases": [{"case", "domain", class: metrics}], "mean":
-    {class: mean Dice}}``, in mm and ml from each volume's affine (the numbers ``evaluate`` computes on the image's
-    own grid when ``data.spacing`` is None). In a multi-process run ``loader`` holds this rank's share of the cases
-    (or is None) and every rank returns the metrics of all cases, gathered, in the single-process order."""
+    with the config's patch size and ``eval`` settings (``eval.postprocess`` applied to each label map):
+    ``{"cases": [{"case", "domain", class: metrics}], "mean": {class: mean Dice}}``, in mm and ml from each
+    volume's affine (the numbers ``evaluate`` computes on the image's own grid when ``data.spacing`` is None). In a
+    multi-process run ``loader`` holds this rank's share of the cases (or is None) and every rank returns the metrics
+    of all cases, gathered, in the single-process order."""
     try:
         device = next(net.parameters()).device
     except StopIteration:
@@ -57,7 +58,9 @@ def score_volumes(
     for item in tqdm(loader or [], desc=desc, leave=False, disable=not distributed.is_main_process()):
         logits = volume_logits(net, item, cfg, amp=amp, device=device)
         spacing = voxel_spacing(np.asarray(item["image"].affine))
-        metrics = case_metrics(label_map(logits[0], labels), item["label"][0, 0].cpu(), labels, spacing, hd95=hd95)
+        metrics = case_metrics(
+            label_map(logits[0], labels, cfg.eval.postprocess), item["label"][0, 0].cpu(), labels, spacing, hd95=hd95
+        )
         per_case.append({"case": item["case"][0], "domain": str(item["domain"][0]), **metrics})
     if distributed.world_size() > 1:
         shares = distributed.all_gather_object(per_case)

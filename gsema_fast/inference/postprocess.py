@@ -1,10 +1,11 @@
-"""From class scores to a label map: the argmax, then post-processing of nnU-Net's kind where it is asked for.
+"""From class scores to a label map: the argmax, then post-processing of nnU-Net's kind where the config's
+``eval.postprocess`` (:class:`~gsema_fast.config.Postprocess`) asks for it.
 
-Two rules, by class name, each applied only where it helped on validation cases of the training centres
+Two rules, by class name, each adopted only where it helped on validation cases of the training centres
 (``bench/postprocess.py`` compares them):
 
 - ``keep_largest``: of each named class, only its largest connected component stays; the rest becomes background;
-- ``attached``: ``(class, to)`` pairs: of ``class``, only the connected components that touch ``to`` stay (an
+- ``attached``: ``[class, to]`` pairs: of ``class``, only the connected components that touch ``to`` stay (an
   aneurysm grows from a vessel wall: a blob of "aneurysm" in the background texture touches no vessel).
 
 Connectivity is full (26 neighbours in 3-D) for components and for touching. One home for the label map of every
@@ -13,47 +14,32 @@ path that makes one: the training loop's scoring, ``evaluate`` and ``predict``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from gsema_fast.config import Postprocess
 
-@dataclass(frozen=True)
-class Postprocess:
-    """The post-processing of a label map; the default does nothing."""
+__all__ = ["apply_postprocess", "label_map"]
 
-    keep_largest: tuple[str, ...] = ()
-    attached: tuple[tuple[str, str], ...] = ()
 
-    def __bool__(self) -> bool:
-        return bool(self.keep_largest or self.attached)
-
-    def describe(self) -> str:
-        parts = [f"largest component of {c}" for c in self.keep_largest]
-        parts += [f"{c} touching {to}" for c, to in self.attached]
-        return ", ".join(parts) or "none"
-
-    def check(self, labels: Mapping[str, int]) -> None:
-        """ValueError naming a class that ``labels`` (name -> value) does not hold."""
-        for name in (*self.keep_largest, *(n for pair in self.attached for n in pair)):
-            if name not in labels or name == "background":
-                known = [n for n in labels if n != "background"]
-                raise ValueError(f"eval.postprocess: no class {name!r} in the label map; classes: {known}")
-
-    def __call__(self, label_map: np.ndarray, labels: Mapping[str, int]) -> np.ndarray:
-        """``label_map`` (integer, any shape) with the rules applied, a new array."""
-        if not self:
-            return label_map
-        self.check(labels)
-        out = np.array(label_map, copy=True)
-        for name in self.keep_largest:
-            out = _keep_largest(out, int(labels[name]))
-        for name, to in self.attached:
-            out = _keep_attached(out, int(labels[name]), int(labels[to]))
-        return out
+def apply_postprocess(label_map: np.ndarray, labels: Mapping[str, int], rules: Postprocess) -> np.ndarray:
+    """``label_map`` (integer, any shape) with ``rules`` applied: a new array, or ``label_map`` itself when there
+    are none. ``labels``: the dataset's label map (name -> value); a rule naming a class it lacks is a
+    ``ValueError``."""
+    if not isinstance(rules, Postprocess):
+        raise TypeError(f"rules must be a gsema_fast.config.Postprocess, got {type(rules).__name__}")
+    if not rules:
+        return label_map
+    rules.check(labels)
+    out = np.array(label_map, copy=True)
+    for name in rules.keep_largest:
+        out = _keep_largest(out, int(labels[name]))
+    for name, to in rules.attached:
+        out = _keep_attached(out, int(labels[name]), int(labels[to]))
+    return out
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -82,14 +68,9 @@ def _keep_attached(label_map: np.ndarray, value: int, to: int) -> np.ndarray:
     return out
 
 
-def label_map(scores: torch.Tensor, labels: Mapping[str, int], postprocess: Postprocess | None = None) -> np.ndarray:
-    """The label map of class scores ``[C, ...]`` (probabilities or logits): argmax over classes, then
-    ``postprocess``; ``uint8`` when the classes fit it."""
+def label_map(scores: torch.Tensor, labels: Mapping[str, int], rules: Postprocess | None = None) -> np.ndarray:
+    """The label map of class scores ``[C, ...]`` (probabilities or logits): argmax over classes, then ``rules``
+    (None: none); ``uint8`` when the classes fit it."""
     argmax = scores.argmax(0).cpu().numpy()
     argmax = argmax.astype(np.uint8 if scores.shape[0] <= 256 else np.int32)
-    return postprocess(argmax, labels) if postprocess else argmax
-
-
-def parse_rules(keep_largest: Sequence[str] = (), attached: Mapping[str, str] | None = None) -> Postprocess:
-    """A :class:`Postprocess` from config-style values: class names, and ``{class: to}``."""
-    return Postprocess(tuple(keep_largest), tuple(sorted((attached or {}).items())))
+    return argmax if rules is None else apply_postprocess(argmax, labels, rules)

@@ -18,6 +18,7 @@ from gsema_fast.data import Preprocessing, unwrap_transform_error
 from gsema_fast.files import WriteError, check_writable, first_line
 from gsema_fast.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from gsema_fast.inference.nifti import load_nifti, save_nifti_like
+from gsema_fast.inference.postprocess import label_map
 from gsema_fast.inference.window import predict_volume, preprocess_case, to_original_grid
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,23 @@ def _refuse_existing_outputs(out: Path, targets: Sequence[str], *, overwrite: bo
         )
 
 
+def _postprocess_labels(loaded: LoadedCheckpoint, settings: EvalConfig) -> dict[str, int]:
+    """The label map the checkpoint was trained with, which ``eval.postprocess`` names its classes in; checked before
+    any file is read, so that a rule naming an unknown class fails at once."""
+    labels = (loaded.extra.get("dataset") or {}).get("labels")
+    if labels is None:
+        if settings.postprocess:
+            raise ValueError(
+                f"checkpoint {loaded.path} records no label map (it predates them), so eval.postprocess "
+                f"({settings.postprocess.describe()}) cannot name its classes; set eval.postprocess.keep_largest=[] "
+                f"and eval.postprocess.attached=[]"
+            )
+        return {}
+    labels = {str(name): int(value) for name, value in dict(labels).items()}
+    settings.postprocess.check(labels, f"the label map of checkpoint {loaded.path}")
+    return labels
+
+
 def predict(
     checkpoint: str | os.PathLike,
     inputs,
@@ -148,7 +166,9 @@ def predict(
     is logged with the reason (one line) and skipped; the others still run; an output that cannot be written
     (read-only folder, full disk) stops the run. ``config`` and ``overrides`` change the inference settings
     (``eval.*``, ``train.amp``) as :func:`~gsema_fast.inference.load_checkpoint` takes them; ``overlap`` and
-    ``sw_batch_size`` given win. Returns ``{"written": [paths], "failed": {input: reason}}``.
+    ``sw_batch_size`` given win. The label maps are post-processed as ``eval.postprocess`` asks (the checkpoint's,
+    unless changed so), by the class names of the label map the checkpoint was trained with. Returns
+    ``{"written": [paths], "failed": {input: reason}}``.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -160,12 +180,17 @@ def predict(
     _refuse_existing_outputs(out, _output_names(files, names, probabilities=probabilities), overwrite=overwrite)
     loaded = load_checkpoint(checkpoint, weights=weights, device=device, config=config, overrides=overrides)
     cfg = loaded.config
-    check_writable(out)
     settings = eval_settings(cfg, overlap=overlap, sw_batch_size=sw_batch_size)
+    labels = _postprocess_labels(loaded, settings)
+    check_writable(out)
     transform = Preprocessing.from_config(cfg.data).transforms(labels=None)
     written: list[Path] = []
     failed: dict[str, str] = {}
     log.info("predicting %d file(s) with the %s of %s on %s", len(files), loaded.weights, loaded.path, loaded.device)
+    if settings.mirror_axes:
+        log.info("test-time mirroring along axes %s", settings.mirror_axes)
+    if settings.postprocess:
+        log.info("label maps post-processed: %s", settings.postprocess.describe())
     for path, name in tqdm(list(zip(files, names, strict=True)), desc="predict", unit="file", disable=None):
         try:
             probs, _ = segment_case(loaded, transform, {"image": str(path), "case": name}, settings)
@@ -176,7 +201,7 @@ def predict(
                     f"the prediction mapped back to the image grid has shape {tuple(probs.shape[1:])}, the image {grid}"
                 )
             target = out / f"{name}.nii.gz"
-            save_nifti_like(probs.argmax(0).numpy().astype(np.uint8), like, target)
+            save_nifti_like(label_map(probs, labels, settings.postprocess), like, target)
             written.append(target)
             if probabilities:
                 target = out / f"{name}_probabilities.nii.gz"

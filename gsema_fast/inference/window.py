@@ -62,7 +62,8 @@ def predict_volume(
     window step are shifted back inside the volume. Windows run on the network's device, ``sw_batch_size`` at a time;
     the output is assembled on ``image``'s device, so a large volume can stay in host memory while the network runs
     on a GPU. ``amp_dtype`` (``torch.bfloat16`` or ``torch.float16``) autocasts the network on CUDA and is ignored
-    on the CPU. The network runs in eval mode under ``torch.no_grad`` and its mode is restored afterwards.
+    on the CPU. ``settings.mirror_axes`` averages the logits over the volume and its mirror images (each mapped
+    back). The network runs in eval mode under ``torch.no_grad`` and its mode is restored afterwards.
     """
     if image.ndim != 5:
         raise ValueError(f"image: expected a batch [B, C, D, H, W], got shape {tuple(image.shape)}")
@@ -86,26 +87,41 @@ def predict_volume(
         autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
         # no_grad rather than inference_mode: callers may later modify the result in place (inference tensors
         # refuse that outside inference mode).
-        with torch.no_grad(), autocast:
-            # Padding with the image minimum, as training pads small volumes: no signal outside the field of view.
+        # Padding with the image minimum, as training pads small volumes: no signal outside the field of view.
+        cval = float(image.min()) if image.numel() else 0.0
+
+        def windows(volume: torch.Tensor) -> torch.Tensor:
             logits = sliding_window_inference(
-                image,
+                volume,
                 roi,
                 settings.sw_batch_size,
                 _logits_of(net),
                 overlap=settings.overlap,
                 mode=settings.mode,
                 padding_mode="constant",
-                cval=float(image.min()) if image.numel() else 0.0,
+                cval=cval,
                 sw_device=net_device,
                 device=image.device,
                 progress=progress,
             )
+            # A MetaTensor would carry the image's meta into the caller's arithmetic; callers have the image.
+            return torch.as_tensor(logits).as_subclass(torch.Tensor).float()
+
+        with torch.no_grad(), autocast:
+            logits = windows(image)
+            flips = mirror_flips(settings.mirror_axes)
+            for dims in flips:
+                logits += windows(image.flip(dims)).flip(dims)
     finally:
         net.train(was_training)
-    logits = torch.as_tensor(logits)
-    # A MetaTensor would carry the image's meta into the caller's arithmetic; callers that need it have the image.
-    return logits.as_subclass(torch.Tensor).float()
+    return logits / (1 + len(flips)) if flips else logits
+
+
+def mirror_flips(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The tensor dims of ``[B, C, D, H, W]`` to flip for each mirrored pass of test-time mirroring along the
+    spatial ``axes`` (0, 1, 2): every non-empty subset of them, ``2^len(axes) - 1`` passes."""
+    dims = [2 + int(a) for a in axes]
+    return [tuple(d for bit, d in enumerate(dims) if mask >> bit & 1) for mask in range(1, 1 << len(dims))]
 
 
 def preprocess_case(transform, item: dict) -> dict:

@@ -53,7 +53,10 @@ def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1, local_rank: i
         domains = load_manifest(root, d.manifest, check=False).domains  # build_loaders checks the cases next
         d = replace(d, test_domain=domains[-1] if len(domains) > 1 else None)
     t = cfg.train
-    return build_loaders(root, d, steps_per_epoch=t.steps_per_epoch, seed=t.seed, rank=rank, world_size=world_size)
+    loaders = build_loaders(root, d, steps_per_epoch=t.steps_per_epoch, seed=t.seed, rank=rank, world_size=world_size)
+    # The label maps are post-processed only at validation: a misspelt class is refused now, not after an epoch.
+    cfg.eval.postprocess.check(loaders.manifest.labels, str(loaders.manifest.path))
+    return loaders
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

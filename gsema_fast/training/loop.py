@@ -239,6 +239,10 @@ def _log_model(cfg: Config, ctx: StepContext, device: torch.device) -> None:
         cfg.train.amp,
         device,
     )
+    if cfg.eval.mirror_axes:
+        log.info("validation and scoring mirror the volumes along axes %s", cfg.eval.mirror_axes)
+    if cfg.eval.postprocess:
+        log.info("label maps post-processed before scoring: %s", cfg.eval.postprocess.describe())
 
 
 def _restore(run: _Run, cfg: Config, state: dict, changes: list[str]) -> None:
