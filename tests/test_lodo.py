@@ -630,6 +630,14 @@ def test_lodo_orchestrates_training_and_evaluation(tmp_path, monkeypatch):
     )
     no_bacl = with_overrides(cfg, "loss.lambda_con=0")
     assert study_mod.row_overrides("GS-EMA + BACL-V", no_bacl)[-1] == "loss.lambda_con=0.5"  # the paper's weight
+    # the EMA row averages at GS-EMA's decay, whatever ema.decay says: the two rows differ by the gate alone
+    for decay in (0.9, 0.99):
+        ema_row = with_overrides(
+            cfg,
+            f"ema.decay_aligned={decay}",
+            *study_mod.row_overrides("EMA", with_overrides(cfg, f"ema.decay_aligned={decay}")),
+        )
+        assert (ema_row.ema.mode, ema_row.ema.decay, ema_row.loss.lambda_con) == ("ema", decay, 0)
     assert all(c.data.root == str(tmp_path / "lodo" / "synth") and c.data.train_domains is None for c in calls)
     assert all(c.train.out_dir.endswith(f"centre-{c.data.test_domain}/seed-{c.train.seed}") for c in calls)
     record = result["records"][0]

@@ -82,8 +82,12 @@ def slug(name: str) -> str:
 
 
 def row_overrides(row: str, base: Config) -> tuple[str, ...]:
-    """The overrides that make ``base`` an ablation row's config."""
+    """The overrides that make ``base`` an ablation row's config. The EMA row averages at the config's
+    ``ema.decay_aligned``, GS-EMA's decay: the two rows then differ by the gate alone, as in the paper's table (with
+    ``ema.decay``'s own default the EMA row would measure another horizon, not the gate)."""
     overrides = ABLATION_ROWS[row]
+    if "ema.mode=ema" in overrides:
+        overrides = (*overrides, f"ema.decay={base.ema.decay_aligned!r}")
     if "loss.lambda_con=0" not in overrides and base.loss.lambda_con == 0:
         overrides = (*overrides, f"loss.lambda_con={_PAPER_LAMBDA_CON}")
     return overrides
