@@ -97,11 +97,11 @@ def _check_out(out: Path, *, overwrite: bool) -> list[Path]:
 def _check_labels(man: Manifest, loaded: LoadedCheckpoint) -> None:
     """The dataset's label values must mean what they meant to the model: scored under another label map, a class
     would be reported under another's name."""
-    trained = (loaded.extra.get("dataset") or {}).get("labels")
-    if trained is not None and dict(trained) != dict(man.labels):
+    trained = loaded.trained_labels
+    if trained is not None and trained != dict(man.labels):
         raise ValueError(
             f"evaluate: the label map of {man.path} ({dict(man.labels)}) is not the one {loaded.path} was trained "
-            f"with ({dict(trained)}): its classes would be scored under other names"
+            f"with ({trained}): its classes would be scored under other names"
         )
     classes = loaded.config.model.out_channels
     if man.num_classes != classes:

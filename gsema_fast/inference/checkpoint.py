@@ -45,6 +45,13 @@ class LoadedCheckpoint:
     # The checkpoint's other entries (best score, untrained baseline, ...), without weights and optimizer state.
     extra: dict = dataclasses.field(repr=False, default_factory=dict)
 
+    @property
+    def trained_labels(self) -> dict[str, int] | None:
+        """The label map (class name -> value) of the dataset the network was trained on, as the trainer records it;
+        None for a checkpoint written before the trainer recorded its dataset."""
+        labels = (self.extra.get("dataset") or {}).get("labels")
+        return None if labels is None else {str(name): int(value) for name, value in dict(labels).items()}
+
 
 def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A state dict taken from a compiled or DDP-wrapped module carries these prefixes on every key.

@@ -128,7 +128,7 @@ def _refuse_existing_outputs(out: Path, targets: Sequence[str], *, overwrite: bo
 def _postprocess_labels(loaded: LoadedCheckpoint, settings: EvalConfig) -> dict[str, int]:
     """The label map the checkpoint was trained with, which ``eval.postprocess`` names its classes in; checked before
     any file is read, so that a rule naming an unknown class fails at once."""
-    labels = (loaded.extra.get("dataset") or {}).get("labels")
+    labels = loaded.trained_labels
     if labels is None:
         if settings.postprocess:
             raise ValueError(
@@ -137,7 +137,6 @@ def _postprocess_labels(loaded: LoadedCheckpoint, settings: EvalConfig) -> dict[
                 f"and eval.postprocess.attached=[]"
             )
         return {}
-    labels = {str(name): int(value) for name, value in dict(labels).items()}
     settings.postprocess.check(labels, f"the label map of checkpoint {loaded.path}")
     return labels
 
