@@ -220,6 +220,20 @@ class _Section(BaseModel):
         return out
 
 
+class SmallComponents(_Section):
+    """Patch centres on the small connected components of one class (``data.small_components``): in a case whose
+    label holds components of class ``label`` smaller than ``below_mm3``, their voxels are one more choice of patch
+    centre, drawn with weight ``ratio`` beside ``data.class_ratios``' weights. Small sacs are the ones a model misses;
+    this shows them to it more often without showing the large ones more. Components are 26-connected and measured on
+    the training grid; a case without a small component draws its patches as ``data.class_ratios`` says."""
+
+    # 0: off.
+    ratio: NonNegative = 0.0
+    # The label value whose components count (2: aneurysm in the built-in phantoms).
+    label: NonNegativeInt = 2
+    below_mm3: Positive = 50.0
+
+
 class DataConfig(_Section):
     """Where the cases come from, how they are split by centre, and how patches are drawn (gsema_fast.data)."""
 
@@ -242,6 +256,7 @@ class DataConfig(_Section):
     # Patch-centre sampling weights per label [background, vessel, aneurysm]; None: equal, which already
     # oversamples aneurysms (a tiny fraction of the voxels) enormously relative to uniform sampling.
     class_ratios: Annotated[list[NonNegative], Field(min_length=1), AfterValidator(_not_all_zero)] | None = None
+    small_components: SmallComponents = Field(default_factory=SmallComponents)
     # Percentiles for the intensity clip before normalisation; None: no clip.
     clip_percentiles: (
         Annotated[list[Annotated[float, Field(ge=0.0, le=100.0)]], Pair, AfterValidator(_strictly_ordered)] | None
@@ -410,6 +425,12 @@ class LossConfig(_Section):
     # Compute the two teacher DCE terms. They carry no gradient (the teacher is never trained), so this only
     # decides whether they are logged, at the cost of two loss evaluations per step.
     teacher_terms: bool = True
+    # A recall term for rare classes (label values, as in data.class_ratios), weighted recall_weight (0: off): for each
+    # listed class, the mean cross-entropy over a patch's voxels of that class, averaged over the patches that hold
+    # it. Dice + CE's cross-entropy is a mean over every voxel, where a 20-voxel sac weighs a hundredth of a
+    # 2000-voxel one; here a missed small sac costs as much as a missed large one.
+    recall_weight: NonNegative = 0.0
+    recall_classes: Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(_each_once)] = [2]
 
 
 class BaclOptions(_Section):
@@ -641,6 +662,20 @@ class Config(_Section):
                 "data.class_ratios",
                 ratios,
                 f"expected {model.out_channels} weights, one per class (model.out_channels)",
+            )
+        small = data.small_components
+        if small.ratio > 0 and small.label >= model.out_channels:
+            raise _SettingError(
+                "data.small_components.label",
+                small.label,
+                f"expected a label value below model.out_channels = {model.out_channels}",
+            )
+        recall = self.loss
+        if recall.recall_weight > 0 and any(c >= model.out_channels for c in recall.recall_classes):
+            raise _SettingError(
+                "loss.recall_classes",
+                recall.recall_classes,
+                f"expected label values from 1 to model.out_channels - 1 = {model.out_channels - 1}",
             )
         return self
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from gsema_fast import ops
-from gsema_fast.config import BaclOptions
+from gsema_fast.config import BaclOptions, LossConfig
 
 
 class BACL(nn.Module):
@@ -59,15 +60,65 @@ class BACL(nn.Module):
 class DiceCE(nn.Module):
     """Supervised loss L_DCE: Dice + cross-entropy on softmax logits against integer labels ``[B, 1, D, H, W]``.
 
-    MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``, the paper's choice. Labels may be any integer or float
-    dtype holding class indices; the loss is computed in fp32 whatever the logits' autocast dtype.
+    MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``, the paper's choice; other keyword arguments go to it.
+    Labels may be any integer or float dtype holding class indices; the loss is computed in fp32 whatever the logits'
+    autocast dtype.
+
+    With ``recall_weight`` w > 0, a recall term for the label values in ``recall_classes`` is added:
+
+        w * mean over (patch b, class c present in b) of  -(1 / |Y_bc|) * sum_{v in Y_bc} log softmax(logits_b)[c, v]
+
+    where Y_bc are the voxels of class c in patch b: each patch's sac counts once, whatever its size (Dice + CE's
+    cross-entropy is a mean over every voxel, where a small sac weighs almost nothing). Patches without the class add
+    nothing; a batch without it adds 0. Computed on the device without a host sync.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, recall_weight: float = 0.0, recall_classes: Sequence[int] = (), **kwargs) -> None:
         super().__init__()
         from monai.losses import DiceCELoss
 
+        if not isinstance(recall_weight, (int, float)) or isinstance(recall_weight, bool) or not recall_weight >= 0:
+            raise ValueError(f"recall_weight must be a number >= 0, got {recall_weight!r}")
+        classes = tuple(recall_classes)
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in classes) or len(set(classes)) != len(
+            classes
+        ):
+            raise ValueError(f"recall_classes must be distinct label values >= 1, got {recall_classes!r}")
+        if recall_weight > 0 and not classes:
+            raise ValueError(f"recall_weight={recall_weight!r} needs at least one class in recall_classes")
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, **kwargs)
+        self.recall_weight = float(recall_weight)
+        self.recall_classes = classes
+
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> DiceCE:
+        """The supervised loss of a config's ``loss`` section."""
+        return cls(batch=loss.batch_dice, recall_weight=loss.recall_weight, recall_classes=loss.recall_classes)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits.float(), labels)
+        logits = logits.float()
+        loss = self.loss(logits, labels)
+        if self.recall_weight == 0:
+            return loss
+        return loss + self.recall_weight * self.recall(logits, labels)
+
+    def recall(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The recall term alone (unweighted), 0-dim fp32."""
+        if max(self.recall_classes) >= logits.shape[1]:
+            raise ValueError(
+                f"recall_classes {list(self.recall_classes)}: the logits have {logits.shape[1]} classes "
+                f"(label values 0 to {logits.shape[1] - 1})"
+            )
+        log_probs = torch.log_softmax(logits.float(), dim=1)
+        index = torch.tensor(self.recall_classes, device=logits.device)
+        voxels = (labels.long() == index.view(1, -1, *([1] * (labels.dim() - 2)))).flatten(2).float()  # [B, K, V]
+        picked = log_probs.index_select(1, index).flatten(2)  # [B, K, V]
+        count = voxels.sum(dim=2)
+        nll = -(picked * voxels).sum(dim=2) / count.clamp_min(1)
+        present = (count > 0).float()
+        return (nll * present).sum() / present.sum().clamp_min(1)
+
+    def extra_repr(self) -> str:
+        if self.recall_weight == 0:
+            return ""
+        return f"recall_weight={self.recall_weight}, recall_classes={list(self.recall_classes)}"

@@ -182,6 +182,12 @@ def test_patch_size_rule_follows_the_network():
         ("data.val_per_domain=-1", "data.val_per_domain"),
         ("data.samples_per_volume=3", "data.samples_per_volume"),  # must divide the batch
         ("data.class_ratios=[1,1]", "data.class_ratios"),  # one per class
+        ("data.small_components.ratio=-1", "data.small_components.ratio"),
+        ("data.small_components.below_mm3=0", "data.small_components.below_mm3"),
+        ("data.small_components.label=3", None),  # off (ratio 0): not checked
+        ("loss.recall_weight=-0.5", "loss.recall_weight"),
+        ("loss.recall_classes=[0]", "loss.recall_classes"),  # background is not a rare class
+        ("loss.recall_classes=[2,2]", "loss.recall_classes"),
         ("data.train_domains=[a,b]", None),  # fine on its own
         ("model.feature_size=16", None),  # fine for the demo's UNet, not for SwinUNETR (below)
         ("model.checkpointing=true", "model.checkpointing"),  # SwinUNETR only
@@ -207,6 +213,11 @@ def test_cross_checks():
         load_config("demo", ["data.train_domains=[0,'1',2]", "data.test_domain='2'"])
     cfg = load_config("demo", ["data.train_domains=[0,1,2]", "data.test_domain=3"])
     assert (cfg.data.train_domains, cfg.data.test_domain) == ([0, 1, 2], 3)
+    with pytest.raises(ValueError, match=r"data\.small_components\.label: expected a label value below model\.out"):
+        load_config("demo", ["data.small_components.ratio=1", "data.small_components.label=3"])
+    with pytest.raises(ValueError, match=r"loss\.recall_classes: expected label values from 1 to model\.out_channels"):
+        load_config("demo", ["loss.recall_weight=1", "loss.recall_classes=[1,3]"])
+    assert load_config("demo", ["loss.recall_weight=1", "loss.recall_classes=[1,2]"]).loss.recall_classes == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -428,6 +439,9 @@ ADDED_SINCE_0_1_0 = {
     ("train", "layer_agreement"): True,
     ("eval", "mirror_axes"): [],
     ("eval", "postprocess"): {"keep_largest": [], "attached": []},
+    ("data", "small_components"): {"ratio": 0.0, "label": 2, "below_mm3": 50.0},
+    ("loss", "recall_weight"): 0.0,
+    ("loss", "recall_classes"): [2],
 }
 
 

@@ -15,8 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import decollate_batch
+from monai.data import MetaTensor, decollate_batch
 from monai.transforms import Invertd
+from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 from gsema_fast.cli import main as cli_main
@@ -38,6 +39,7 @@ from gsema_fast.data import (
 from gsema_fast.data.loaders import shared_cache_dir
 from gsema_fast.data.phantoms import acquisition, anatomy, writer
 from gsema_fast.data.target import ORDER
+from gsema_fast.data.transforms import SmallComponentCentres
 from gsema_fast.files import cache_root
 
 # tiny tensors: a second thread only adds synchronisation
@@ -524,6 +526,53 @@ def test_class_ratios_oversample_aneurysms(synth_root):
             assert (label == 2).any() == has_aneurysm[case]
     for b in build_loaders(synth_root, DataConfig(class_ratios=(0, 1, 0), **kw), steps_per_epoch=4).train:
         assert all((label == 1).any() for label in b["label"])
+
+
+def test_small_component_centres_are_the_voxels_of_small_components_only():
+    label = np.zeros((1, 12, 12, 12), dtype=np.uint8)
+    label[0, 1:6, 1:6, 1:6] = 2  # 125 voxels
+    label[0, 9, 9, 9] = 2  # 1 voxel
+    label[0, 10, 10, 10] = 2  # touches it diagonally: the same 26-connected component of 2 voxels
+    label[0, 8, 1:4, 1] = 1  # another class
+    item = {"label": MetaTensor(torch.as_tensor(label), affine=torch.diag(torch.tensor([0.5, 0.5, 0.5, 1.0])))}
+    item["cls"] = [np.zeros(0, dtype=np.int64)]
+    small = SmallComponentCentres(2, below_mm3=10.0, indices_key="cls", max_indices=100)  # voxels of 0.125 mm^3
+    (kept,) = small(item)["cls"][1:]
+    assert sorted(np.unravel_index(kept, (12, 12, 12))[0].tolist()) == [9, 10]
+    both = SmallComponentCentres(2, below_mm3=16.0, indices_key="cls", max_indices=100)(item)["cls"][1]
+    assert 50 <= len(both) <= 100  # 127 voxels under 16 mm^3, every second one kept: under the cap
+    none = SmallComponentCentres(2, below_mm3=0.2, indices_key="cls", max_indices=100)(item)["cls"][1]
+    assert len(none) == 0  # no component under 0.2 mm^3
+    assert len(item["cls"]) == 1  # the input is not changed
+
+
+def _smallest_sac_mm3(root: Path) -> dict[str, float]:
+    """Each case's smallest aneurysm component (26-connected) in mm^3, from its label file (inf: no sac)."""
+    smallest = {}
+    for case in load_manifest(root).cases:
+        label = nib.load(case.label)
+        components, count = ndimage.label(np.asarray(label.dataobj) == 2, structure=np.ones((3, 3, 3)))
+        voxels = np.bincount(components.ravel())[1:]
+        smallest[case.name] = float(voxels.min() * np.prod(label.header.get_zooms()[:3])) if count else np.inf
+    return smallest
+
+
+def test_small_components_centre_the_patches_on_small_sacs(synth_root):
+    kw = dict(train_domains=[0, 1, 2], test_domain=3, patch_size=(16, 16, 16), batch_size=3)
+    smallest = _smallest_sac_mm3(synth_root)
+    training = sorted(v for c, v in smallest.items() if not c.startswith("D"))
+    limit = (training[len(training) // 2 - 1] + training[len(training) // 2]) / 2  # about half the cases below
+    # Patches centred on vessel only, or (a million times likelier) on a small sac where the case has one.
+    config = DataConfig(class_ratios=(0, 1, 0), small_components={"ratio": 1e6, "label": 2, "below_mm3": limit}, **kw)
+    seen = {True: [], False: []}
+    for b in build_loaders(synth_root, config, steps_per_epoch=12).train:
+        for case, label in zip(b["case"], b["label"], strict=True):
+            seen[smallest[case] < limit].append(((label == 2).any().item(), (label == 1).any().item()))
+    assert seen[True] and all(sac for sac, _ in seen[True])
+    assert seen[False] and all(vessel for _, vessel in seen[False])
+    assert not all(sac for sac, _ in seen[False])  # the large sacs are not what centred those
+    with pytest.raises(ValueError, match=r"data\.small_components\.label=3: expected a label value of .*dataset\.json"):
+        build_loaders(synth_root, DataConfig(small_components={"ratio": 1, "label": 3}, **kw))
 
 
 def test_disk_cache_is_written_atomically_and_survives_corruption(synth_root, tmp_path, caplog):

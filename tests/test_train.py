@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 import os
 import shutil
 import subprocess
@@ -14,11 +16,12 @@ import pytest
 import torch
 from tiny import make_ctx, params_of, recorded_grad_stats, tiny_batch, tiny_run
 
-from gsema_fast.config import load_config
+from gsema_fast.config import load_config, resolve_auto
 from gsema_fast.losses import DiceCE
 from gsema_fast.models import repeated_blocks
 from gsema_fast.step import flat_gradient_buffers, forward_all, train_step
 from gsema_fast.training import train
+from gsema_fast.training.build import build_context
 from gsema_fast.training.compilation import compile_blocks
 
 # tiny tensors: a second thread only adds synchronisation
@@ -256,6 +259,26 @@ def test_validation_scores_the_student_beside_the_teacher_on_request(phantoms, t
     if scored:
         assert set(val["student_dice"]) == set(val["dice"])
         assert all(0.0 <= v <= 1.0 for v in val["student_dice"].values())
+
+
+def test_the_context_takes_the_recall_term_from_the_config():
+    cfg = resolve_auto(load_config("demo", ["loss.recall_weight=0.5", "loss.recall_classes=[1,2]"]), "cpu")
+    dce = build_context(cfg, torch.device("cpu")).dce
+    assert (dce.recall_weight, dce.recall_classes) == (0.5, (1, 2))
+
+
+@pytest.mark.slow
+def test_a_run_with_the_small_sac_levers_trains_and_says_so(phantoms, tmp_path, caplog):
+    run_dir = tmp_path / "levers"
+    levers = ("loss.recall_weight=1", "data.small_components.ratio=1", "data.small_components.below_mm3=1e6")
+    with caplog.at_level(logging.INFO, logger="gsema_fast"):
+        train(tiny_config(phantoms, run_dir, *levers, "train.epochs=1"))
+    assert "recall term for label values [2], weight 1" in caplog.text
+    assert "patches also centred on components of label 2 under 1e+06 mm^3, weight 1" in caplog.text
+    saved = load_config(run_dir / "config.yaml")
+    assert (saved.loss.recall_weight, saved.data.small_components.ratio) == (1.0, 1.0)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["dce_student_src"]) for r in records if r["kind"] == "train")
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from gsema_fast.data.manifest import Case, Manifest, Split, load_manifest, split
 from gsema_fast.data.sampling import DomainBalancedSampler
 from gsema_fast.data.transforms import (
     Preprocessing,
+    SmallComponentCentres,
     _CheckedCacheDataset,
     _CheckedDataset,
     _CropByClass,
@@ -190,11 +191,25 @@ def build_loaders(
 
 def _training_transform(pre: Compose, data: DataConfig, man: Manifest) -> Compose:
     """Preprocessing, padding up to the patch, and the crops centred by class (``data.class_ratios``, one weight per
-    label value of the dataset)."""
+    label value of the dataset) and, with ``data.small_components``, on small components of one class."""
     ratios = [1.0] * man.num_classes if data.class_ratios is None else data.class_ratios
     if len(ratios) != man.num_classes:
         raise ValueError(
             f"data.class_ratios={ratios}: expected {man.num_classes} weights, one per label value of {man.path}"
+        )
+    small = data.small_components
+    centres = []
+    if small.ratio > 0:
+        if small.label >= man.num_classes:
+            raise ValueError(
+                f"data.small_components.label={small.label}: expected a label value of {man.path} "
+                f"(0 to {man.num_classes - 1})"
+            )
+        ratios = [*ratios, small.ratio]
+        centres.append(
+            SmallComponentCentres(
+                small.label, small.below_mm3, indices_key="label_cls_indices", max_indices=_MAX_INDICES
+            )
         )
     patch = data.patch_size
     return Compose(
@@ -202,6 +217,7 @@ def _training_transform(pre: Compose, data: DataConfig, man: Manifest) -> Compos
             *pre.transforms,
             _PadToPatch(patch),
             ClassesToIndicesd(keys="label", num_classes=man.num_classes, max_samples_per_class=_MAX_INDICES),
+            *centres,
             _CropByClass(
                 keys=["image", "label"],
                 label_key="label",
@@ -219,17 +235,17 @@ def _training_transform(pre: Compose, data: DataConfig, man: Manifest) -> Compos
 
 def _training_dataset(items: list[dict], transform: Compose, data: DataConfig, man: Manifest, world_size: int):
     """The training volumes, cached in memory or on disk (keyed by what decides their voxels)."""
-    fingerprint = hashlib.sha1(
-        json.dumps(
-            [
-                data.spacing and list(data.spacing),
-                data.clip_percentiles and list(data.clip_percentiles),
-                data.intensity,
-                data.patch_size,
-                man.labels,
-            ]
-        ).encode()
-    ).hexdigest()[:16]
+    decided_by = [
+        data.spacing and list(data.spacing),
+        data.clip_percentiles and list(data.clip_percentiles),
+        data.intensity,
+        data.patch_size,
+        man.labels,
+    ]
+    small = data.small_components
+    if small.ratio > 0:  # the cached items then hold the small components' centres too
+        decided_by.append([small.label, small.below_mm3])
+    fingerprint = hashlib.sha1(json.dumps(decided_by).encode()).hexdigest()[:16]
     cache_dir = data.cache_dir
     if world_size > 1 and data.cache and cache_dir is None:
         cache_dir = shared_cache_dir()

@@ -34,6 +34,7 @@ from monai.transforms import (
     Transform,
 )
 from monai.utils import convert_to_tensor
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gsema_fast.config import DataConfig
@@ -171,6 +172,30 @@ class _CropByClass(RandCropByLabelClassesd):
         usable = [r if p else 0.0 for r, p in zip(self.ratios, present, strict=True)]
         self.cropper.ratios = usable if sum(usable) > 0 else [float(p) for p in present]
         return super().__call__(data, lazy)
+
+
+class SmallComponentCentres(Transform):
+    """One more list of crop-centre candidates after ``ClassesToIndicesd``'s: the voxels of the connected components
+    (26-connected) of class ``label`` smaller than ``below_mm3``, as flat indices into the label's grid (at most
+    ``max_indices``, evenly spaced), appended to ``data[indices_key]``. Deterministic, so caching datasets keep it;
+    the voxel volume comes from the label's own spacing (a MetaTensor's ``pixdim``)."""
+
+    def __init__(self, label: int, below_mm3: float, *, indices_key: str, max_indices: int):
+        self.label, self.below_mm3, self.indices_key, self.max_indices = label, below_mm3, indices_key, max_indices
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        label = d["label"]
+        voxel_mm3 = float(np.prod(np.asarray(label.pixdim, dtype=np.float64)[:3]))
+        components, count = ndimage.label(np.asarray(label[0]) == self.label, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        small = np.flatnonzero(sizes * voxel_mm3 < self.below_mm3)
+        small = small[small > 0]  # 0 is everything outside the class
+        found = np.flatnonzero(np.isin(components.ravel(), small)) if small.size else np.zeros(0, dtype=np.int64)
+        if found.size > self.max_indices:
+            found = found[:: -(-found.size // self.max_indices)]
+        d[self.indices_key] = [*d[self.indices_key], found]
+        return d
 
 
 class _TrainItem(Transform):

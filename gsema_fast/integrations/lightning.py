@@ -327,7 +327,7 @@ class GSEMAModule(pl.LightningModule):
         # One updater for the module's life: its counters (warm-up, aligned fraction) go on across fits.
         self.gsema: GSEMA = updater_from_config(cfg.ema, student)
         self.teacher = self.gsema.teacher
-        self.dce = DiceCE(batch=cfg.loss.batch_dice)
+        self.dce = DiceCE.from_config(cfg.loss)
         self.bacl = bacl_from_config(cfg.loss, cfg.bacl)
         self.target_transform = TargetTransform.from_config(cfg.target_transform, seed=cfg.train.seed)
         self.step_context: StepContext | None = None  # built at fit start, around that fit's optimizer

@@ -106,7 +106,7 @@ def build_context(cfg: Config, device: torch.device, *, world_size: int = 1) -> 
         optimizer=build_optimizer(cfg, [p for p in student.parameters() if p.requires_grad]),
         mode=e.mode,
         updater=updater,
-        dce=DiceCE(batch=cfg.loss.batch_dice),
+        dce=DiceCE.from_config(cfg.loss),
         bacl=bacl,
         lambda_sup=cfg.loss.lambda_sup,
         lambda_con=cfg.loss.lambda_con,

@@ -239,6 +239,16 @@ def _log_model(cfg: Config, ctx: StepContext, device: torch.device) -> None:
         cfg.train.amp,
         device,
     )
+    if cfg.loss.recall_weight:
+        log.info("recall term for label values %s, weight %g", cfg.loss.recall_classes, cfg.loss.recall_weight)
+    small = cfg.data.small_components
+    if small.ratio:
+        log.info(
+            "patches also centred on components of label %d under %g mm^3, weight %g",
+            small.label,
+            small.below_mm3,
+            small.ratio,
+        )
     if cfg.eval.mirror_axes:
         log.info("validation and scoring mirror the volumes along axes %s", cfg.eval.mirror_axes)
     if cfg.eval.postprocess:
