@@ -37,6 +37,18 @@ def test_score_runs_uses_only_cases_no_run_saw(phantoms, tmp_path, monkeypatch):
     for split in ("fresh", "unseen"):
         assert set(scored[split]["mean"]) == {"vessel", "aneurysm"}
         assert all(0.0 <= v <= 1.0 for v in scored[split]["mean"].values())
+        bands = scored[split]["by_size"]
+        assert sum(b["cases"] for b in bands.values()) == len(scored[split]["cases"])
+
+
+def test_by_size_groups_cases_by_their_largest_sac():
+    domes = {"a": 3.0, "b": 4.4, "c": 4.5, "d": 7.0, "e": 6.0}
+    dice = {"a": 0.0, "b": 0.8, "c": 0.05, "d": 0.9, "e": 0.7}
+    bands = fresh_cases.by_size(dice, domes)
+    assert bands["under 4.5 mm"] == {"cases": 2, "dice": 0.4, "found": 1}
+    assert bands["4.5-6 mm"] == {"cases": 1, "dice": 0.05, "found": 0}
+    assert bands["6 mm and over"]["cases"] == 2 and bands["6 mm and over"]["found"] == 2
+    assert bands["6 mm and over"]["dice"] == pytest.approx(0.8)
 
 
 def test_score_runs_rejects_bad_inputs(phantoms, tmp_path, monkeypatch):
