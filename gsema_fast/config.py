@@ -535,6 +535,10 @@ class TrainConfig(_Section):
     # Also score the student on the validation cases (log.jsonl's "student_dice"): a teacher is worth having only
     # where it beats its student. Doubles the validation time; the teacher alone chooses best.pt either way.
     val_student: bool = False
+    # false: validation during training does not mirror (eval.mirror_axes), as nnU-Net's online validation; best.pt is
+    # still chosen there, and at the end the chosen teacher is scored mirrored on the held-out cases once more. Saves
+    # 2^n - 1 of every 2^n sliding-window passes per validation; true: every validation mirrors.
+    val_mirror: bool = True
     # GS-EMA: at each log record, the cosine of the source and target gradients in every layer of the student
     # ("layer_cos" in log.jsonl and TensorBoard, layer_agreement.png): where the target domain conflicts with the
     # source task. Computed on logging steps only, from the two gradient buffers already held apart.

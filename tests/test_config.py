@@ -442,6 +442,7 @@ ADDED_SINCE_0_1_0 = {
     ("data", "small_components"): {"ratio": 0.0, "label": 2, "below_mm3": 50.0},
     ("loss", "recall_weight"): 0.0,
     ("loss", "recall_classes"): [2],
+    ("train", "val_mirror"): True,
 }
 
 

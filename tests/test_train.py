@@ -282,6 +282,28 @@ def test_a_run_with_the_small_sac_levers_trains_and_says_so(phantoms, tmp_path, 
 
 
 @pytest.mark.slow
+def test_validation_can_leave_the_mirroring_to_the_end(phantoms, tmp_path):
+    """``train.val_mirror=false``: validation during training scores as without mirroring, and the chosen teacher's
+    held-out figure is scored once more at the end, mirrored, as with mirrored validation."""
+    runs = {
+        "plain": ("eval.mirror_axes=[]",),
+        "at_the_end": ("eval.mirror_axes=[0]", "train.val_mirror=false"),
+        "always": ("eval.mirror_axes=[0]",),
+    }
+    val, summary = {}, {}
+    for name, sets in runs.items():
+        train(tiny_config(phantoms, tmp_path / name, *sets, "train.epochs=1"))
+        records = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        (val[name],) = [r["dice"] for r in records if r["kind"] == "val"]
+        summary[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert val["at_the_end"] == val["plain"] != val["always"]
+    end = summary["at_the_end"]["validation"]
+    assert end["dice_without_mirroring"] == summary["plain"]["validation"]["dice"]
+    assert end["dice"] == summary["always"]["validation"]["dice"] == val["always"]
+    assert summary["at_the_end"]["test"]["mean"] == summary["always"]["test"]["mean"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "drawn"), [("gsema", True), ("ema", False)])
 def test_the_log_holds_each_layers_agreement_and_its_figure(phantoms, tmp_path, mode, drawn):
     """``train.layer_agreement``: every train record of a GS-EMA run holds ``layer_cos`` by layer name, and the run

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gsema_fast import distributed
-from gsema_fast.config import Config, config_to_dict, save_config
+from gsema_fast.config import Config, config_to_dict, replace, save_config
 from gsema_fast.data import Loaders, TargetTransform, dataset_folder, dataset_identity, load_manifest
 from gsema_fast.evaluation.figures import draw_layer_agreement, draw_progress
 from gsema_fast.evaluation.scoring import score_volumes
@@ -249,7 +249,9 @@ def _log_model(cfg: Config, ctx: StepContext, device: torch.device) -> None:
             small.below_mm3,
             small.ratio,
         )
-    if cfg.eval.mirror_axes:
+    if _mirrors_only_at_the_end(cfg):
+        log.info("scoring mirrors the volumes along axes %s; validation during training does not", cfg.eval.mirror_axes)
+    elif cfg.eval.mirror_axes:
         log.info("validation and scoring mirror the volumes along axes %s", cfg.eval.mirror_axes)
     if cfg.eval.postprocess:
         log.info("label maps post-processed before scoring: %s", cfg.eval.postprocess.describe())
@@ -383,14 +385,15 @@ def _end_epoch(run: _Run, cfg: Config) -> None:
     """Validate the teacher (best.pt when it improved), save latest.pt, redraw progress.png."""
     last = run.epoch >= cfg.train.epochs or run.step >= run.total_steps
     if run.data.split.val and ((cfg.train.val_every and run.epoch % cfg.train.val_every == 0) or last):
+        online = _online_validation(cfg)
         val = score_volumes(
-            run.ctx.teacher, run.data.val, run.data.manifest.labels, cfg, amp=run.ctx.amp_dtype, desc="validation"
+            run.ctx.teacher, run.data.val, run.data.manifest.labels, online, amp=run.ctx.amp_dtype, desc="validation"
         )
         run.last_val = val["mean"]
         record = {"kind": "val", "step": run.step, "epoch": run.epoch, "dice": val["mean"]}
         if cfg.train.val_student and cfg.ema.mode != "none":  # without an EMA the teacher mirrors the student
             student = score_volumes(
-                run.ctx.student, run.data.val, run.data.manifest.labels, cfg, amp=run.ctx.amp_dtype, desc="student"
+                run.ctx.student, run.data.val, run.data.manifest.labels, online, amp=run.ctx.amp_dtype, desc="student"
             )
             record["student_dice"] = student["mean"]
         run.interval.write(record)
@@ -408,6 +411,16 @@ def _end_epoch(run: _Run, cfg: Config) -> None:
         run.interval.figure("progress", run.folder / "progress.png", run.step)
         if draw_layer_agreement(run.interval.path, run.folder / "layer_agreement.png"):
             run.interval.figure("layer_agreement", run.folder / "layer_agreement.png", run.step)
+
+
+def _mirrors_only_at_the_end(cfg: Config) -> bool:
+    """Scoring mirrors (``eval.mirror_axes``) but validation during training does not (``train.val_mirror`` off)."""
+    return bool(cfg.eval.mirror_axes) and not cfg.train.val_mirror
+
+
+def _online_validation(cfg: Config) -> Config:
+    """The settings validation during training scores with."""
+    return replace(cfg, eval=replace(cfg.eval, mirror_axes=[])) if _mirrors_only_at_the_end(cfg) else cfg
 
 
 def _rounded(dice: dict[str, float]) -> dict[str, float]:
@@ -429,7 +442,7 @@ def _finish(run: _Run, cfg: Config) -> dict:
     result = {"run_dir": run.folder, "final": final, "best": best if best.exists() else None, "test": None}
     untrained = None
     if run.initial_teacher is not None:
-        result["test"], untrained = _score_unseen(run, cfg, best=result["best"])
+        result["test"], untrained, result["validation"] = _score_unseen(run, cfg, best=result["best"])
         test = {"dice": result["test"]["mean"], "untrained_dice": untrained}
         run.interval.write({"kind": "test", "step": run.step, "epoch": run.epoch, **test})
     if run.main:
@@ -438,7 +451,7 @@ def _finish(run: _Run, cfg: Config) -> dict:
             "checkpoint": str(result["best"] or final),
             "untrained": untrained,
             "test": result["test"],
-            "validation": run.best_val,
+            "validation": result.get("validation", run.best_val),
             "steps": run.step,
             "config": config_to_dict(cfg),
         }
@@ -448,7 +461,9 @@ def _finish(run: _Run, cfg: Config) -> dict:
     return result
 
 
-def _score_unseen(run: _Run, cfg: Config, *, best: Path | None) -> tuple[dict, dict]:
+def _score_unseen(run: _Run, cfg: Config, *, best: Path | None) -> tuple[dict, dict, dict | None]:
+    """The chosen teacher's and the untrained one's scores on the unseen centre, and the chosen teacher's held-out
+    validation record (scored again, mirrored, where validation during training did not mirror)."""
     teacher, labels = run.ctx.teacher, run.data.manifest.labels
     if best is not None:
         teacher.load_state_dict(read_checkpoint(best)["teacher"])
@@ -457,15 +472,19 @@ def _score_unseen(run: _Run, cfg: Config, *, best: Path | None) -> tuple[dict, d
         chosen = f"final, step {run.step}: no validation cases to choose by"
     amp = run.ctx.amp_dtype
     test = score_volumes(teacher, run.data.test, labels, cfg, amp=amp, hd95=True, desc="teacher, unseen centre")
+    validation = run.best_val
+    if validation and best is not None and _mirrors_only_at_the_end(cfg):
+        heldout = score_volumes(teacher, run.data.val, labels, cfg, amp=amp, desc="teacher, held-out, mirrored")
+        validation = {**validation, "dice": heldout["mean"], "dice_without_mirroring": validation["dice"]}
     teacher.load_state_dict(run.initial_teacher)
     untrained = score_volumes(teacher, run.data.test, labels, cfg, amp=amp, desc="untrained teacher, unseen centre")
     rows = {"untrained teacher, unseen centre": untrained["mean"], f"teacher ({chosen}), unseen centre": test["mean"]}
-    if run.best_val:
-        rows["the same teacher, held-out training-centre cases"] = run.best_val["dice"]
+    if validation:
+        rows["the same teacher, held-out training-centre cases"] = validation["dice"]
     if run.main:
         title = (
             f"Dice after {run.step} steps (ema.mode {cfg.ema.mode}); unseen centre {run.data.split.test_domain}, "
             f"{len(test['cases'])} cases"
         )
         log.info("\n%s", format_table(title, rows))
-    return test, untrained["mean"]
+    return test, untrained["mean"], validation
