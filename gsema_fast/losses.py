@@ -110,9 +110,10 @@ class DiceCE(nn.Module):
                 f"(label values 0 to {logits.shape[1] - 1})"
             )
         log_probs = torch.log_softmax(logits.float(), dim=1)
-        index = torch.tensor(self.recall_classes, device=logits.device)
-        voxels = (labels.long() == index.view(1, -1, *([1] * (labels.dim() - 2)))).flatten(2).float()  # [B, K, V]
-        picked = log_probs.index_select(1, index).flatten(2)  # [B, K, V]
+        labels = labels.long()
+        # classes picked by Python index: an index tensor would be a host-to-device copy in every step
+        voxels = torch.stack([(labels[:, 0] == c).flatten(1) for c in self.recall_classes], dim=1).float()  # [B, K, V]
+        picked = torch.stack([log_probs[:, c].flatten(1) for c in self.recall_classes], dim=1)
         count = voxels.sum(dim=2)
         nll = -(picked * voxels).sum(dim=2) / count.clamp_min(1)
         present = (count > 0).float()
