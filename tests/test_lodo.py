@@ -550,7 +550,8 @@ def test_presets_name_real_rows_and_fit_their_purpose():
     assert set(quick.rows) <= set(ABLATION_ROWS) and set(full.rows) == set(ABLATION_ROWS)
     assert "no EMA, no T" in quick.rows and study_mod.BASELINE_ROW in quick.rows
     assert quick.seeds == 3 and quick.domains == ("3",) and full.seeds == 5 and full.domains is None
-    load_config("demo", list(quick.overrides))  # the preset's overrides are valid keys
+    quick_cfg = load_config("demo", list(quick.overrides))  # the preset's overrides are valid keys
+    assert quick_cfg.train.epochs * quick_cfg.train.steps_per_epoch == 1000 and quick_cfg.eval.mirror_axes == []
 
 
 def test_no_t_row_turns_every_target_component_off():
