@@ -288,7 +288,7 @@ def test_validation_can_leave_the_mirroring_to_the_end(phantoms, tmp_path):
     runs = {
         "plain": ("eval.mirror_axes=[]",),
         "at_the_end": ("eval.mirror_axes=[0]", "train.val_mirror=false"),
-        "always": ("eval.mirror_axes=[0]",),
+        "always": ("eval.mirror_axes=[0]", "train.val_mirror=true"),
     }
     val, summary = {}, {}
     for name, sets in runs.items():

@@ -79,6 +79,7 @@ def tiny_run(phantoms, *, batch_size: int = 2) -> list[str]:
         "train.log_every=1",
         "train.val_every=1",
         "eval.overlap=0",
+        "eval.mirror_axes=[]",  # the demo's eight passes per volume would only slow these runs; mirroring has its tests
     ]
 
 
@@ -113,6 +114,7 @@ def tiny_checkpoint(path, overrides=()):
             "model.num_res_units=0",
             "data.patch_size=[16,16,16]",
             "eval.overlap=0",
+            "eval.mirror_axes=[]",
             "data.val_per_domain=1",
             *overrides,
         ],
